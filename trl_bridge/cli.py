@@ -1,0 +1,32 @@
+"""`trl-bridge` console script: dispatches to the `train` and `eval` subcommands."""
+
+import sys
+
+USAGE = """usage: trl-bridge <command> [options]
+
+commands:
+  train   Train a model with BRIDGE (cooperative SFT + RL). `trl-bridge train --help` lists every option.
+  eval    Evaluate a model on math / out-of-domain benchmarks. `trl-bridge eval --help` lists every option.
+"""
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        from .train_cli import main as train_main
+
+        return train_main(rest)
+    if command == "eval":
+        from .evaluate import main as eval_main
+
+        return eval_main(rest)
+    print(f"trl-bridge: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
