@@ -1,0 +1,151 @@
+"""Answer checking for math completions, built on Hugging Face `math-verify`.
+
+`verify_math(completion, gold)` is the single source of truth for "is this completion's final answer right?" — the
+BRIDGE reward function and the evaluator both use it. The completion's last `\\boxed{...}` is preferred; without one,
+math-verify's own extraction (``final answer is ...``, last LaTeX / plain expression) is used. The gold string is
+parsed as if it were boxed, so bare LaTeX such as ``\\frac{1}{2}`` or ``(-\\infty, 3]`` works.
+
+Both functions never raise on bad input (non-strings, unparsable text, pathological LaTeX): they return ``False`` /
+``None``. Runtime is bounded with math-verify's signal-based timeouts when called from the main thread; signals do
+not work in other threads, so there the timeouts are switched off (math-verify's own advice) and the inputs are
+length-capped instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import threading
+from functools import lru_cache
+
+__all__ = ["extract_final_answer", "extract_boxed", "verify_math", "math_verify_timeout"]
+
+#: Seconds math-verify may spend parsing / comparing one expression (main thread only).
+TIMEOUT_SECONDS = 5
+#: Completions are cut to their last this-many characters before parsing (the final answer is at the end).
+MAX_COMPLETION_CHARS = 20_000
+#: Gold answers longer than this are not parsed (no real benchmark answer is this long).
+MAX_GOLD_CHARS = 2_000
+
+_BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
+
+# math-verify logs a warning each time a timeout is disabled or hit; keep CLI/test output readable.
+logging.getLogger("math_verify").setLevel(logging.ERROR)
+
+
+def math_verify_timeout() -> int | None:
+    """Timeout (seconds) to hand to math-verify: `TIMEOUT_SECONDS` in the main thread, ``None`` elsewhere.
+
+    math-verify implements timeouts with ``signal.alarm``, which raises ``ValueError`` outside the main thread.
+    """
+    return TIMEOUT_SECONDS if threading.current_thread() is threading.main_thread() else None
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``) in `text`, braces balanced; ``None`` if absent."""
+    if not isinstance(text, str):
+        return None
+    starts = [m.end() for m in _BOXED_RE.finditer(text)]
+    for start in reversed(starts):
+        depth, i = 1, start
+        while i < len(text):
+            ch = text[i]
+            if ch == "\\":  # skip escaped characters such as \{ and \}
+                i += 2
+                continue
+            if ch == "{":
+                depth += 1
+            elif ch == "}":
+                depth -= 1
+                if depth == 0:
+                    return text[start:i].strip()
+            i += 1
+    return None
+
+
+def _parse(text: str, timeout: int | None):
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+
+    return parse(
+        text,
+        extraction_config=[LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()],
+        parsing_timeout=timeout,
+    )
+
+
+@lru_cache(maxsize=4096)
+def _parse_gold(gold: str, timeout: int | None) -> tuple:
+    parsed = _parse("\\boxed{" + gold + "}", timeout)
+    if not parsed:
+        parsed = _parse(gold, timeout)
+    return tuple(parsed)
+
+
+def _parse_completion(completion: str, timeout: int | None) -> list:
+    completion = completion[-MAX_COMPLETION_CHARS:]
+    boxed = extract_boxed(completion)
+    if boxed is not None:
+        parsed = _parse("\\boxed{" + boxed + "}", timeout)
+        if parsed:
+            return parsed
+    return _parse(completion, timeout)
+
+
+def extract_final_answer(completion: str) -> str | None:
+    """The final answer written in `completion` as a string, or ``None`` when there is none.
+
+    The last ``\\boxed{}`` content when present; otherwise the text math-verify extracts (e.g. after
+    "The final answer is", or the last expression).
+    """
+    if not isinstance(completion, str) or not completion.strip():
+        return None
+    boxed = extract_boxed(completion[-MAX_COMPLETION_CHARS:])
+    if boxed is not None:
+        return boxed
+    try:
+        parsed = _parse_completion(completion, math_verify_timeout())
+    except BaseException as exc:  # noqa: BLE001 - math-verify's TimeoutException derives from BaseException
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        return None
+    if len(parsed) >= 2 and isinstance(parsed[-1], str):
+        return parsed[-1].strip()
+    return str(parsed[0]) if parsed else None
+
+
+def verify_math(completion: str, gold: str) -> bool:
+    """True when the final answer in `completion` is mathematically equivalent to `gold` (checked by math-verify).
+
+    Never raises: non-string input, empty strings, unparsable text and timeouts all give ``False``.
+    Numbers given as floats/ints for `gold` (e.g. AMC's ``27.0``) are accepted and formatted first.
+    """
+    if isinstance(gold, bool) or not isinstance(gold, (str, int, float)) or not isinstance(completion, str):
+        return False
+    if isinstance(gold, float):
+        gold = format_number(gold)
+    gold = str(gold).strip()
+    if not gold or len(gold) > MAX_GOLD_CHARS or not completion.strip():
+        return False
+    try:
+        from math_verify import verify
+
+        timeout = math_verify_timeout()
+        gold_parsed = list(_parse_gold(gold, timeout))
+        if not gold_parsed:
+            return False
+        pred_parsed = _parse_completion(completion, timeout)
+        if not pred_parsed:
+            return False
+        return bool(verify(gold_parsed, pred_parsed, timeout_seconds=timeout))
+    except BaseException as exc:  # noqa: BLE001 - TimeoutException derives from BaseException
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        return False
+
+
+def format_number(value: float) -> str:
+    """``27.0`` -> ``"27"``, ``0.5`` -> ``"0.5"``: integral floats lose their ``.0`` so they read as integers."""
+    if math.isfinite(value) and value == int(value):
+        return str(int(value))
+    return repr(value)
