@@ -64,6 +64,17 @@ def extract_boxed(text: str) -> str | None:
     return None
 
 
+_TEXTBF_RE = re.compile(r"\\(?:textbf|mathbf)\s*\{([^{}]*)\}")
+
+
+def _clean_answer(answer: str) -> str:
+    """Tidy a boxed answer before parsing: drop a trailing full stop and ``\\textbf{}`` wrappers (``\\textbf{(073)}``)."""
+    answer = _TEXTBF_RE.sub(r"\1", answer).strip()
+    while answer.endswith((".", "\\.")) and not answer.endswith("..."):
+        answer = answer[:-1].rstrip("\\").rstrip()
+    return answer
+
+
 def _parse(text: str, timeout: int | None):
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
 
@@ -76,7 +87,7 @@ def _parse(text: str, timeout: int | None):
 
 @lru_cache(maxsize=4096)
 def _parse_gold(gold: str, timeout: int | None) -> tuple:
-    parsed = _parse("\\boxed{" + gold + "}", timeout)
+    parsed = _parse("\\boxed{" + _clean_answer(gold) + "}", timeout)
     if not parsed:
         parsed = _parse(gold, timeout)
     return tuple(parsed)
@@ -86,7 +97,7 @@ def _parse_completion(completion: str, timeout: int | None) -> list:
     completion = completion[-MAX_COMPLETION_CHARS:]
     boxed = extract_boxed(completion)
     if boxed is not None:
-        parsed = _parse("\\boxed{" + boxed + "}", timeout)
+        parsed = _parse("\\boxed{" + _clean_answer(boxed) + "}", timeout)
         if parsed:
             return parsed
     return _parse(completion, timeout)

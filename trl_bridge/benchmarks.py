@@ -1,0 +1,513 @@
+"""Benchmark registry: each benchmark is a loader, a prompt builder and a grader.
+
+A *row* is a plain dict with the keys
+
+* ``id`` (str) – the benchmark's own row id (``unique_id`` for MATH-500, ``id`` / ``idx`` where the file has one,
+  otherwise the 0-based line number), used to key ``--completions`` files;
+* ``problem`` (str) – the question text;
+* ``gold`` (str) – the reference final answer, in the form the grader compares against;
+* ``reference`` (str | None) – a full reference solution when the file has one (used by the grader oracle test);
+* ``messages`` (list | None) – the benchmark's own chat prompt (verl-format sets: GPQA, ARC, Knights-and-Knaves);
+* ``raw_prompt`` (str | None) – a ready-made text prompt that must not be wrapped in a chat template (HumanEval's
+  code prompt, Knights-and-Knaves' prompt which already contains Qwen chat markup).
+
+`get_benchmark(name)` returns a `Benchmark`; `Benchmark.load(data_dir, limit)` reads rows,
+`build_prompt(bench, row, ...)` turns a row into generation input and `Benchmark.grade(rows, completions)` returns
+one ``{"correct": bool, "extracted": str | None}`` dict per completion.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .grading import extract_boxed, format_number, verify_math
+
+__all__ = [
+    "BOXED_INSTRUCTION",
+    "MATH_BENCHMARKS",
+    "Benchmark",
+    "available_benchmarks",
+    "build_prompt",
+    "default_data_dir",
+    "get_benchmark",
+    "grade_choice",
+    "grade_gsm8k",
+    "grade_knights_knaves",
+    "grade_math",
+    "resolve_data_dir",
+]
+
+#: The paper's (Qwen2.5-Math) evaluation instruction appended to each math problem.
+BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+#: The five math benchmarks whose average the paper reports.
+MATH_BENCHMARKS = ("math500", "aime24", "amc23", "minerva_math", "olympiadbench")
+
+#: Above this many completions, math grading is spread over worker processes (see `grade_math`).
+PARALLEL_GRADING_THRESHOLD = 256
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# registry
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """One evaluation set: where its rows come from, how it is prompted and how completions are graded."""
+
+    name: str
+    description: str
+    #: ``load(data_dir, limit) -> list[row]``
+    loader: Callable[[Path, int | None], list[dict]]
+    #: ``grade(rows, completions) -> list[{"correct", "extracted"}]`` (rows[i] is the problem of completions[i])
+    grader: Callable[[list[dict], list[str]], list[dict]]
+    #: prompt used by ``--prompt_template default``: "boxed" (problem + the paper's instruction) or "native"
+    default_prompt: str = "boxed"
+    #: counted in the five-math-benchmark average
+    is_math: bool = False
+    #: where a user with internet can find the same data on the Hugging Face Hub (documentation only)
+    hub_dataset: str | None = None
+    #: path of the data file under the data directory (None: the loader finds its own data)
+    relative_path: str | None = None
+
+    def load(self, data_dir: str | os.PathLike | None, limit: int | None = None) -> list[dict]:
+        """Rows of this benchmark (the first `limit` when given)."""
+        if limit is not None and (not isinstance(limit, int) or limit < 1):
+            raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
+        path = Path(data_dir) if data_dir is not None else None
+        return self.loader(path, limit)
+
+    def grade(self, rows: list[dict], completions: list[str]) -> list[dict]:
+        """Grade `completions[i]` against `rows[i]`; one ``{"correct", "extracted"}`` dict each."""
+        if len(rows) != len(completions):
+            raise ValueError(f"grade(): {len(rows)} rows but {len(completions)} completions")
+        return self.grader(rows, completions)
+
+
+_REGISTRY: dict[str, Benchmark] = {}
+
+
+def register(benchmark: Benchmark) -> Benchmark:
+    """Add `benchmark` to the registry (replacing one with the same name)."""
+    _REGISTRY[benchmark.name] = benchmark
+    return benchmark
+
+
+def available_benchmarks() -> list[str]:
+    """Names accepted by `get_benchmark` / ``--benchmarks``."""
+    return sorted(_REGISTRY)
+
+
+def get_benchmark(name: str) -> Benchmark:
+    """The registered benchmark called `name`; a `KeyError`-like `ValueError` listing valid names otherwise."""
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise ValueError(f"unknown benchmark {name!r}; valid benchmarks: {', '.join(available_benchmarks())}")
+    return _REGISTRY[name]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# data directory
+
+
+def default_data_dir() -> Path:
+    """``$TRL_BRIDGE_DATA_DIR``, else ``<repo>/../shared/benchmarks``, else ``./shared/benchmarks`` / ``./benchmarks``."""
+    env = os.environ.get("TRL_BRIDGE_DATA_DIR")
+    if env:
+        return Path(env)
+    candidates = [
+        Path(__file__).resolve().parents[2] / "shared" / "benchmarks",
+        Path.cwd() / "shared" / "benchmarks",
+        Path.cwd().parent / "shared" / "benchmarks",
+        Path.cwd() / "benchmarks",
+    ]
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+    return candidates[0]
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
+    """`data_dir` (or `default_data_dir()`) as a `Path`, checked to be an existing directory."""
+    path = Path(data_dir) if data_dir else default_data_dir()
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"data_dir {str(path)!r} does not exist or is not a directory; pass --data_dir or set TRL_BRIDGE_DATA_DIR "
+            "to the folder holding math500/, aime24/, ... (see docs/evaluation.md)"
+        )
+    return path
+
+
+def _read_jsonl(path: Path, limit: int | None) -> list[dict]:
+    if not path.is_file():
+        raise FileNotFoundError(f"benchmark file {str(path)!r} not found (check --data_dir)")
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from exc
+            if limit is not None and len(rows) >= limit:
+                break
+    return rows
+
+
+def _field(raw: dict, key: str, path: Path, index: int):
+    """``raw[key]`` with a clear error naming the field, file and row when it is missing."""
+    value = raw
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise KeyError(f"{path}: row {index} has no field {key!r} (fields: {sorted(raw)})")
+        value = value[part]
+    return value
+
+
+def _row(id_, problem, gold, reference=None, messages=None, raw_prompt=None) -> dict:
+    return {
+        "id": str(id_),
+        "problem": problem,
+        "gold": gold,
+        "reference": reference,
+        "messages": messages,
+        "raw_prompt": raw_prompt,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# gold-answer normalisation
+
+
+def clean_olympiad_answer(answers: list[str]) -> str:
+    """OlympiadBench ``final_answer`` (a list of ``$...$`` strings) as one LaTeX answer string.
+
+    ``["$69$,$84$"]`` -> ``"69,84"``; ``["$(-\\infty, 0) \\cup\\{1\\}$."]`` -> ``"(-\\infty, 0) \\cup\\{1\\}"``.
+    """
+    text = ", ".join(str(a) for a in answers)
+    text = text.strip().rstrip(".").strip()
+    text = re.sub(r"\$\s*,\s*\$", ", ", text)  # "$69$,$84$" -> "$69, 84$"
+    return text.replace("$", "").strip()
+
+
+def gsm8k_gold(answer: str) -> str:
+    """The number after ``####`` in a GSM8K answer, thousands separators removed."""
+    if "####" not in answer:
+        raise ValueError(f"GSM8K answer has no '####' final-answer marker: {answer[-80:]!r}")
+    return answer.split("####")[-1].strip().replace(",", "")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# loaders
+
+
+def _load_math500(data_dir: Path, limit):
+    path = data_dir / "math500" / "test.jsonl"
+    return [
+        _row(_field(r, "unique_id", path, i), _field(r, "problem", path, i), _field(r, "answer", path, i), r.get("solution"))
+        for i, r in enumerate(_read_jsonl(path, limit))
+    ]
+
+
+def _load_aime24(data_dir: Path, limit):
+    path = data_dir / "aime24" / "test.jsonl"
+    return [
+        _row(_field(r, "id", path, i), _field(r, "problem", path, i), str(_field(r, "answer", path, i)), r.get("solution"))
+        for i, r in enumerate(_read_jsonl(path, limit))
+    ]
+
+
+def _load_amc23(data_dir: Path, limit):
+    path = data_dir / "amc23" / "test.jsonl"
+    rows = []
+    for i, r in enumerate(_read_jsonl(path, limit)):
+        answer = _field(r, "answer", path, i)
+        gold = format_number(answer) if isinstance(answer, float) else str(answer)
+        rows.append(_row(_field(r, "id", path, i), _field(r, "problem", path, i), gold))
+    return rows
+
+
+def _load_minerva(data_dir: Path, limit):
+    path = data_dir / "minerva_math" / "test.jsonl"
+    rows = []
+    for i, r in enumerate(_read_jsonl(path, limit)):
+        solution = _field(r, "solution", path, i)
+        gold = extract_boxed(solution)
+        if gold is None:
+            raise ValueError(f"{path}: row {i} field 'solution' has no \\boxed{{}} answer")
+        rows.append(_row(r.get("idx", i), _field(r, "problem", path, i), gold, solution))
+    return rows
+
+
+def _load_olympiadbench(data_dir: Path, limit):
+    path = data_dir / "olympiadbench" / "test.jsonl"
+    rows = []
+    for i, r in enumerate(_read_jsonl(path, limit)):
+        answers = _field(r, "final_answer", path, i)
+        if not isinstance(answers, list):
+            raise TypeError(f"{path}: row {i} field 'final_answer' must be a list of strings, got {type(answers).__name__}")
+        solutions = r.get("solution") or []
+        rows.append(
+            _row(
+                _field(r, "id", path, i),
+                _field(r, "question", path, i),
+                clean_olympiad_answer(answers),
+                solutions[0] if solutions else None,
+            )
+        )
+    return rows
+
+
+def _load_gsm8k(data_dir: Path, limit):
+    path = data_dir / "gsm8k" / "test.jsonl"
+    rows = []
+    for i, r in enumerate(_read_jsonl(path, limit)):
+        answer = _field(r, "answer", path, i)
+        rows.append(_row(i, _field(r, "question", path, i), gsm8k_gold(answer), answer))
+    return rows
+
+
+def _verl_loader(relative_path: str, gold_key: str = "reward_model.ground_truth", raw_text_prompt: bool = False):
+    """Loader for the verl-format files (GPQA, ARC, Knights-and-Knaves): prompt messages + reward_model gold."""
+
+    def load(data_dir: Path, limit):
+        path = data_dir / relative_path
+        rows = []
+        for i, r in enumerate(_read_jsonl(path, limit)):
+            messages = _field(r, "prompt", path, i)
+            if not isinstance(messages, list) or not all(isinstance(m, dict) and "content" in m for m in messages):
+                raise TypeError(f"{path}: row {i} field 'prompt' must be a list of {{role, content}} messages")
+            user = next((m["content"] for m in messages if m.get("role") == "user"), messages[-1]["content"])
+            index = (r.get("extra_info") or {}).get("index", i)
+            rows.append(
+                _row(
+                    index,
+                    r.get("quiz", user),
+                    str(_field(r, gold_key, path, i)),
+                    messages=None if raw_text_prompt else messages,
+                    raw_prompt=user if raw_text_prompt else None,
+                )
+            )
+        return rows
+
+    return load
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# graders
+
+
+def _grade_math_one(item: tuple[str, str]) -> tuple[bool, str | None]:
+    from .grading import extract_final_answer
+
+    completion, gold = item
+    return verify_math(completion, gold), extract_final_answer(completion)
+
+
+def grade_math(rows: list[dict], completions: list[str], workers: int | None = None) -> list[dict]:
+    """math-verify check of each completion's final answer (last ``\\boxed{}`` preferred) against ``row["gold"]``.
+
+    Large batches are spread over `workers` processes (default: ``$TRL_BRIDGE_GRADING_WORKERS`` or the CPU count,
+    at most 8); each worker runs math-verify in its main thread, so its timeouts stay active.
+    """
+    items = [(c if isinstance(c, str) else "", r["gold"]) for r, c in zip(rows, completions)]
+    if workers is None:
+        workers = int(os.environ.get("TRL_BRIDGE_GRADING_WORKERS", min(8, os.cpu_count() or 1)))
+    if workers > 1 and len(items) >= PARALLEL_GRADING_THRESHOLD:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = list(pool.map(_grade_math_one, items, chunksize=max(1, len(items) // (4 * workers))))
+    else:
+        results = [_grade_math_one(item) for item in items]
+    return [{"correct": ok, "extracted": extracted} for ok, extracted in results]
+
+
+_NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+def extract_last_number(text: str) -> str | None:
+    """The last number written in `text` (``1,234.5`` -> ``1234.5``), or ``None``."""
+    matches = _NUMBER_RE.findall(text or "")
+    return matches[-1].replace(",", "").rstrip(".") if matches else None
+
+
+def grade_gsm8k(rows: list[dict], completions: list[str]) -> list[dict]:
+    """GSM8K: the completion's last ``\\boxed{}`` (or, without one, its last number) vs the ``####`` gold number."""
+    out = []
+    for row, completion in zip(rows, completions):
+        completion = completion if isinstance(completion, str) else ""
+        extracted = extract_boxed(completion)
+        if extracted is None:
+            extracted = extract_last_number(completion)
+        correct = extracted is not None and verify_math("\\boxed{" + extracted + "}", row["gold"])
+        out.append({"correct": correct, "extracted": extracted})
+    return out
+
+
+_CHOICE_PATTERNS = [
+    re.compile(r"answer\s*(?:is|:)?\s*[:\-]?\s*\(?\s*\**\s*([A-D1-4])\b", re.IGNORECASE),
+    re.compile(r"\\boxed\s*\{\s*(?:\\text\s*\{)?\s*\(?([A-D1-4])\)?\s*\}?", re.IGNORECASE),
+]
+
+
+def extract_choice(completion: str) -> str | None:
+    """The multiple-choice label a completion settles on: the last ``ANSWER: X`` / ``answer is (X)`` / ``\\boxed{X}``,
+    or the whole completion when it is a bare label. Labels are A-D or 1-4, returned upper-cased."""
+    if not isinstance(completion, str):
+        return None
+    for pattern in _CHOICE_PATTERNS:
+        matches = pattern.findall(completion)
+        if matches:
+            return matches[-1].upper()
+    bare = completion.strip().strip("().*").strip()
+    if re.fullmatch(r"[A-Da-d1-4]", bare):
+        return bare.upper()
+    return None
+
+
+def _choice_index(label: str | None) -> int | None:
+    if label is None:
+        return None
+    label = label.strip().upper()
+    if label in ("A", "B", "C", "D"):
+        return "ABCD".index(label)
+    if label in ("1", "2", "3", "4"):
+        return int(label) - 1
+    return None
+
+
+def grade_choice(rows: list[dict], completions: list[str]) -> list[dict]:
+    """Multiple choice (GPQA-Diamond, ARC-Challenge): extracted label vs gold label; A-D and 1-4 are equivalent."""
+    out = []
+    for row, completion in zip(rows, completions):
+        extracted = extract_choice(completion)
+        gold_index = _choice_index(row["gold"])
+        correct = gold_index is not None and _choice_index(extracted) == gold_index
+        out.append({"correct": correct, "extracted": extracted})
+    return out
+
+
+_KK_STATEMENT_RE = re.compile(r"\b([A-Z][a-zA-Z]+)\s+is\s+(?:a\s+)?(knight|knave)\b", re.IGNORECASE)
+_ANSWER_TAG_RE = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.DOTALL | re.IGNORECASE)
+
+
+def parse_knights_knaves(text: str) -> dict[str, str]:
+    """``{name: "knight" | "knave"}`` from statements like ``(1) Amelia is a knight`` (last statement per name wins)."""
+    return {name: role.lower() for name, role in _KK_STATEMENT_RE.findall(text or "")}
+
+
+def grade_knights_knaves(rows: list[dict], completions: list[str]) -> list[dict]:
+    """Knights-and-Knaves: every person in the gold statement list must have the same role in the completion's
+    ``<answer>...</answer>`` block (the whole completion when there is no such block)."""
+    out = []
+    for row, completion in zip(rows, completions):
+        completion = completion if isinstance(completion, str) else ""
+        tagged = _ANSWER_TAG_RE.findall(completion)
+        answer_text = tagged[-1] if tagged else completion
+        predicted = parse_knights_knaves(answer_text)
+        gold = parse_knights_knaves(row["gold"])
+        correct = bool(gold) and all(predicted.get(name) == role for name, role in gold.items())
+        extracted = "; ".join(f"{n} is a {r}" for n, r in predicted.items()) or None
+        out.append({"correct": correct, "extracted": extracted})
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# HumanEval (out-of-domain code), provided by trl_bridge.humaneval
+
+
+def _load_humaneval(data_dir: Path | None, limit):
+    from . import humaneval
+
+    local = data_dir / "humaneval" if data_dir is not None else None
+    data_path = None
+    if local is not None and local.is_dir():
+        found = sorted(local.glob("*.jsonl*"))
+        data_path = str(found[0]) if found else None
+    return [
+        _row(r["id"], r["prompt"], r["canonical_solution"], reference=r["canonical_solution"], raw_prompt=r["prompt"])
+        | {"test": r["test"], "entry_point": r["entry_point"]}
+        for r in humaneval.load_rows(data_path=data_path, limit=limit)
+    ]
+
+
+def _grade_humaneval(rows: list[dict], completions: list[str]) -> list[dict]:
+    from . import humaneval
+
+    graded = humaneval.grade_many(rows, completions)
+    return [{"correct": bool(g["correct"]), "extracted": g.get("extracted")} | g for g in graded]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# prompt building
+
+
+def build_prompt(
+    benchmark: Benchmark, row: dict, template: str = "default", tokenizer=None, chat_template: str = "auto"
+) -> str:
+    """The text fed to the model for `row`.
+
+    `template`: ``"default"`` (the benchmark's own default), ``"boxed"`` (problem + `BOXED_INSTRUCTION`),
+    ``"plain"`` (problem only) or ``"native"`` (the benchmark's own prompt messages / raw prompt).
+    `chat_template`: ``"auto"`` wraps chat messages in the tokenizer's chat template when it has one, ``"on"``
+    requires it, ``"off"`` joins the message contents as plain text. Raw prompts (HumanEval code, the
+    Knights-and-Knaves prompt that already holds chat markup) are never wrapped.
+    """
+    if template == "default":
+        template = benchmark.default_prompt
+    if template not in ("boxed", "plain", "native"):
+        raise ValueError(f"prompt template must be one of default, boxed, plain, native; got {template!r}")
+    if chat_template not in ("auto", "on", "off"):
+        raise ValueError(f"chat_template must be one of auto, on, off; got {chat_template!r}")
+    if template == "native" and row.get("raw_prompt") is not None:
+        return row["raw_prompt"]
+    if template == "native" and row.get("messages"):
+        messages = [{"role": m.get("role", "user"), "content": m["content"]} for m in row["messages"]]
+    elif template == "boxed":
+        messages = [{"role": "user", "content": f"{row['problem']}\n{BOXED_INSTRUCTION}"}]
+    else:
+        messages = [{"role": "user", "content": row["problem"]}]
+    has_template = tokenizer is not None and getattr(tokenizer, "chat_template", None)
+    if chat_template == "on" and not has_template:
+        raise ValueError("chat_template='on' but the tokenizer has no chat template")
+    if chat_template != "off" and has_template:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "\n\n".join(m["content"] for m in messages) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the registered benchmarks
+
+register(Benchmark("math500", "MATH-500 (500 problems)", _load_math500, grade_math, is_math=True,
+                   hub_dataset="HuggingFaceH4/MATH-500", relative_path="math500/test.jsonl"))
+register(Benchmark("aime24", "AIME 2024 (30 problems)", _load_aime24, grade_math, is_math=True,
+                   hub_dataset="math-ai/aime24", relative_path="aime24/test.jsonl"))
+register(Benchmark("amc23", "AMC 2023 (40 problems)", _load_amc23, grade_math, is_math=True,
+                   hub_dataset="math-ai/amc23", relative_path="amc23/test.jsonl"))
+register(Benchmark("minerva_math", "Minerva OCW courses (272 problems)", _load_minerva, grade_math, is_math=True,
+                   hub_dataset="math-ai/minervamath", relative_path="minerva_math/test.jsonl"))
+register(Benchmark("olympiadbench", "OlympiadBench, English open-ended math (675)", _load_olympiadbench, grade_math,
+                   is_math=True, hub_dataset="math-ai/olympiadbench", relative_path="olympiadbench/test.jsonl"))
+register(Benchmark("gsm8k", "GSM8K test (1319)", _load_gsm8k, grade_gsm8k,
+                   hub_dataset="openai/gsm8k (main)", relative_path="gsm8k/test.jsonl"))
+register(Benchmark("gpqa_diamond", "GPQA-Diamond, multiple choice (198)", _verl_loader("gpqa_diamond/valid.gpqa.jsonl"),
+                   grade_choice, default_prompt="native", hub_dataset="Idavidrein/gpqa (gpqa_diamond)",
+                   relative_path="gpqa_diamond/valid.gpqa.jsonl"))
+register(Benchmark("arc_challenge", "ARC-Challenge, multiple choice (1172)",
+                   _verl_loader("arc_challenge/valid.arc_c.jsonl"), grade_choice, default_prompt="native",
+                   hub_dataset="allenai/ai2_arc (ARC-Challenge)", relative_path="arc_challenge/valid.arc_c.jsonl"))
+for _n in range(3, 8):
+    register(Benchmark(f"knights_knaves_{_n}ppl", f"Knights-and-Knaves, {_n} people, test (100)",
+                       _verl_loader(f"knights_knaves/{_n}ppl/test.jsonl", "reward_model.ground_truth.solution_text_format",
+                                    raw_text_prompt=True),
+                       grade_knights_knaves, default_prompt="native",
+                       relative_path=f"knights_knaves/{_n}ppl/test.jsonl"))
+register(Benchmark("humaneval", "HumanEval, Python code (164; needs trl_bridge.humaneval)", _load_humaneval,
+                   _grade_humaneval, default_prompt="native", hub_dataset="openai/openai_humaneval"))
