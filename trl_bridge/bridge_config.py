@@ -1,0 +1,152 @@
+"""`BridgeConfig`: TRL's `GRPOConfig` plus the few knobs BRIDGE adds (BRIDGE.md §1 and §5)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from trl import GRPOConfig
+
+SHADOW_OFF_POLICY_MODES = ("on_policy", "truncated_is")
+
+
+@dataclass
+class BridgeConfig(GRPOConfig):
+    r"""
+    Configuration class for [`BridgeTrainer`].
+
+    BRIDGE ("Beyond Two-Stage Training: Cooperative SFT and RL for LLM Reasoning", Chen et al., arXiv:2509.06948)
+    trains three parameter sets at once on every step: the base weights θ on the fused loss
+    `(1-λ)·L_SFT + λ·L_RL`, a shadow copy θ̂ of the base on `L_RL` alone (the RL-only baseline), and a LoRA adapter w
+    on the *cooperative gain* `(1-λ)·L_SFT(θ,w) + λ·[L_RL(θ,w) - L_RL(θ̂,w)]`. The policy is π(θ+w).
+
+    `BridgeConfig` inherits every parameter of [`~trl.GRPOConfig`] (rollouts, rewards, `loss_type`, `beta`, vLLM, ...)
+    and documents only what BRIDGE adds or changes:
+
+    Parameters:
+        bridge_lambda (`float`, defaults to `0.5`): λ, the weight of RL against SFT. λ=1 is plain GRPO, λ=0 is SFT.
+        bridge_lambda_end (`float` or `None`): if set, λ moves linearly from `bridge_lambda` to this value over
+            `bridge_lambda_warmup_steps` optimizer steps (the paper suggests small-to-large λ).
+        bridge_lambda_warmup_steps (`int`, defaults to `0`): length of the λ schedule.
+        adapter_learning_rate (`float` or `None`): β, the adapter's learning rate; defaults to `learning_rate`.
+        shadow_learning_rate (`float` or `None`): learning rate of θ̂; defaults to `learning_rate` (α, as in the paper).
+        lora_r / lora_alpha / lora_dropout / lora_target_modules: the adapter w (paper: r=16, α=16). Ignored when a
+            `peft_config` is passed to the trainer.
+        trainable_base_parameters (`list[str]` or `None`): regular expressions selecting the base weights θ that train
+            (matched with `re.search` against the plain model's parameter names, e.g. `model.layers.0.mlp.up_proj.weight`).
+            `None` trains all of them. The shadow copies only these.
+        sft_per_device_train_batch_size (`int`, defaults to `4`): expert traces per micro-batch.
+        sft_max_length (`int` or `None`, defaults to `1024`): SFT sequences are truncated to this many tokens.
+        shadow_off_policy (`str`, defaults to `"on_policy"`): how the shadow θ̂ treats rollouts sampled from π(θ+w)
+            (BRIDGE.md §5): `"on_policy"` uses them as if sampled from π(θ̂+w); `"truncated_is"` re-weights each token by
+            min(π(θ̂+w)/π(θ+w), `shadow_is_cap`).
+        shadow_is_cap (`float`, defaults to `2.0`): the truncation C of `"truncated_is"`.
+
+    CPU-friendly defaults: `gradient_checkpointing` and `bf16` default to on only when CUDA is available (TRL turns both
+    on unconditionally; on CPU they are slow or unsupported).
+    """
+
+    # Defaults that differ from GRPOConfig: resolved in __post_init__ by the hardware present.
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Enable gradient checkpointing. Defaults to True on CUDA and False on CPU."},
+    )
+    logging_steps: float = field(default=1, metadata={"help": "Log every X optimizer steps."})
+
+    bridge_lambda: float = field(
+        default=0.5,
+        metadata={
+            "help": "λ in [0, 1]: the weight of the RL loss against the SFT loss in the fused base update and the "
+            "adapter update. 1.0 reproduces GRPO, 0.0 is SFT. Paper: 0.5 (0.3-0.7 robust)."
+        },
+    )
+    bridge_lambda_end: float | None = field(
+        default=None,
+        metadata={
+            "help": "If set, λ is scheduled linearly from `bridge_lambda` to this value over "
+            "`bridge_lambda_warmup_steps` optimizer steps, then held."
+        },
+    )
+    bridge_lambda_warmup_steps: int = field(
+        default=0, metadata={"help": "Number of optimizer steps of the λ schedule (0: no schedule)."}
+    )
+    adapter_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "β: learning rate of the LoRA adapter w. Defaults to `learning_rate`."},
+    )
+    shadow_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Learning rate of the RL-only shadow θ̂. Defaults to `learning_rate` (α, as in the paper)."},
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank of the adapter w (paper: 16)."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha of the adapter w (paper: 16)."})
+    lora_dropout: float = field(
+        default=0.0,
+        metadata={"help": "LoRA dropout. 0 keeps BRIDGE(λ=1) bit-identical to GRPO (dropout consumes the RNG)."},
+    )
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Module names LoRA wraps (PEFT's `target_modules`). None: PEFT's default for the model type."},
+    )
+    trainable_base_parameters: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Regular expressions (re.search) over the plain model's parameter names selecting the trainable "
+            "base weights θ; the shadow θ̂ copies only these. None: all base weights train."
+        },
+    )
+    sft_per_device_train_batch_size: int = field(
+        default=4, metadata={"help": "Number of expert traces in each SFT micro-batch (per device)."}
+    )
+    sft_max_length: int | None = field(
+        default=1024, metadata={"help": "Maximum length in tokens of an SFT sequence (prompt + trace); longer ones are truncated."}
+    )
+    shadow_off_policy: str = field(
+        default="on_policy",
+        metadata={
+            "help": "How the RL-only shadow θ̂ uses rollouts sampled from π(θ+w): 'on_policy' (as if sampled from "
+            "π(θ̂+w)) or 'truncated_is' (each token re-weighted by min(π(θ̂+w)/π(θ+w), shadow_is_cap)).",
+            "choices": list(SHADOW_OFF_POLICY_MODES),
+        },
+    )
+    shadow_is_cap: float = field(
+        default=2.0, metadata={"help": "Truncation cap C of the 'truncated_is' shadow importance weights."}
+    )
+
+    def __post_init__(self):
+        has_cuda = torch.cuda.is_available()
+        if self.gradient_checkpointing is None:
+            self.gradient_checkpointing = has_cuda
+        if self.bf16 is None and not self.fp16 and not has_cuda:
+            self.bf16 = False
+        super().__post_init__()
+        if self.adapter_learning_rate is None:
+            self.adapter_learning_rate = self.learning_rate
+        if self.shadow_learning_rate is None:
+            self.shadow_learning_rate = self.learning_rate
+        self._validate()
+
+    def _validate(self):
+        def need(ok, name, what):
+            if not ok:
+                raise ValueError(f"BridgeConfig.{name}={getattr(self, name)!r} is invalid: {what}.")
+
+        need(0.0 <= self.bridge_lambda <= 1.0, "bridge_lambda", "must lie in [0, 1]")
+        need(self.bridge_lambda_end is None or 0.0 <= self.bridge_lambda_end <= 1.0, "bridge_lambda_end", "must lie in [0, 1]")
+        need(self.bridge_lambda_warmup_steps >= 0, "bridge_lambda_warmup_steps", "must be >= 0")
+        need(self.adapter_learning_rate >= 0, "adapter_learning_rate", "must be >= 0")
+        need(self.shadow_learning_rate >= 0, "shadow_learning_rate", "must be >= 0")
+        need(self.lora_r > 0, "lora_r", "must be a positive integer")
+        need(self.lora_alpha > 0, "lora_alpha", "must be positive")
+        need(0.0 <= self.lora_dropout < 1.0, "lora_dropout", "must lie in [0, 1)")
+        need(self.sft_per_device_train_batch_size > 0, "sft_per_device_train_batch_size", "must be a positive integer")
+        need(self.sft_max_length is None or self.sft_max_length > 0, "sft_max_length", "must be positive or None")
+        need(self.shadow_off_policy in SHADOW_OFF_POLICY_MODES, "shadow_off_policy", f"choose one of {SHADOW_OFF_POLICY_MODES}")
+        need(self.shadow_is_cap >= 1.0, "shadow_is_cap", "must be >= 1")
+
+    def lambda_at(self, step: int) -> float:
+        """λ at optimizer step `step` (constant, or linear from `bridge_lambda` to `bridge_lambda_end`)."""
+        if self.bridge_lambda_end is None or self.bridge_lambda_warmup_steps <= 0:
+            return self.bridge_lambda
+        frac = min(1.0, step / self.bridge_lambda_warmup_steps)
+        return self.bridge_lambda + frac * (self.bridge_lambda_end - self.bridge_lambda)

@@ -1,0 +1,120 @@
+"""The expert-trace (SFT) stream that feeds L_SFT in every BRIDGE step.
+
+Tokenisation, completion masking and truncation are TRL's own: `SFTTrainer._prepare_dataset` (the same code SFTTrainer
+runs, so every TRL SFT format works: prompt/completion, conversational `messages`, plain `text`) and TRL's
+`DataCollatorForLanguageModeling`. This module only adds what BRIDGE needs on top: an endless, seeded, resumable
+sampler (each epoch is a fresh permutation; the position is part of the checkpoint), sharded across processes.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+from datasets import Dataset
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling, SFTTrainer
+
+SFT_FORMATS = ("prompt + completion", "messages", "text")
+
+
+def validate_sft_dataset(dataset) -> None:
+    """Raise a `ValueError` naming the problem if `dataset` is not a non-empty TRL SFT dataset."""
+    if dataset is None:
+        raise ValueError("`sft_dataset` is required: BRIDGE needs expert reasoning traces for L_SFT.")
+    if not isinstance(dataset, Dataset):
+        raise TypeError(f"`sft_dataset` must be a `datasets.Dataset`, got {type(dataset).__name__}.")
+    if len(dataset) == 0:
+        raise ValueError("`sft_dataset` is empty: it needs at least one expert trace.")
+    cols = set(dataset.column_names)
+    if "input_ids" in cols:
+        return
+    if "prompt" in cols or "completion" in cols:
+        missing = {"prompt", "completion"} - cols
+        if missing:
+            raise ValueError(f"`sft_dataset` has a prompt/completion layout but lacks the column {sorted(missing)[0]!r}.")
+        row = dataset[0]
+        for name in ("prompt", "completion"):
+            if not isinstance(row[name], (str, list)):
+                raise TypeError(
+                    f"`sft_dataset` column {name!r} must hold strings or lists of chat messages, "
+                    f"got {type(row[name]).__name__}."
+                )
+        return
+    if "messages" in cols or "text" in cols:
+        return
+    raise ValueError(
+        f"`sft_dataset` has columns {sorted(cols)}, none of TRL's SFT formats {SFT_FORMATS}: add a `prompt` and a "
+        "`completion` column (or `messages`, or `text`)."
+    )
+
+
+def tokenize_sft_dataset(dataset: Dataset, tokenizer, max_length: int | None, num_proc: int | None = None) -> Dataset:
+    """Tokenise with SFTTrainer's own pipeline: prompt tokens masked (`labels=-100`), truncated to `max_length`."""
+    validate_sft_dataset(dataset)
+    # `_prepare_dataset` reads these attributes of the trainer and these fields of SFTConfig, nothing else.
+    trainer_shim = SimpleNamespace(_tokenizer=tokenizer, completion_only_loss=True, chat_template=None)
+    args_shim = SimpleNamespace(
+        dataset_num_proc=num_proc,
+        dataset_text_field="text",
+        assistant_only_loss=False,
+        max_length=max_length,
+        truncation_mode="keep_start",
+        packing_strategy="bfd",
+        shuffle_dataset=False,
+        seed=0,
+    )
+    tokenized = SFTTrainer._prepare_dataset(
+        trainer_shim, dataset, tokenizer, args_shim, packing=False, formatting_func=None, dataset_name="sft"
+    )
+    if len(tokenized) == 0:
+        raise ValueError(
+            f"`sft_dataset`: every trace was dropped by truncation to sft_max_length={max_length} "
+            "(no completion token left); raise `sft_max_length`."
+        )
+    return tokenized.select_columns(["input_ids", "labels"])
+
+
+class SFTStream:
+    """Endless, seeded, resumable batches of tokenised expert traces.
+
+    Epoch e is the permutation `torch.randperm(n, generator=seed + e)`; each call returns the next
+    `batch_size * world_size` rows of it, of which this process keeps its `rank`-th share. The state is two integers,
+    so a checkpoint restores the exact stream.
+    """
+
+    def __init__(self, dataset: Dataset, pad_token_id: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.collator = DataCollatorForLanguageModeling(pad_token_id=pad_token_id)
+        self.epoch = 0
+        self.offset = 0
+        self._perm = None
+
+    def _permutation(self):
+        if self._perm is None:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            self._perm = torch.randperm(len(self.dataset), generator=g).tolist()
+        return self._perm
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        n_global = self.batch_size * self.world_size
+        indices = []
+        while len(indices) < n_global:
+            perm = self._permutation()
+            take = perm[self.offset : self.offset + n_global - len(indices)]
+            indices += take
+            self.offset += len(take)
+            if self.offset >= len(perm):
+                self.epoch, self.offset, self._perm = self.epoch + 1, 0, None
+        mine = indices[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        return self.collator([self.dataset[i] for i in mine])
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.offset, self._perm = int(state["epoch"]), int(state["offset"]), None
+
