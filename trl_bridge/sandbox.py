@@ -81,12 +81,21 @@ def _process_uids():
 # Everything below runs in the child, in a fresh single-threaded interpreter, before the
 # program's interpreter is exec'ed. Only the standard library is available here.
 
-CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWNET = 0x00020000, 0x08000000, 0x10000000, 0x40000000
-MS_NOSUID, MS_NODEV, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x4000, 0x40000
-PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 38, 22, 2
+CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = (
+    0x00020000, 0x08000000, 0x10000000, 0x20000000, 0x40000000)
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x8, 0x4000, 0x40000
+PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 1, 38, 22, 2
+SIGKILL = 9
+NAMESPACES = {  # unshare flag -> name reported in SandboxResult.isolation
+    CLONE_NEWNET: "network-namespace",
+    CLONE_NEWIPC: "ipc-namespace",
+    CLONE_NEWNS: "mount-namespace",
+    CLONE_NEWPID: "pid-namespace",
+}
 
 
 def _launch(config: dict) -> None:
+    """Isolate this process, then exec the sandbox interpreter on the program. Never returns."""
     status_fd = config["status_fd"]
     os.set_inheritable(status_fd, False)  # closes on exec: the program never sees it
     isolation = []
@@ -98,12 +107,22 @@ def _launch(config: dict) -> None:
         with open(config["program"], "rb") as handle:
             program = handle.read()
         uid = config["uid"]
-        namespaces = _unshare(as_root=uid is not None)
-        isolation += namespaces
-        if "mount-namespace" in namespaces:
-            _mount_private_tmp(config["disk_mb"])
+        libc = _libc()
+        isolation += _unshare(libc, as_root=uid is not None)
+        if "pid-namespace" in isolation:
+            # The first child becomes pid 1 of the new namespace: when it dies, the kernel kills
+            # every process left in there. This process stays outside to report its exit status.
+            child = os.fork()
+            if child:
+                _, wait_status, usage = os.wait4(child, 0)
+                report("exit", str(os.waitstatus_to_exitcode(wait_status)))
+                report("cpu", str(usage.ru_utime + usage.ru_stime))
+                os._exit(0)
+            libc.prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0)  # killing the launcher kills the sandbox
+            os.setsid()  # a kill(0) from the program must not reach the launcher
+        if "mount-namespace" in isolation:
+            isolation += _mount_private_dirs(libc, config["disk_mb"], new_proc="pid-namespace" in isolation)
             workdir = "/tmp/sandbox"
-            isolation.append("private-tmpfs")
         else:
             os.chmod(config["host_dir"], 0o711)  # traversable, not listable
             workdir = os.path.join(config["host_dir"], "work")
@@ -120,8 +139,10 @@ def _launch(config: dict) -> None:
             os.setgid(uid)
             os.setuid(uid)
             isolation.append("unprivileged-uid")
+            if "pid-namespace" in isolation:
+                libc.prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0)  # a uid change cleared it
         os.chdir(workdir)
-        isolation += _restrict_syscalls()
+        isolation += _restrict_syscalls(libc)
         report("ready", ",".join(isolation))
         python = config["python"]
         os.execve(python, [python, *PYTHON_FLAGS, program_path], _child_env(workdir))
@@ -167,105 +188,132 @@ def _count_own_tasks() -> int:
 
 
 def _libc():
+    if not sys.platform.startswith("linux"):
+        return None
     try:
         return ctypes.CDLL(None, use_errno=True)
     except OSError:
         return None
 
 
-def _unshare(as_root: bool) -> list[str]:
-    """Enter new network / IPC / mount namespaces where allowed; returns the ones entered."""
-    libc = _libc()
-    if libc is None or not hasattr(libc, "unshare"):
+def _unshare(libc, as_root: bool) -> list[str]:
+    """Enter new network / IPC / mount / pid namespaces where allowed; returns the ones entered.
+
+    Root may create them directly; other users need an unprivileged user namespace first
+    (mapping their own uid only), which many kernels allow and many containers forbid.
+    """
+    if libc is None:
         return []
-    names = {CLONE_NEWNET: "network-namespace", CLONE_NEWIPC: "ipc-namespace", CLONE_NEWNS: "mount-namespace"}
-    wanted = CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWNS
-    if not as_root:  # an unprivileged user namespace makes the others possible without root
+    wanted = 0
+    for flag in NAMESPACES:
+        wanted |= flag
+    if not as_root:
         uid, gid = os.getuid(), os.getgid()
         if libc.unshare(CLONE_NEWUSER | wanted) != 0:
             return []
         for path, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
             with open(f"/proc/self/{path}", "w") as handle:
                 handle.write(text)
-        return ["user-namespace"] + list(names.values())
+        return ["user-namespace", *NAMESPACES.values()]
     if libc.unshare(wanted) == 0:
-        return list(names.values())
-    return [name for flag, name in names.items() if libc.unshare(flag) == 0]
+        return list(NAMESPACES.values())
+    return [name for flag, name in NAMESPACES.items() if libc.unshare(flag) == 0]
 
 
-def _mount_private_tmp(disk_mb: int) -> None:
-    libc = _libc()
+def _mount_private_dirs(libc, disk_mb: int, new_proc: bool) -> list[str]:
+    """Fresh size-limited tmpfs on every world-writable dir; a /proc showing only the sandbox."""
 
     def mount(source, target, fstype, flags, data):
-        args = [None if v is None else v.encode() for v in (source, target, fstype)]
-        if libc.mount(*args, ctypes.c_ulong(flags), None if data is None else data.encode()) != 0:
+        args = [None if v is None else v.encode() for v in (source, target, fstype, data)]
+        if libc.mount(args[0], args[1], args[2], ctypes.c_ulong(flags), args[3]) != 0:
             errno = ctypes.get_errno()
             raise OSError(errno, f"mount {target}: {os.strerror(errno)}")
 
-    mount(None, "/", None, MS_REC | MS_PRIVATE, None)  # nothing we mount leaks to the host
+    mount(None, "/", None, MS_REC | MS_PRIVATE, None)  # nothing mounted here propagates to the host
     for directory in WORLD_WRITABLE_DIRS:
         if os.path.isdir(directory) and not os.path.islink(directory):
             mount("tmpfs", directory, "tmpfs", MS_NOSUID | MS_NODEV, f"size={disk_mb}m,mode=1777")
+    applied = ["private-tmpfs"]
+    if new_proc:
+        try:  # refused in containers that mask parts of /proc; the pid namespace still holds
+            mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+            applied.append("private-proc")
+        except OSError:
+            pass
+    return applied
 
 
-def _seccomp_filter():
-    """BPF program: socket() only for AF_UNIX, no io_uring; everything else allowed."""
-    machine = os.uname().machine.lower()
-    arch = {"x86_64": (0xC000003E, 41), "amd64": (0xC000003E, 41), "aarch64": (0xC00000B7, 198),
-            "arm64": (0xC00000B7, 198)}.get(machine)
-    if arch is None:
+def _seccomp_filter() -> bytes | None:
+    """Classic-BPF seccomp program, or None on an architecture it does not know.
+
+    Refused with EPERM: ``socket()`` for any family but AF_UNIX (no network even without a
+    network namespace), ``io_uring_setup`` (could open sockets behind the filter's back),
+    ``prctl(PR_SET_PDEATHSIG)`` (would let pid 1 outlive the launcher) and x32 syscalls;
+    a foreign ABI (e.g. 32-bit ``int 0x80``) kills the process.
+    """
+    numbers = {  # machine -> (AUDIT_ARCH, socket, prctl); io_uring_setup is 425 on both
+        "x86_64": (0xC000003E, 41, 157),
+        "amd64": (0xC000003E, 41, 157),
+        "aarch64": (0xC00000B7, 198, 167),
+        "arm64": (0xC00000B7, 198, 167),
+    }.get(os.uname().machine.lower())
+    if numbers is None:
         return None
-    audit_arch, nr_socket = arch
-    nr_io_uring_setup, af_unix = 425, 1
-    ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06
-    allow, deny, kill = 0x7FFF0000, 0x00050000 | 1, 0x80000000  # ERRNO(EPERM)
-    allow_at, deny_at = 9, 10  # indexes of the two final returns; jumps are relative (pc + 1 + offset)
+    audit_arch, nr_socket, nr_prctl = numbers
+    ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JGE|K, BPF_RET|K
+    allow, deny, kill = 0x7FFF0000, 0x00050000 | 1, 0x80000000  # ALLOW, ERRNO(EPERM), KILL_PROCESS
+    arch, nr, arg0 = 4, 0, 16  # offsets in struct seccomp_data (arg0: its low 32 bits)
+    # (code, jump-if-true, jump-if-false, k); jumps name a label, resolved to relative offsets.
     program = [
-        (ld, 0, 0, 4),  # 0: A = seccomp_data.arch
-        (jeq, 1, 0, audit_arch),  # 1
-        (ret, 0, 0, kill),  # 2: foreign ABI (e.g. 32-bit int 0x80): kill the process
-        (ld, 0, 0, 0),  # 3: A = seccomp_data.nr
-        (jge, deny_at - 5, 0, 0x40000000),  # 4: x32 ABI syscall numbers
-        (jeq, deny_at - 6, 0, nr_io_uring_setup),  # 5
-        (jeq, 0, allow_at - 7, nr_socket),  # 6
-        (ld, 0, 0, 16),  # 7: A = low 32 bits of args[0] (the address family)
-        (jeq, allow_at - 9, deny_at - 9, af_unix),  # 8
-        (ret, 0, 0, allow),  # 9
-        (ret, 0, 0, deny),  # 10
+        (ld, 0, 0, arch),
+        (jeq, "native", "kill", audit_arch),
+        ("kill", ret, 0, 0, kill),
+        ("native", ld, 0, 0, nr),
+        (jge, "deny", 0, 0x40000000),  # x32 ABI
+        (jeq, "deny", 0, 425),  # io_uring_setup
+        (jeq, "prctl", 0, nr_prctl),
+        (jeq, 0, "allow", nr_socket),
+        (ld, 0, 0, arg0),
+        (jeq, "allow", "deny", 1),  # AF_UNIX
+        ("prctl", ld, 0, 0, arg0),
+        (jeq, "deny", "allow", PR_SET_PDEATHSIG),
+        ("allow", ret, 0, 0, allow),
+        ("deny", ret, 0, 0, deny),
     ]
-    return b"".join(struct.pack("=HBBI", *instruction) for instruction in program)
+    labels = {ins[0]: i for i, ins in enumerate(program) if isinstance(ins[0], str)}
+    code = b""
+    for i, ins in enumerate(program):
+        op, jt, jf, k = ins[1:] if isinstance(ins[0], str) else ins
+        jt, jf = (labels[j] - i - 1 if isinstance(j, str) else j for j in (jt, jf))
+        code += struct.pack("=HBBI", op, jt, jf, k)
+    return code
 
 
-def _restrict_syscalls() -> list[str]:
-    libc = _libc()
-    if libc is None or not sys.platform.startswith("linux"):
+def _restrict_syscalls(libc) -> list[str]:
+    """no_new_privs (set-uid binaries cannot raise privileges) and the seccomp filter."""
+    if libc is None or libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         return []
-    applied = []
-    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0:
-        applied.append("no-new-privs")
-    else:
-        return applied
     code = _seccomp_filter()
     if code is None:
-        return applied
-    count = len(code) // 8
+        return ["no-new-privs"]
     buffer = ctypes.create_string_buffer(code, len(code))
 
     class SockFprog(ctypes.Structure):
         _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
-    fprog = SockFprog(count, ctypes.addressof(buffer))
-    if libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) == 0:
-        applied.append("seccomp-no-network-sockets")
-    return applied
+    fprog = SockFprog(len(code) // 8, ctypes.addressof(buffer))
+    if libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
+        return ["no-new-privs"]
+    return ["no-new-privs", "seccomp"]
 
 
 def _reap(uid: int) -> None:
+    """Run as root by the parent: become ``uid`` and kill all of its processes."""
     os.setgroups([])
     os.setgid(uid)
     os.setuid(uid)
     try:
-        os.kill(-1, 9)  # SIGKILL to every process of this uid except ourselves
+        os.kill(-1, SIGKILL)  # every process of this uid except ourselves
     except ProcessLookupError:
         pass
 
@@ -310,6 +358,14 @@ from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 
 _UID_RANGE = (1_000_000, 2_000_000_000)  # throw-away uids when running as root
+# Uncaught errors (last line of stderr) that mean a sandbox limit was hit, not a wrong program.
+RESOURCE_ERRORS = (
+    ("MemoryError", "memory limit ({memory_mb} MiB)"),
+    ("[Errno 27] File too large", "file size limit ({max_file_bytes} bytes)"),
+    ("[Errno 28] No space left on device", "disk limit ({disk_mb} MiB tmpfs)"),
+    ("can't start new thread", "process/thread limit ({max_processes})"),
+    ("[Errno 11] Resource temporarily unavailable", "process/thread limit ({max_processes})"),
+)
 
 
 class SandboxError(RuntimeError):
@@ -587,6 +643,8 @@ def _classify(returncode: int, captured: dict, duration: float, limits: dict) ->
     stdout = captured["stdout"].decode("utf-8", "replace")
     stderr = captured["stderr"].decode("utf-8", "replace")
     launcher = captured["launcher"]
+    if "exit" in launcher:  # the program ran as pid 1 of a namespace; the launcher relayed its status
+        returncode = int(launcher["exit"])
     isolation = tuple(filter(None, launcher.get("ready", "").split(",")))
 
     def result(status, reason):
@@ -605,16 +663,18 @@ def _classify(returncode: int, captured: dict, duration: float, limits: dict) ->
     if returncode < 0:
         sig = -returncode
         name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else f"signal {sig}"
-        if sig == signal.SIGXCPU:
+        cpu_used = float(launcher.get("cpu", 0))
+        if sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu_used >= limits["cpu_seconds"]):
             return result("timeout", f"CPU time limit exceeded ({limits['cpu_seconds']:g}s, {name})")
         if sig == signal.SIGXFSZ:
             return result("crashed", f"file size limit exceeded ({limits['max_file_bytes']} bytes, {name})")
         if sig == signal.SIGKILL:
-            return result("crashed", f"killed by {name} (memory exhausted, CPU hard limit, or killed itself)")
+            return result("crashed", f"killed by {name} (out of memory, or killed itself)")
         return result("crashed", f"killed by {name}")
     last_line = next((line.strip() for line in reversed(stderr.splitlines()) if line.strip()), "")
-    if last_line.startswith("MemoryError"):
-        return result("crashed", f"memory limit exceeded ({limits['memory_mb']} MiB): {last_line}")
+    for marker, limit in RESOURCE_ERRORS:
+        if marker in last_line:
+            return result("crashed", f"{limit.format(**limits)} exceeded: {last_line[:500]}")
     return result("failed", f"exit code {returncode}" + (f": {last_line[:500]}" if last_line else ""))
 
 
