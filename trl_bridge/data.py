@@ -1,0 +1,641 @@
+"""Datasets for BRIDGE: RL prompts with gold answers, and SFT expert traces, in TRL's formats.
+
+Two kinds of rows are produced:
+
+- **RL rows** (for `BridgeTrainer`'s ``train_dataset``): TRL's prompt-only format, ``prompt`` plus the gold
+  ``answer`` column that `trl_bridge.rewards.math_correctness_reward` receives.
+- **SFT rows** (for ``sft_dataset``): TRL's prompt-completion format, ``prompt`` plus a step-by-step ``completion``
+  that ends with ``\\boxed{answer}``. Row ``i`` of the SFT part is the trace for row ``i`` of the RL part.
+
+With ``prompt_style="chat"`` prompts are ``[{"role": "user", "content": ...}]`` and completions
+``[{"role": "assistant", "content": ...}]`` (TRL's conversational format; the model's chat template is applied by
+TRL); with ``"plain"`` both are strings. Either way the question is followed by the paper's instruction
+`REASONING_INSTRUCTION`.
+
+Sources:
+
+- `make_arithmetic_task`: seeded multi-step arithmetic word problems generated on the fly (the default task: easy
+  enough that a 135M model visibly improves in minutes on CPU; knobs make it harder).
+- `load_gsm8k`, `load_math`, `load_math_level3to5`: the benchmark files under the shared data folder
+  (`benchmarks_dir()`), or other paths / Hub names.
+- `load_dataset_spec`: one entry point for the CLI: ``builtin:<name>``, a local jsonl/json/parquet/csv file or
+  folder, or a Hub dataset name, with an optional column mapping; the result is validated.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from datasets import Dataset, DatasetDict, load_dataset
+
+from .grading import extract_boxed
+
+logger = logging.getLogger(__name__)
+
+#: The instruction appended to every question (the prompt used in the BRIDGE paper).
+REASONING_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+PROMPT_STYLES = ("chat", "plain")
+LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+SFT_FORMATS = "'prompt' + 'completion', 'messages', or 'text'"
+
+__all__ = [
+    "REASONING_INSTRUCTION",
+    "benchmarks_dir",
+    "format_completion",
+    "format_prompt",
+    "gsm8k_gold_answer",
+    "gsm8k_solution_to_trace",
+    "load_dataset_spec",
+    "load_gsm8k",
+    "load_math",
+    "load_math_level3to5",
+    "make_arithmetic_task",
+    "parse_column_map",
+    "validate_rl_dataset",
+    "validate_sft_dataset",
+]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Prompt / completion formatting
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _check_prompt_style(prompt_style: str) -> None:
+    if prompt_style not in PROMPT_STYLES:
+        raise ValueError(f"prompt_style must be one of {PROMPT_STYLES}, got {prompt_style!r}")
+
+
+def format_prompt(question: str, prompt_style: str = "chat", instruction: str | None = REASONING_INSTRUCTION):
+    """The question plus `instruction`, as a one-message user conversation (``"chat"``) or a string (``"plain"``).
+
+    Plain prompts end with a newline so that a completion can follow directly.
+    """
+    _check_prompt_style(prompt_style)
+    text = f"{question.strip()}\n{instruction}" if instruction else question.strip()
+    if prompt_style == "chat":
+        return [{"role": "user", "content": text}]
+    return text + "\n"
+
+
+def format_completion(trace: str, prompt_style: str = "chat"):
+    """A solution trace as an assistant message list (``"chat"``) or a plain string (``"plain"``)."""
+    _check_prompt_style(prompt_style)
+    if prompt_style == "chat":
+        return [{"role": "assistant", "content": trace}]
+    return trace
+
+
+def _rl_and_sft(questions, answers, traces, prompt_style: str, instruction: str | None) -> DatasetDict:
+    prompts = [format_prompt(q, prompt_style, instruction) for q in questions]
+    parts = {"rl": Dataset.from_dict({"prompt": prompts, "answer": list(answers)})}
+    if traces is not None:
+        completions = [format_completion(t, prompt_style) for t in traces]
+        parts["sft"] = Dataset.from_dict({"prompt": prompts, "completion": completions})
+    return DatasetDict(parts)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Built-in arithmetic word problems
+# --------------------------------------------------------------------------------------------------------------------
+
+_PEOPLE = [
+    ("Tom", "he"), ("Mia", "she"), ("Sam", "he"), ("Lily", "she"), ("Ben", "he"), ("Emma", "she"),
+    ("Leo", "he"), ("Zoe", "she"), ("Max", "he"), ("Anna", "she"), ("Jack", "he"), ("Ella", "she"),
+]  # fmt: skip
+_ITEMS = ["apples", "books", "marbles", "stickers", "coins", "pencils", "cards", "shells", "toys", "cookies"]
+_STEP_PHRASES = {
+    "+": ["{pronoun} buys {n} more {item}", "{pronoun} finds {n} more {item}", "{pronoun} gets {n} more {item}"],
+    "-": ["{pronoun} gives away {n} {item}", "{pronoun} loses {n} {item}", "{pronoun} sells {n} {item}"],
+    "*": ["{pronoun} ends up with {n} times as many {item}"],
+}
+ARITHMETIC_OPERATIONS = tuple(_STEP_PHRASES)
+
+
+def _apply(value: int, op: str, n: int) -> int:
+    return value + n if op == "+" else value - n if op == "-" else value * n
+
+
+def _random_arithmetic(rng: random.Random, num_steps, max_operand: int, operations, max_multiplier: int):
+    """A random start value and list of ``(op, n)`` steps whose running value never goes negative."""
+    start = value = rng.randint(1, max_operand)
+    steps = []
+    for _ in range(rng.randint(*num_steps)):
+        op = rng.choice(operations)
+        if op == "-" and value == 0:
+            op = "+" if "+" in operations else "*"
+        if op == "*":
+            n = rng.randint(2, max_multiplier)
+        else:
+            n = rng.randint(1, min(value, max_operand) if op == "-" else max_operand)
+        steps.append((op, n))
+        value = _apply(value, op, n)
+    return start, tuple(steps)
+
+
+def _word_problem(rng: random.Random, start: int, steps) -> tuple[str, str, int]:
+    """Question text, step-by-step trace ending in ``\\boxed{}``, and answer for one start value + steps."""
+    name, pronoun = rng.choice(_PEOPLE)
+    item = rng.choice(_ITEMS)
+    sentences = [f"{name} has {start} {item}."]
+    lines, value = [], start
+    for op, n in steps:
+        phrase = rng.choice(_STEP_PHRASES[op]).format(pronoun=pronoun, n=n, item=item)
+        sentences.append(f"Then {phrase}.")
+        result = _apply(value, op, n)
+        lines.append(f"{value} {op} {n} = {result}")
+        value = result
+    sentences.append(f"How many {item} does {name} have now?")
+    lines.append(f"The answer is \\boxed{{{value}}}.")
+    return " ".join(sentences), "\n".join(lines), value
+
+
+def make_arithmetic_task(
+    num_train: int = 1000,
+    num_test: int = 200,
+    num_steps: int | tuple[int, int] = (1, 2),
+    max_operand: int = 10,
+    operations: Sequence[str] = ("+", "-"),
+    max_multiplier: int = 3,
+    seed: int = 0,
+    prompt_style: str = "chat",
+    instruction: str | None = REASONING_INSTRUCTION,
+) -> DatasetDict:
+    """Seeded multi-step arithmetic word problems with verifiable integer answers.
+
+    Example (2 steps): "Mia has 7 stickers. Then she gives away 3 stickers. Then she buys 5 more stickers. How many
+    stickers does Mia have now?" with the trace ``"7 - 3 = 4\\n4 + 5 = 9\\nThe answer is \\boxed{9}."``.
+
+    Difficulty knobs: `num_steps` (an int or an inclusive ``(min, max)`` range), `max_operand` (start value and
+    added/subtracted amounts are in ``1..max_operand``), `operations` (any of ``"+"``, ``"-"``, ``"*"``; ``"*"``
+    multiplies by ``2..max_multiplier``). Answers are never negative. The defaults (1-2 steps of +/- with numbers
+    up to 10) are meant for a 135M model trained for minutes on CPU.
+
+    Returns a `DatasetDict` with ``"rl"`` (train prompts + gold ``answer``), ``"sft"`` (the same train prompts with
+    the step-by-step trace as ``completion``, row-aligned with ``"rl"``) and ``"test"`` (held-out prompts + gold
+    ``answer``). Each problem's arithmetic (start value and steps) is unique, so no test problem repeats a train one.
+    """
+    _check_prompt_style(prompt_style)
+    for name, value in (("num_train", num_train), ("num_test", num_test), ("max_operand", max_operand)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name != "num_test" else 0):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if isinstance(num_steps, int):
+        num_steps = (num_steps, num_steps)
+    num_steps = tuple(num_steps)
+    if len(num_steps) != 2 or not 1 <= num_steps[0] <= num_steps[1]:
+        raise ValueError(f"num_steps must be an int >= 1 or a (min, max) range with 1 <= min <= max, got {num_steps}")
+    operations = tuple(operations)
+    unknown = [op for op in operations if op not in ARITHMETIC_OPERATIONS]
+    if not operations or unknown:
+        raise ValueError(f"operations must be a non-empty subset of {ARITHMETIC_OPERATIONS}, got {operations}")
+    if operations == ("-",):
+        raise ValueError("operations=('-',) alone cannot keep answers non-negative; add '+' or '*'")
+    if "*" in operations and max_multiplier < 2:
+        raise ValueError(f"max_multiplier must be >= 2 when '*' is used, got {max_multiplier}")
+
+    rng = random.Random(seed)
+    wanted = num_train + num_test
+    seen: set = set()
+    questions, traces, answers = [], [], []
+    for _ in range(50 * wanted + 1000):
+        if len(questions) == wanted:
+            break
+        start, steps = _random_arithmetic(rng, num_steps, max_operand, operations, max_multiplier)
+        if (start, steps) in seen:
+            continue
+        seen.add((start, steps))
+        question, trace, answer = _word_problem(rng, start, steps)
+        questions.append(question)
+        traces.append(trace)
+        answers.append(str(answer))
+    if len(questions) < wanted:
+        raise ValueError(
+            f"cannot generate {wanted} distinct problems with num_steps={num_steps}, max_operand={max_operand}, "
+            f"operations={operations}; lower num_train/num_test or widen the knobs"
+        )
+
+    train = _rl_and_sft(questions[:num_train], answers[:num_train], traces[:num_train], prompt_style, instruction)
+    test = _rl_and_sft(questions[num_train:], answers[num_train:], None, prompt_style, instruction)
+    return DatasetDict({"rl": train["rl"], "sft": train["sft"], "test": test["rl"]})
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Benchmark files (GSM8K, MATH)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def benchmarks_dir() -> Path:
+    """Folder with the shared benchmark files: ``$TRL_BRIDGE_DATA_DIR`` or ``<repo>/../shared/benchmarks``."""
+    env = os.environ.get("TRL_BRIDGE_DATA_DIR")
+    return Path(env).expanduser() if env else Path(__file__).resolve().parents[2] / "shared" / "benchmarks"
+
+
+def _load_source(path_or_name: str | os.PathLike | None, default_files: Mapping[str, str], split: str, **hub_kwargs):
+    """Load one split from the shared files (``None``), a local file/folder, or a Hub dataset name."""
+    if path_or_name is None:
+        if split not in default_files:
+            raise ValueError(f"split must be one of {sorted(default_files)} for the shared files, got {split!r}")
+        path_or_name = benchmarks_dir() / default_files[split]
+        if not path_or_name.is_file():
+            raise FileNotFoundError(
+                f"benchmark file {path_or_name} not found; set TRL_BRIDGE_DATA_DIR to the folder holding "
+                f"{default_files[split]!r} or pass a path"
+            )
+    return _load_raw(path_or_name, split=split, **hub_kwargs)
+
+
+def _limit(ds: Dataset, limit: int | None) -> Dataset:
+    if limit is None:
+        return ds
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
+    return ds.select(range(min(limit, len(ds))))
+
+
+def _require_columns(ds: Dataset, columns: Sequence[str], what: str) -> None:
+    missing = [c for c in columns if c not in ds.column_names]
+    if missing:
+        raise ValueError(f"{what} is missing column(s) {missing}; found columns {ds.column_names}")
+
+
+_CALCULATOR_RE = re.compile(r"<<[^<>]*>>")
+_GSM8K_FINAL_RE = re.compile(r"\n?####\s*(.+?)\s*$", re.S)
+
+
+def gsm8k_gold_answer(solution: str) -> str:
+    """The number after ``#### `` in a GSM8K answer, thousands separators removed (``"1,080"`` -> ``"1080"``)."""
+    match = _GSM8K_FINAL_RE.search(solution)
+    if not match:
+        raise ValueError(f"GSM8K 'answer' has no final '#### <number>' line: {solution[-80:]!r}")
+    return match.group(1).replace(",", "").strip()
+
+
+def gsm8k_solution_to_trace(solution: str) -> str:
+    """A GSM8K worked answer as a trace: calculator annotations ``<<48/2=24>>`` removed, ``#### N`` -> ``\\boxed{N}``."""
+    answer = gsm8k_gold_answer(solution)
+    body = _CALCULATOR_RE.sub("", _GSM8K_FINAL_RE.sub("", solution)).strip()
+    return f"{body}\nThe answer is \\boxed{{{answer}}}."
+
+
+def load_gsm8k(
+    path_or_name: str | os.PathLike | None = None,
+    split: str = "train",
+    prompt_style: str = "chat",
+    limit: int | None = None,
+    instruction: str | None = REASONING_INSTRUCTION,
+) -> DatasetDict:
+    """GSM8K as RL rows (prompt + gold ``answer``) and SFT rows (prompt + worked solution ending in ``\\boxed{}``).
+
+    `path_or_name`: ``None`` for the shared ``gsm8k/{train,test}.jsonl``, a local file or folder with
+    ``question``/``answer`` columns, or a Hub name such as ``"openai/gsm8k"`` (config ``"main"``).
+    Returns a `DatasetDict` with ``"rl"`` and ``"sft"`` (row-aligned); `limit` keeps the first rows.
+    """
+    _check_prompt_style(prompt_style)
+    hub_kwargs = {"name": "main"} if path_or_name is not None and _is_hub_name(path_or_name) else {}
+    raw = _load_source(path_or_name, {"train": "gsm8k/train.jsonl", "test": "gsm8k/test.jsonl"}, split, **hub_kwargs)
+    _require_columns(raw, ["question", "answer"], "GSM8K data")
+    raw = _limit(raw, limit)
+    return _rl_and_sft(
+        raw["question"],
+        [gsm8k_gold_answer(s) for s in raw["answer"]],
+        [gsm8k_solution_to_trace(s) for s in raw["answer"]],
+        prompt_style,
+        instruction,
+    )
+
+
+def load_math(
+    path_or_name: str | os.PathLike | None = None,
+    split: str = "train",
+    prompt_style: str = "chat",
+    limit: int | None = None,
+    instruction: str | None = REASONING_INSTRUCTION,
+) -> DatasetDict:
+    """MATH as RL rows (prompt + gold ``answer``) and SFT rows (prompt + the reference solution as completion).
+
+    `path_or_name`: ``None`` for the shared files (``split="train"``: ``math/train.jsonl``, the 7500 MATH train
+    problems; ``split="test"``: ``math500/test.jsonl``, MATH-500), a local file/folder or a Hub name, with
+    ``problem`` and ``solution`` columns. The gold answer is the ``answer`` column when present, else the last
+    ``\\boxed{}`` of the solution; rows with neither are dropped (the number dropped is logged as a warning).
+    `limit` applies after dropping.
+    """
+    _check_prompt_style(prompt_style)
+    raw = _load_source(path_or_name, {"train": "math/train.jsonl", "test": "math500/test.jsonl"}, split)
+    _require_columns(raw, ["problem", "solution"], "MATH data")
+    golds = raw["answer"] if "answer" in raw.column_names else [None] * len(raw)
+    golds = [gold if gold not in (None, "") else extract_boxed(sol) for gold, sol in zip(golds, raw["solution"])]
+    keep = [i for i, gold in enumerate(golds) if gold not in (None, "")]
+    if len(keep) < len(raw):
+        logger.warning("MATH: dropped %d of %d rows that have no final answer", len(raw) - len(keep), len(raw))
+    if not keep:
+        raise ValueError("MATH data has no row with an 'answer' or a \\boxed{} answer in 'solution'")
+    raw = _limit(raw.select(keep), limit)
+    golds = [golds[i] for i in keep][: len(raw)]
+    return _rl_and_sft(raw["problem"], golds, raw["solution"], prompt_style, instruction)
+
+
+def load_math_level3to5(
+    path_or_name: str | os.PathLike | None = None,
+    prompt_style: str = "chat",
+    limit: int | None = None,
+) -> DatasetDict:
+    """The paper's MATH level 3-5 training prompts (verl format, 8521 rows): RL rows only (there are no solutions).
+
+    The stored user message already asks for a ``\\boxed{}`` answer, so it is used as is; the gold answer is
+    ``reward_model.ground_truth``. Returns a `DatasetDict` with only ``"rl"``.
+    """
+    _check_prompt_style(prompt_style)
+    raw = _load_source(path_or_name, {"train": "math_level3to5/train.jsonl"}, "train")
+    _require_columns(raw, ["prompt", "reward_model"], "MATH level 3-5 data")
+    raw = _limit(raw, limit)
+    questions = [_last_user_content(messages) for messages in raw["prompt"]]
+    answers = [str(reward["ground_truth"]) for reward in raw["reward_model"]]
+    return _rl_and_sft(questions, answers, None, prompt_style, instruction=None)
+
+
+def _last_user_content(messages) -> str:
+    users = [m["content"] for m in messages if m.get("role") == "user"]
+    if not users:
+        raise ValueError(f"'prompt' has no user message: {messages!r}")
+    return users[-1]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Generic loading: builtin names, local files and folders, Hub names
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _looks_local(path_or_name: str | os.PathLike) -> bool:
+    text = os.fspath(path_or_name)
+    return (
+        isinstance(path_or_name, os.PathLike)
+        or Path(text).exists()
+        or text.startswith((".", "/", "~"))
+        or Path(text).suffix.lower() in LOCAL_FORMATS
+    )
+
+
+def _is_hub_name(path_or_name: str | os.PathLike) -> bool:
+    return not _looks_local(path_or_name)
+
+
+def _local_format(path: Path) -> str:
+    fmt = LOCAL_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"unsupported data file {path}: use one of {sorted(LOCAL_FORMATS)}")
+    return fmt
+
+
+def _load_raw(path_or_name: str | os.PathLike, split: str = "train", **hub_kwargs) -> Dataset:
+    """Load one split of a local file (any split name reads the whole file), a local folder, or a Hub dataset.
+
+    In a folder, ``<split>.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` is read when present; otherwise
+    `datasets.load_dataset` infers the splits from the folder's file names.
+    """
+    if _looks_local(path_or_name):
+        path = Path(os.fspath(path_or_name)).expanduser()
+        if path.is_file():
+            return load_dataset(_local_format(path), data_files=str(path), split="train")
+        if path.is_dir():
+            for suffix, fmt in LOCAL_FORMATS.items():
+                candidate = path / f"{split}{suffix}"
+                if candidate.is_file():
+                    return load_dataset(fmt, data_files=str(candidate), split="train")
+            try:
+                return load_dataset(str(path), split=split)
+            except ValueError as exc:
+                raise ValueError(f"cannot read split {split!r} from folder {path}: {exc}") from exc
+        raise FileNotFoundError(f"data file or folder not found: {path}")
+    try:
+        return load_dataset(os.fspath(path_or_name), split=split, **hub_kwargs)
+    except Exception as exc:  # offline mode, unknown repo, missing split... all surface as different types
+        raise FileNotFoundError(
+            f"{os.fspath(path_or_name)!r} is neither a local file/folder nor a loadable Hub dataset "
+            f"(split={split!r}): {exc}"
+        ) from exc
+
+
+def parse_column_map(column_map: str | Mapping[str, str] | None) -> dict[str, str]:
+    """``"question->prompt,answer->answer"`` (or a dict) to ``{"question": "prompt", "answer": "answer"}``.
+
+    Source names may be dotted paths into nested columns, e.g. ``"reward_model.ground_truth->answer"``.
+    """
+    if column_map is None:
+        return {}
+    if isinstance(column_map, Mapping):
+        pairs = list(column_map.items())
+    elif isinstance(column_map, str):
+        pairs = []
+        for item in filter(None, (part.strip() for part in column_map.split(","))):
+            source, arrow, target = item.partition("->")
+            if not arrow or not source.strip() or not target.strip():
+                raise ValueError(f"column_map entry {item!r} must look like 'source->target'")
+            pairs.append((source.strip(), target.strip()))
+    else:
+        raise ValueError(f"column_map must be a dict or a 'source->target,...' string, got {type(column_map).__name__}")
+    mapping = {}
+    for source, target in pairs:
+        if not isinstance(source, str) or not isinstance(target, str):
+            raise ValueError(f"column_map names must be strings, got {source!r} -> {target!r}")
+        mapping[source] = target
+    targets = list(mapping.values())
+    duplicates = sorted({t for t in targets if targets.count(t) > 1})
+    if duplicates:
+        raise ValueError(f"column_map maps several columns onto {duplicates}")
+    return mapping
+
+
+def apply_column_map(ds: Dataset, column_map: str | Mapping[str, str] | None) -> Dataset:
+    """Rename columns per `column_map` (see `parse_column_map`); an existing column with a target's name is replaced."""
+    mapping = parse_column_map(column_map)
+    if not mapping:
+        return ds
+    if any(source not in ds.column_names and "." in source for source in mapping):
+        ds = ds.flatten()
+    missing = [source for source in mapping if source not in ds.column_names]
+    if missing:
+        raise ValueError(f"column_map source column(s) {missing} not in the dataset; found columns {ds.column_names}")
+    replaced = [t for t in mapping.values() if t in ds.column_names and t not in mapping]
+    if replaced:
+        ds = ds.remove_columns(replaced)
+    return ds.rename_columns({source: target for source, target in mapping.items() if source != target})
+
+
+def _format_string_columns(ds: Dataset, prompt_style: str, instruction: str | None) -> Dataset:
+    """Turn raw question strings in ``prompt`` (and answer strings in ``completion``) into `prompt_style` rows."""
+    _check_prompt_style(prompt_style)
+    if not len(ds):
+        return ds
+
+    def convert(row):
+        out = {}
+        if isinstance(row.get("prompt"), str):
+            out["prompt"] = format_prompt(row["prompt"], prompt_style, instruction)
+        if isinstance(row.get("completion"), str):
+            out["completion"] = format_completion(row["completion"], prompt_style)
+        return out
+
+    columns = [c for c in ("prompt", "completion") if c in ds.column_names and isinstance(ds[0][c], str)]
+    return ds.map(convert) if columns else ds
+
+
+BUILTIN_DATASETS = ("arithmetic", "gsm8k", "math", "math_level3to5")
+DATASET_KINDS = ("rl", "sft")
+
+
+def _load_builtin(name, split, kind, prompt_style, limit, instruction, **task_kwargs) -> Dataset:
+    style = prompt_style or "chat"
+    if name == "arithmetic":
+        task = make_arithmetic_task(prompt_style=style, instruction=instruction, **task_kwargs)
+        if split not in ("train", "test"):
+            raise ValueError(f"builtin:arithmetic has splits 'train' and 'test', got {split!r}")
+        if split == "test" and kind == "sft":
+            raise ValueError("builtin:arithmetic has SFT traces only for split 'train'")
+        return _limit(task["test"] if split == "test" else task[kind], limit)
+    unexpected = sorted(set(task_kwargs) - {"path"})
+    if unexpected:
+        raise ValueError(f"builtin:{name} does not take {unexpected}")
+    path = task_kwargs.get("path")
+    if name == "gsm8k":
+        return load_gsm8k(path, split, style, limit, instruction)[kind]
+    if name == "math":
+        return load_math(path, split, style, limit, instruction)[kind]
+    if kind == "sft":
+        raise ValueError("builtin:math_level3to5 has no solutions, so it cannot be an SFT dataset; use builtin:math")
+    if split != "train":
+        raise ValueError(f"builtin:math_level3to5 only has split 'train', got {split!r}")
+    return load_math_level3to5(path, style, limit)["rl"]
+
+
+def load_dataset_spec(
+    spec: str,
+    split: str = "train",
+    column_map: str | Mapping[str, str] | None = None,
+    kind: str = "rl",
+    prompt_style: str | None = None,
+    limit: int | None = None,
+    instruction: str | None = REASONING_INSTRUCTION,
+    required: Sequence[str] | None = None,
+    **task_kwargs,
+) -> Dataset:
+    """Load and validate an RL (``kind="rl"``) or SFT (``kind="sft"``) dataset from a spec string.
+
+    `spec` is one of:
+
+    - ``builtin:arithmetic`` (generated; `task_kwargs` go to `make_arithmetic_task`), ``builtin:gsm8k``,
+      ``builtin:math``, ``builtin:math_level3to5`` (RL only) — read from `benchmarks_dir()` unless
+      ``path=...`` is given. `prompt_style` defaults to ``"chat"``.
+    - a local ``.jsonl``/``.json``/``.parquet``/``.csv`` file, or a folder (``<split>.<ext>`` inside it);
+    - a Hub dataset name (`datasets.load_dataset`, ``name=`` for a config).
+
+    For files and Hub data, `column_map` renames non-standard columns (``"question->prompt,answer->answer"``;
+    dotted sources reach into nested columns), and with `prompt_style` set, string prompts (and string completions)
+    are wrapped in the chat/plain format with `instruction` appended. The result is checked with
+    `validate_rl_dataset` (``required`` columns; default ``("prompt",)``) or `validate_sft_dataset`.
+    """
+    if not isinstance(spec, (str, os.PathLike)) or not os.fspath(spec).strip():
+        raise ValueError(f"dataset spec must be a non-empty string, got {spec!r}")
+    if kind not in DATASET_KINDS:
+        raise ValueError(f"kind must be one of {DATASET_KINDS}, got {kind!r}")
+    spec = os.fspath(spec).strip()
+    if spec.startswith("builtin:"):
+        name = spec.removeprefix("builtin:")
+        if name not in BUILTIN_DATASETS:
+            raise ValueError(f"unknown builtin dataset {spec!r}; choose from {[f'builtin:{n}' for n in BUILTIN_DATASETS]}")
+        if column_map:
+            raise ValueError(f"column_map does not apply to builtin datasets ({spec!r} already has standard columns)")
+        ds = _load_builtin(name, split, kind, prompt_style, limit, instruction, **task_kwargs)
+    else:
+        ds = apply_column_map(_load_raw(spec, split=split, **task_kwargs), column_map)
+        if prompt_style is not None:
+            ds = _format_string_columns(ds, prompt_style, instruction)
+        ds = _limit(ds, limit)
+    if kind == "sft":
+        return validate_sft_dataset(ds, name=f"SFT dataset {spec!r}")
+    return validate_rl_dataset(ds, required=required or ("prompt",), name=f"RL dataset {spec!r}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _value_kind(value) -> str | None:
+    """``"text"`` for a string, ``"messages"`` for a non-empty list of {role, content} dicts, else ``None``."""
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, (list, tuple)) and value and all(
+        isinstance(m, Mapping) and "role" in m and "content" in m for m in value
+    ):
+        return "messages"
+    return None
+
+
+def _describe(value) -> str:
+    return f"{type(value).__name__} {value!r}"[:120]
+
+
+def _check_dataset(ds, name: str) -> None:
+    if isinstance(ds, DatasetDict):
+        raise ValueError(f"{name} is a DatasetDict with splits {list(ds)}; pass one split, e.g. ds['train']")
+    if not isinstance(ds, Dataset):
+        raise ValueError(f"{name} must be a datasets.Dataset, got {type(ds).__name__}")
+    if len(ds) == 0:
+        raise ValueError(f"{name} is empty (0 rows)")
+
+
+def validate_rl_dataset(ds: Dataset, required: Sequence[str] = ("prompt",), name: str = "RL dataset") -> Dataset:
+    """Check an RL dataset for TRL's GRPO: a non-empty `Dataset` with the `required` columns, and a ``prompt`` that
+    is a string or a list of ``{"role", "content"}`` messages (checked on the first row). Returns `ds`.
+
+    Raises ``ValueError`` naming the missing column, the empty dataset or the wrong type.
+    """
+    _check_dataset(ds, name)
+    _require_columns(ds, list(required), name)
+    if "prompt" in ds.column_names and _value_kind(ds[0]["prompt"]) is None:
+        raise ValueError(
+            f"{name}: column 'prompt' must hold strings or lists of {{'role', 'content'}} messages, "
+            f"got {_describe(ds[0]['prompt'])}"
+        )
+    return ds
+
+
+def validate_sft_dataset(ds: Dataset, name: str = "SFT dataset") -> Dataset:
+    """Check an SFT dataset is in one of TRL's SFT formats: ``prompt`` + ``completion`` (both strings or both
+    message lists), ``messages`` (a conversation), or ``text`` (a string); checked on the first row. Returns `ds`.
+
+    Raises ``ValueError`` naming the missing column, the empty dataset or the wrong type.
+    """
+    _check_dataset(ds, name)
+    columns, row = ds.column_names, ds[0]
+    if "prompt" in columns or "completion" in columns:
+        _require_columns(ds, ["prompt", "completion"], f"{name} (prompt-completion format)")
+        kinds = {c: _value_kind(row[c]) for c in ("prompt", "completion")}
+        for column, found in kinds.items():
+            if found is None:
+                raise ValueError(
+                    f"{name}: column {column!r} must hold a string or a list of {{'role', 'content'}} messages, "
+                    f"got {_describe(row[column])}"
+                )
+        if kinds["prompt"] != kinds["completion"]:
+            raise ValueError(
+                f"{name}: 'prompt' is {kinds['prompt']} but 'completion' is {kinds['completion']}; use the same "
+                "format for both (strings, or message lists)"
+            )
+    elif "messages" in columns:
+        if _value_kind(row["messages"]) != "messages":
+            raise ValueError(
+                f"{name}: column 'messages' must hold lists of {{'role', 'content'}} messages, "
+                f"got {_describe(row['messages'])}"
+            )
+    elif "text" in columns:
+        if not isinstance(row["text"], str):
+            raise ValueError(f"{name}: column 'text' must hold strings, got {_describe(row['text'])}")
+    else:
+        raise ValueError(f"{name} must be in a TRL SFT format: {SFT_FORMATS}; found columns {columns}")
+    return ds
