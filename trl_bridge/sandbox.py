@@ -142,7 +142,8 @@ def _launch(config: dict) -> None:
             if "pid-namespace" in isolation:
                 libc.prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0)  # a uid change cleared it
         os.chdir(workdir)
-        isolation += _restrict_syscalls(libc)
+        shares_parent = uid is None and "pid-namespace" not in isolation  # same uid, same pids
+        isolation += _restrict_syscalls(libc, guard_parent=shares_parent)
         report("ready", ",".join(isolation))
         python = config["python"]
         os.execve(python, [python, *PYTHON_FLAGS, program_path], _child_env(workdir))
@@ -243,40 +244,59 @@ def _mount_private_dirs(libc, disk_mb: int, new_proc: bool) -> list[str]:
     return applied
 
 
-def _seccomp_filter() -> bytes | None:
+# Syscall numbers per machine: the AUDIT_ARCH value, then the calls the filter looks at.
+# io_uring_setup (425), pidfd_send_signal (424) and pidfd_getfd (438) are the same on both.
+_SYSCALLS = {
+    "x86_64": dict(arch=0xC000003E, socket=41, prctl=157, kill=62, tkill=200, tgkill=234, rt_sigqueueinfo=129,
+                   rt_tgsigqueueinfo=297, ptrace=101, process_vm_readv=310, process_vm_writev=311, setsid=112,
+                   setpgid=109),
+    "aarch64": dict(arch=0xC00000B7, socket=198, prctl=167, kill=129, tkill=130, tgkill=131, rt_sigqueueinfo=138,
+                    rt_tgsigqueueinfo=240, ptrace=117, process_vm_readv=270, process_vm_writev=271, setsid=157,
+                    setpgid=154),
+}
+_SYSCALLS["amd64"], _SYSCALLS["arm64"] = _SYSCALLS["x86_64"], _SYSCALLS["aarch64"]
+
+
+def _seccomp_filter(guard_parent: bool) -> bytes | None:
     """Classic-BPF seccomp program, or None on an architecture it does not know.
 
     Refused with EPERM: ``socket()`` for any family but AF_UNIX (no network even without a
     network namespace), ``io_uring_setup`` (could open sockets behind the filter's back),
     ``prctl(PR_SET_PDEATHSIG)`` (would let pid 1 outlive the launcher) and x32 syscalls;
-    a foreign ABI (e.g. 32-bit ``int 0x80``) kills the process.
+    a foreign ABI (e.g. 32-bit ``int 0x80``) kills the process. With `guard_parent` (the
+    program shares the caller's uid and pid namespace) also every signal sent to another
+    process (``kill`` is allowed only for pid 0, its own process group), ``ptrace`` and
+    ``process_vm_*``, which would otherwise reach the caller, and ``setsid`` / ``setpgid``, so
+    that every descendant stays in the process group the caller kills at the end.
     """
-    numbers = {  # machine -> (AUDIT_ARCH, socket, prctl); io_uring_setup is 425 on both
-        "x86_64": (0xC000003E, 41, 157),
-        "amd64": (0xC000003E, 41, 157),
-        "aarch64": (0xC00000B7, 198, 167),
-        "arm64": (0xC00000B7, 198, 167),
-    }.get(os.uname().machine.lower())
+    numbers = _SYSCALLS.get(os.uname().machine.lower())
     if numbers is None:
         return None
-    audit_arch, nr_socket, nr_prctl = numbers
     ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JGE|K, BPF_RET|K
     allow, deny, kill = 0x7FFF0000, 0x00050000 | 1, 0x80000000  # ALLOW, ERRNO(EPERM), KILL_PROCESS
     arch, nr, arg0 = 4, 0, 16  # offsets in struct seccomp_data (arg0: its low 32 bits)
-    # (code, jump-if-true, jump-if-false, k); jumps name a label, resolved to relative offsets.
+    denied = [425]  # io_uring_setup
+    if guard_parent:
+        denied += [424, 438] + [numbers[name] for name in (
+            "tkill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo", "ptrace", "process_vm_readv",
+            "process_vm_writev", "setsid", "setpgid")]
+    # (code, jump-if-true, jump-if-false, k), optionally preceded by a label; jumps may name a label.
     program = [
         (ld, 0, 0, arch),
-        (jeq, "native", "kill", audit_arch),
+        (jeq, "native", "kill", numbers["arch"]),
         ("kill", ret, 0, 0, kill),
         ("native", ld, 0, 0, nr),
         (jge, "deny", 0, 0x40000000),  # x32 ABI
-        (jeq, "deny", 0, 425),  # io_uring_setup
-        (jeq, "prctl", 0, nr_prctl),
-        (jeq, 0, "allow", nr_socket),
+        *[(jeq, "deny", 0, number) for number in denied],
+        (jeq, "prctl", 0, numbers["prctl"]),
+        *([(jeq, "kill_arg", 0, numbers["kill"])] if guard_parent else []),
+        (jeq, 0, "allow", numbers["socket"]),
         (ld, 0, 0, arg0),
         (jeq, "allow", "deny", 1),  # AF_UNIX
         ("prctl", ld, 0, 0, arg0),
         (jeq, "deny", "allow", PR_SET_PDEATHSIG),
+        ("kill_arg", ld, 0, 0, arg0),
+        (jeq, "allow", "deny", 0),  # kill(0, sig): its own process group
         ("allow", ret, 0, 0, allow),
         ("deny", ret, 0, 0, deny),
     ]
@@ -289,11 +309,11 @@ def _seccomp_filter() -> bytes | None:
     return code
 
 
-def _restrict_syscalls(libc) -> list[str]:
+def _restrict_syscalls(libc, guard_parent: bool) -> list[str]:
     """no_new_privs (set-uid binaries cannot raise privileges) and the seccomp filter."""
     if libc is None or libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         return []
-    code = _seccomp_filter()
+    code = _seccomp_filter(guard_parent)
     if code is None:
         return ["no-new-privs"]
     buffer = ctypes.create_string_buffer(code, len(code))
@@ -304,7 +324,7 @@ def _restrict_syscalls(libc) -> list[str]:
     fprog = SockFprog(len(code) // 8, ctypes.addressof(buffer))
     if libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
         return ["no-new-privs"]
-    return ["no-new-privs", "seccomp"]
+    return ["no-new-privs", "seccomp"] + (["seccomp-no-signals"] if guard_parent else [])
 
 
 def _reap(uid: int) -> None:
