@@ -20,6 +20,7 @@ import importlib.util
 import json
 import os
 import re
+import secrets
 from pathlib import Path
 from typing import Sequence
 
@@ -33,6 +34,7 @@ __all__ = [
     "grade_many",
     "load_rows",
     "make_code_execution_reward",
+    "run_tests",
 ]
 
 REQUIRED_FIELDS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
@@ -107,8 +109,9 @@ def extract_code(prompt: str, completion: str, entry_point: str | None = None) -
 
     * A fenced code block (```` ```python ```` or untagged; the one defining `entry_point` if
       several) is taken as the code; an unterminated final fence counts too.
-    * Otherwise, a completion with a top-level ``def`` / ``import`` line is code from that line on,
-      and anything else is a continuation of the prompt (the function body).
+    * Otherwise a completion whose first line is indented continues the prompt (the function
+      body, maybe followed by helpers); one that is not is taken from its first top-level
+      ``def`` / ``class`` / ``import`` line on (prose before it is dropped).
     * The prompt is kept in front when it is Python code (HumanEval's signature + docstring: a
       full definition in the completion simply redefines the stub; helpers and imports stay).
     * Only definitions, imports and constants are kept at top level (no stray prints, asserts or
@@ -127,17 +130,21 @@ def extract_code(prompt: str, completion: str, entry_point: str | None = None) -
     blocks = [body for lang, body in _FENCE.findall(completion) if lang.lower() in ("", "python", "python3", "py")]
     if blocks:
         code = next((b for b in blocks if defines_entry and defines_entry.search(b)), blocks[0])
-        body_only = bool(code.strip()) and code.lstrip("\n")[:1] in (" ", "\t") and not (
-            defines_entry and defines_entry.search(code))
+        body_only = _starts_indented(code) and not (defines_entry and defines_entry.search(code))
         source = _join(prefix, code) if body_only else _join(prefix, code, separate=True)
     else:
         lines = completion.splitlines(keepends=True)
         start = next((i for i, line in enumerate(lines) if _TOP_LEVEL_CODE.match(line)), None)
-        if start is None:
-            source = _join(prefix, completion)  # the body of the prompt's function
+        if start is None or _starts_indented(completion):
+            source = _join(prefix, completion)  # the body of the prompt's function (and maybe helpers)
         else:
             source = _join(prefix, "".join(lines[start:]), separate=True)
     return _keep_definitions(source)
+
+
+def _starts_indented(text: str) -> bool:
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    return first[:1] in (" ", "\t")
 
 
 def _join(prefix: str, code: str, separate: bool = False) -> str:
@@ -192,10 +199,15 @@ def _keep_definitions(source: str) -> str:
 # ----------------------------------------------------------------------------- grading
 
 
-def build_program(code: str, test: str | Sequence[str], entry_point: str | None = None) -> str:
-    """`code` followed by its tests: HumanEval style (``def check(candidate)`` + entry point) or plain asserts."""
+def build_program(code: str, test: str | Sequence[str], entry_point: str | None = None,
+                  marker: str | None = None) -> str:
+    """`code` followed by its tests: HumanEval style (``def check(candidate)`` + entry point) or plain asserts.
+
+    With `marker`, the program prints it as its last act, so that a program that merely exits
+    early with status 0 (``sys.exit(0)`` in the solution) is not counted as passing.
+    """
     if not isinstance(test, str):
-        if not all(isinstance(t, str) for t in test):
+        if isinstance(test, bytes) or not all(isinstance(t, str) for t in test):
             raise TypeError("test must be a string or a list of strings (assert statements)")
         test = "\n".join(test)
     program = f"{code.rstrip()}\n\n\n{test.strip()}\n"
@@ -203,7 +215,27 @@ def build_program(code: str, test: str | Sequence[str], entry_point: str | None 
         if not entry_point.isidentifier():
             raise ValueError(f"entry_point must be a Python identifier, got {entry_point!r}")
         program += f"\n\ncheck({entry_point})\n"
+    if marker is not None:
+        program += f"\n\nprint({marker!r}, flush=True)\n"
     return program
+
+
+def run_tests(codes: Sequence[str], tests: Sequence, entry_points: Sequence[str | None],
+              max_workers: int | None = None, timeout: float = DEFAULT_TIMEOUT, **limits) -> list[dict]:
+    """Run each program with its tests in the sandbox, in parallel.
+
+    Returns ``{"correct", "status", "reason"}`` per program; ``correct`` needs a clean exit *after*
+    the last test (checked with a random marker printed at the very end).
+    """
+    marker = f"trl-bridge-tests-done-{secrets.token_hex(16)}"
+    programs = [build_program(c, t, e, marker) for c, t, e in zip(codes, tests, entry_points, strict=True)]
+    graded = []
+    for result in run_many(programs, max_workers=max_workers, timeout=timeout, **limits):
+        status, reason = result.status, result.reason
+        if result.passed and marker not in result.stdout.splitlines():
+            status, reason = "failed", "exited with status 0 before the tests finished"
+        graded.append({"correct": status == "passed", "status": status, "reason": reason})
+    return graded
 
 
 def grade_many(rows: Sequence[dict], completions: Sequence[str], max_workers: int | None = None,
@@ -218,22 +250,19 @@ def grade_many(rows: Sequence[dict], completions: Sequence[str], max_workers: in
     rows, completions = list(rows), list(completions)
     if len(rows) != len(completions):
         raise ValueError(f"grade_many got {len(rows)} rows but {len(completions)} completions")
-    programs, extracted = [], []
+    extracted = []
     for index, (row, completion) in enumerate(zip(rows, completions)):
         for name in ("test", "entry_point"):
             if not isinstance(row.get(name), str):
                 raise ValueError(f"row {index} ({row.get('id', '?')}): field {name!r} is missing or not a string")
-        prompt = next((row[k] for k in ("prompt", "raw_prompt", "problem") if isinstance(row.get(k), str)), "")
         if not isinstance(completion, str):
             raise TypeError(f"completion {index} must be a str, got {type(completion).__name__}")
-        code = extract_code(prompt, completion, row["entry_point"])
-        extracted.append(code)
-        programs.append(build_program(code, row["test"], row["entry_point"]))
-    results = run_many(programs, max_workers=max_workers, timeout=timeout, **limits)
-    return [
-        {"correct": result.passed, "extracted": code, "status": result.status, "reason": result.reason}
-        for code, result in zip(extracted, results)
-    ]
+        prompt = next((row[k] for k in ("prompt", "raw_prompt", "problem") if isinstance(row.get(k), str)), "")
+        extracted.append(extract_code(prompt, completion, row["entry_point"]))
+    graded = run_tests(extracted, [r["test"] for r in rows], [r["entry_point"] for r in rows],
+                       max_workers=max_workers, timeout=timeout, **limits)
+    return [{"correct": g["correct"], "extracted": code, "status": g["status"], "reason": g["reason"]}
+            for code, g in zip(extracted, graded)]
 
 
 def make_code_execution_reward(timeout: float = DEFAULT_TIMEOUT, max_workers: int | None = None, **limits):
@@ -256,14 +285,12 @@ def make_code_execution_reward(timeout: float = DEFAULT_TIMEOUT, max_workers: in
             raise ValueError(f"code_execution_reward: {n} completions but {len(test)} values in column 'test'")
         entry_points = list(entry_point) if entry_point is not None else [None] * n
         prompt_list = list(prompts) if prompts is not None else [""] * n
-        programs = []
+        codes = []
         for i in range(n):
-            text = _completion_text(completions[i], i)
             prompt = prompt_list[i] if isinstance(prompt_list[i], str) else ""
-            code = extract_code(prompt, text, entry_points[i])
-            programs.append(build_program(code, test[i], entry_points[i]))
-        results = run_many(programs, max_workers=max_workers, timeout=timeout, **limits)
-        return [1.0 if result.passed else 0.0 for result in results]
+            codes.append(extract_code(prompt, _completion_text(completions[i], i), entry_points[i]))
+        graded = run_tests(codes, list(test), entry_points, max_workers=max_workers, timeout=timeout, **limits)
+        return [1.0 if g["correct"] else 0.0 for g in graded]
 
     code_execution_reward.timeout = timeout
     return code_execution_reward
