@@ -38,7 +38,8 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback, get_scheduler
 from transformers.trainer import TRAINING_ARGS_NAME
 from trl import GRPOTrainer
-from trl.trainer.utils import create_model_from_path, disable_dropout_in_model
+from trl.data_utils import is_conversational
+from trl.trainer.utils import add_fused_lm_head, create_model_from_path, disable_dropout_in_model
 
 from .bridge_config import BridgeConfig
 from .export import plain_name, save_merged_model
@@ -146,6 +147,7 @@ class BridgeTrainer(GRPOTrainer):
         if ref_model is not None:
             if args.disable_dropout:
                 disable_dropout_in_model(ref_model)
+            add_fused_lm_head(ref_model, temperature=self.temperature, cast_lm_head_to_fp32=args.cast_lm_head_to_fp32)
             self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
 
         # θ: PEFT froze the base; unfreeze the selected weights.  w: the LoRA parameters.
@@ -171,6 +173,36 @@ class BridgeTrainer(GRPOTrainer):
         self._capture_logps = False
         self._captured_logps = None
         self.add_callback(BridgeCallback(self))
+
+    def train(self, *args, **kwargs):
+        self._check_reward_funcs()
+        return super().train(*args, **kwargs)
+
+    def _check_reward_funcs(self):
+        """Call every reward function once on the first RL row before any step, so a broken one fails early and clearly."""
+        if not isinstance(self.train_dataset, Dataset):
+            return
+        row = self.train_dataset[0]
+        prompt = row["prompt"]
+        probe = "The answer is \\boxed{0}."
+        completion = [{"role": "assistant", "content": probe}] if is_conversational({"prompt": prompt}) else probe
+        extra = {k: [v] for k, v in row.items() if k not in ("prompt", "completion", "completion_ids")}
+        for func, name in zip(self.reward_funcs, self.reward_func_names):
+            if isinstance(func, torch.nn.Module):
+                continue
+            try:
+                out = func(prompts=[prompt], completions=[completion], completion_ids=[[0]], trainer_state=self.state,
+                           log_extra=lambda *a: None, log_metric=lambda *a: None, **extra)
+            except Exception as err:
+                raise RuntimeError(
+                    f"Reward function {name!r} raised {type(err).__name__}: {err} when probed, before training, with the "
+                    f"first RL row (columns passed: {sorted(extra)}). Fix the function or the dataset columns it reads."
+                ) from err
+            if not isinstance(out, (list, tuple)) or len(out) != 1 or not (out[0] is None or isinstance(out[0], (int, float))):
+                raise TypeError(
+                    f"Reward function {name!r} must return a list with one float (or None) per completion; "
+                    f"for one completion it returned {out!r}."
+                )
 
     # ------------------------------------------------------------------------------------------------------------
     # λ and the one-meta-step computation (BRIDGE.md §3)
@@ -203,8 +235,10 @@ class BridgeTrainer(GRPOTrainer):
     def _shadow_backward(self, model, inputs, base_logps, lam):
         """Pass B. §3.3: ∇θ̂ L_RL(θ̂,w) into θ̂'s gradients; last term of §3.4: −λ ∇w L_RL(θ̂,w) into w.grad."""
         shadow_inputs = dict(inputs)
-        # The shadow's PPO ratio is against its own log-probs at sampling time (or its current ones, detached).
-        shadow_inputs["old_per_token_logps"] = inputs.get("shadow_old_per_token_logps")
+        # The shadow's PPO ratio is against its own log-probs at sampling time when GRPOTrainer keeps old log-probs
+        # (num_iterations > 1, ...), else against its current ones, detached (ratio 1), exactly as for θ.
+        if inputs.get("old_per_token_logps") is not None:
+            shadow_inputs["old_per_token_logps"] = inputs["shadow_old_per_token_logps"]
         if self.args.shadow_off_policy == "truncated_is":
             # rollouts come from π(θ+w): re-weight each token by min(π(θ̂+w)/π(θ+w), C), detached (BRIDGE.md §5)
             ratio = torch.exp(inputs["shadow_old_per_token_logps"] - inputs["behaviour_per_token_logps"])
