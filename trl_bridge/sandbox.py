@@ -7,25 +7,26 @@ sandbox interpreter on the program, so nothing of the parent's memory is shared:
 
 * resource limits (``setrlimit``): address space, CPU seconds, file size, open files,
   processes/threads, no core dumps; plus a wall-clock timeout and a cap on captured
-  stdout/stderr, both enforced by the parent, which kills the whole process group;
-* a stripped environment (``PATH``, ``HOME``, ``TMPDIR``, ``LANG`` only) and a private,
-  empty working directory; the interpreter runs with ``-I -S -B`` (no ``PYTHON*``
-  variables, no site-packages, no bytecode writes);
-* when the parent is root: a throw-away user id (random, unused, no groups) so the
-  program cannot write the project tree, read root-only files, read the parent's
-  ``/proc/<pid>/environ`` or signal the parent; every process left with that uid is
-  killed after the run;
-* Linux namespaces where the kernel allows them (root, or unprivileged user namespaces
-  otherwise): a network namespace with no interfaces up, a private IPC namespace, and a
-  mount namespace where ``/tmp``, ``/var/tmp``, ``/dev/shm`` and ``/run/lock`` are fresh,
-  size-limited tmpfs mounts that vanish with the program;
+  stdout/stderr, both enforced by the parent, which then kills everything the program started;
+* a stripped environment (``PATH``, ``HOME``, ``TMPDIR``, ``LANG``, ``LC_ALL`` only), a
+  private, empty working directory and no stdin; the interpreter runs with ``-I -S -B``
+  (no ``PYTHON*`` variables, no site-packages, no bytecode writes);
+* when the parent is root: a throw-away user id (random, unused, no groups) so the program
+  cannot write the project tree, read root-only files or the parent's ``/proc/<pid>/environ``,
+  or signal the parent; every process left with that uid is killed after the run;
+* Linux namespaces where the kernel allows them (root, or an unprivileged user namespace
+  otherwise): network (no interface up), IPC, pid (the program is pid 1: when it ends,
+  everything it started ends) and mount, where ``/tmp``, ``/var/tmp``, ``/dev/shm`` and
+  ``/run/lock`` are fresh size-limited tmpfs mounts and ``/proc`` shows only the sandbox;
 * ``no_new_privs`` (set-uid binaries such as ``su`` cannot raise privileges) and a seccomp
-  filter that refuses ``socket()`` for every family but ``AF_UNIX`` and refuses
-  ``io_uring_setup`` -- this keeps the network closed even where namespaces are not allowed.
+  filter that refuses ``socket()`` for every family but ``AF_UNIX`` -- the network stays
+  closed where namespaces are not allowed -- and, when the program would share the caller's
+  uid and pid namespace, refuses signals, ``ptrace`` and leaving the process group.
 
 ``SandboxResult.isolation`` lists the layers that were actually applied. See
 ``docs/sandbox.md`` for what this does and does not guarantee.
 """
+
 from __future__ import annotations
 
 # The launcher (bottom half of this section) runs this file as a script in every child, so
@@ -39,7 +40,6 @@ import sys
 
 __all__ = ["SandboxError", "SandboxResult", "run_many", "run_python"]
 
-STATUSES = ("passed", "failed", "timeout", "crashed", "error")
 # Directories any user may write to; they get private tmpfs mounts (or are cleaned after the run).
 WORLD_WRITABLE_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
 PYTHON_FLAGS = ("-I", "-S", "-B")  # isolated mode, no site-packages, no .pyc writes
