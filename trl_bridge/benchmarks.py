@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .grading import extract_boxed, format_number, verify_math
+from .grading import extract_boxed, format_number, grade_answer, verify_math
 
 __all__ = [
     "BOXED_INSTRUCTION",
@@ -302,13 +302,6 @@ def _verl_loader(relative_path: str, gold_key: str = "reward_model.ground_truth"
 # graders
 
 
-def _grade_math_one(item: tuple[str, str]) -> tuple[bool, str | None]:
-    from .grading import extract_final_answer
-
-    completion, gold = item
-    return verify_math(completion, gold), extract_final_answer(completion)
-
-
 def grade_math(rows: list[dict], completions: list[str], workers: int | None = None) -> list[dict]:
     """math-verify check of each completion's final answer (last ``\\boxed{}`` preferred) against ``row["gold"]``.
 
@@ -323,9 +316,10 @@ def grade_math(rows: list[dict], completions: list[str], workers: int | None = N
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            results = list(pool.map(_grade_math_one, items, chunksize=max(1, len(items) // (4 * workers))))
+            chunksize = max(1, min(64, len(items) // (8 * workers)))
+            results = list(pool.map(grade_answer, *zip(*items), chunksize=chunksize))
     else:
-        results = [_grade_math_one(item) for item in items]
+        results = [grade_answer(completion, gold) for completion, gold in items]
     return [{"correct": ok, "extracted": extracted} for ok, extracted in results]
 
 

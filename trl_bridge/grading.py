@@ -17,9 +17,9 @@ import logging
 import math
 import re
 import threading
-from functools import lru_cache
+from functools import lru_cache, wraps
 
-__all__ = ["extract_final_answer", "extract_boxed", "verify_math", "math_verify_timeout"]
+__all__ = ["extract_boxed", "extract_final_answer", "format_number", "grade_answer", "math_verify_timeout", "verify_math"]
 
 #: Seconds math-verify may spend parsing / comparing one expression (main thread only).
 TIMEOUT_SECONDS = 5
@@ -93,36 +93,78 @@ def _parse_gold(gold: str, timeout: int | None) -> tuple:
     return tuple(parsed)
 
 
-def _parse_completion(completion: str, timeout: int | None) -> list:
+def _parse_completion(completion: str, timeout: int | None) -> tuple[list, str | None]:
+    """math-verify parse of the completion's final answer, and that answer as text."""
     completion = completion[-MAX_COMPLETION_CHARS:]
     boxed = extract_boxed(completion)
     if boxed is not None:
         parsed = _parse("\\boxed{" + _clean_answer(boxed) + "}", timeout)
         if parsed:
-            return parsed
-    return _parse(completion, timeout)
+            return parsed, boxed
+    parsed = _parse(completion, timeout)
+    if boxed is not None:
+        return parsed, boxed
+    if len(parsed) >= 2 and isinstance(parsed[-1], str):
+        return parsed, parsed[-1].strip()
+    return parsed, (str(parsed[0]) if parsed else None)
 
 
+def _guarded(default):
+    """Run a grading function, turning any error or math-verify timeout into `default` (Ctrl-C still stops)."""
+
+    def wrap(func):
+        @wraps(func)
+        def call(*args):
+            try:
+                return func(*args)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException:  # noqa: BLE001 - math-verify's TimeoutException derives from BaseException
+                return default
+
+        return call
+
+    return wrap
+
+
+@_guarded((False, None))
+def grade_answer(completion: str, gold: str) -> tuple[bool, str | None]:
+    """``(correct, extracted)``: `verify_math`'s verdict and `extract_final_answer`'s text, from one parse.
+
+    Never raises; bad input gives ``(False, None)``.
+    """
+    if isinstance(gold, bool) or not isinstance(gold, (str, int, float)) or not isinstance(completion, str):
+        return False, None
+    if not completion.strip():
+        return False, None
+    from math_verify import verify
+
+    timeout = math_verify_timeout()
+    pred_parsed, extracted = _parse_completion(completion, timeout)
+    if isinstance(gold, float):
+        gold = format_number(gold)
+    gold = str(gold).strip()
+    if not gold or len(gold) > MAX_GOLD_CHARS or not pred_parsed:
+        return False, extracted
+    gold_parsed = list(_parse_gold(gold, timeout))
+    if not gold_parsed:
+        return False, extracted
+    return bool(verify(gold_parsed, pred_parsed, timeout_seconds=timeout)), extracted
+
+
+@_guarded(None)
 def extract_final_answer(completion: str) -> str | None:
     """The final answer written in `completion` as a string, or ``None`` when there is none.
 
     The last ``\\boxed{}`` content when present; otherwise the text math-verify extracts (e.g. after
-    "The final answer is", or the last expression).
+    "The final answer is", or the last expression). Never raises.
     """
     if not isinstance(completion, str) or not completion.strip():
         return None
     boxed = extract_boxed(completion[-MAX_COMPLETION_CHARS:])
     if boxed is not None:
         return boxed
-    try:
-        parsed = _parse_completion(completion, math_verify_timeout())
-    except BaseException as exc:  # noqa: BLE001 - math-verify's TimeoutException derives from BaseException
-        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            raise
-        return None
-    if len(parsed) >= 2 and isinstance(parsed[-1], str):
-        return parsed[-1].strip()
-    return str(parsed[0]) if parsed else None
+    return _parse_completion(completion, math_verify_timeout())[1]
 
 
 def verify_math(completion: str, gold: str) -> bool:
@@ -131,28 +173,7 @@ def verify_math(completion: str, gold: str) -> bool:
     Never raises: non-string input, empty strings, unparsable text and timeouts all give ``False``.
     Numbers given as floats/ints for `gold` (e.g. AMC's ``27.0``) are accepted and formatted first.
     """
-    if isinstance(gold, bool) or not isinstance(gold, (str, int, float)) or not isinstance(completion, str):
-        return False
-    if isinstance(gold, float):
-        gold = format_number(gold)
-    gold = str(gold).strip()
-    if not gold or len(gold) > MAX_GOLD_CHARS or not completion.strip():
-        return False
-    try:
-        from math_verify import verify
-
-        timeout = math_verify_timeout()
-        gold_parsed = list(_parse_gold(gold, timeout))
-        if not gold_parsed:
-            return False
-        pred_parsed = _parse_completion(completion, timeout)
-        if not pred_parsed:
-            return False
-        return bool(verify(gold_parsed, pred_parsed, timeout_seconds=timeout))
-    except BaseException as exc:  # noqa: BLE001 - TimeoutException derives from BaseException
-        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            raise
-        return False
+    return grade_answer(completion, gold)[0]
 
 
 def format_number(value: float) -> str:
