@@ -435,8 +435,7 @@ def _load_humaneval(data_dir: Path | None, limit):
 def _grade_humaneval(rows: list[dict], completions: list[str]) -> list[dict]:
     from . import humaneval
 
-    graded = humaneval.grade_many(rows, completions)
-    return [{"correct": bool(g["correct"]), "extracted": g.get("extracted")} | g for g in graded]
+    return [g | {"correct": bool(g["correct"])} for g in humaneval.grade_many(rows, completions)]
 
 
 # --------------------------------------------------------------------------------------------------------------------

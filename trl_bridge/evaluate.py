@@ -45,6 +45,7 @@ __all__ = [
     "main",
     "parse_per_benchmark",
     "pass_at_k",
+    "sampling_plan",
     "write_outputs",
 ]
 
@@ -283,9 +284,31 @@ def _grade_benchmark(name: str, rows: list[dict], completions: list[list[str]]) 
                 "extracted": grade.get("extracted"),
                 "gold": row["gold"],
                 "correct": bool(grade["correct"]),
+                **{k: v for k, v in grade.items() if k not in ("correct", "extracted")},  # e.g. HumanEval status
             })
         correct.append(per_problem)
     return compute_metrics(correct), records
+
+
+def sampling_plan(benchmarks, samples_per_problem, temperature) -> tuple[list[str], dict, dict]:
+    """Validated ``(benchmark names, samples per benchmark, temperature per benchmark)``.
+
+    Several samples with temperature 0 is rejected: greedy decoding would repeat the same completion.
+    """
+    names = parse_benchmark_list(benchmarks)
+    n_by = parse_per_benchmark(samples_per_problem, names, int, "samples_per_problem")
+    t_by = parse_per_benchmark(temperature, names, float, "temperature")
+    for name in names:
+        if n_by[name] < 1:
+            raise ValueError(f"samples_per_problem: must be >= 1 (got {n_by[name]} for {name})")
+        if t_by[name] < 0:
+            raise ValueError(f"temperature: must be >= 0 (got {t_by[name]} for {name})")
+        if n_by[name] > 1 and t_by[name] == 0:
+            raise ValueError(
+                f"samples_per_problem: {name} asks for {n_by[name]} samples with temperature 0 (greedy decoding "
+                f"gives identical samples); set --temperature > 0 for it, e.g. --temperature 0,{name}=0.6"
+            )
+    return names, n_by, t_by
 
 
 def evaluate(
@@ -307,19 +330,7 @@ def evaluate(
     `tokenizer` is only used for its chat template (may be ``None``). `rows_cache` (a dict) keeps loaded rows
     between calls (the training callback uses it).
     """
-    names = parse_benchmark_list(benchmarks)
-    n_by = parse_per_benchmark(samples_per_problem, names, int, "samples_per_problem")
-    t_by = parse_per_benchmark(temperature, names, float, "temperature")
-    for name in names:
-        if n_by[name] < 1:
-            raise ValueError(f"samples_per_problem: must be >= 1 (got {n_by[name]} for {name})")
-        if t_by[name] < 0:
-            raise ValueError(f"temperature: must be >= 0 (got {t_by[name]} for {name})")
-        if n_by[name] > 1 and t_by[name] == 0:
-            raise ValueError(
-                f"samples_per_problem: {name} asks for {n_by[name]} samples with temperature 0 (greedy decoding gives "
-                f"identical samples); set --temperature > 0 for it, e.g. --temperature 0,{name}=0.6"
-            )
+    names, n_by, t_by = sampling_plan(benchmarks, samples_per_problem, temperature)
     data_path = resolve_data_dir(data_dir)
     log = log or (lambda message: None)
     metrics, records, timing = {}, [], {}
@@ -558,8 +569,8 @@ def run(args: argparse.Namespace) -> EvalResult:
         if not args.model:
             raise ValueError("model: --model is required (or pass --completions FILE.jsonl to grade completions)")
         benchmarks = args.benchmarks or DEFAULT_BENCHMARKS
-        parse_benchmark_list(benchmarks)
-        resolve_data_dir(args.data_dir)  # fail before loading a model
+        sampling_plan(benchmarks, args.samples_per_problem, args.temperature)  # fail before loading a model
+        resolve_data_dir(args.data_dir)
         import torch
         from transformers import set_seed
 
@@ -595,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except (FileNotFoundError, ValueError, KeyError, TypeError, ImportError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         print(f"trl-bridge eval: error: {message}", file=sys.stderr)
         return 2
