@@ -126,7 +126,9 @@ def extract_code(prompt: str, completion: str, entry_point: str | None = None) -
     prefix = prompt if _parses(prompt) else ""
     if entry_point is None:
         entry_point = _last_function_name(prefix)
-    defines_entry = re.compile(rf"^[ \t]*(?:async[ \t]+)?def[ \t]+{re.escape(entry_point)}\b", re.M) if entry_point else None
+    defines_entry = None
+    if entry_point:
+        defines_entry = re.compile(rf"^[ \t]*(?:async[ \t]+)?def[ \t]+{re.escape(entry_point)}\b", re.MULTILINE)
     blocks = [body for lang, body in _FENCE.findall(completion) if lang.lower() in ("", "python", "python3", "py")]
     if blocks:
         code = next((b for b in blocks if defines_entry and defines_entry.search(b)), blocks[0])

@@ -108,7 +108,8 @@ def _launch(config: dict) -> None:
             program = handle.read()
         uid = config["uid"]
         libc = _libc()
-        isolation += _unshare(libc, as_root=uid is not None)
+        if config["namespaces"]:
+            isolation += _unshare(libc, as_root=uid is not None)
         if "pid-namespace" in isolation:
             # The first child becomes pid 1 of the new namespace: when it dies, the kernel kills
             # every process left in there. This process stays outside to report its exit status.
@@ -120,10 +121,14 @@ def _launch(config: dict) -> None:
                 os._exit(0)
             libc.prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0)  # killing the launcher kills the sandbox
             os.setsid()  # a kill(0) from the program must not reach the launcher
+        workdir = None
         if "mount-namespace" in isolation:
-            isolation += _mount_private_dirs(libc, config["disk_mb"], new_proc="pid-namespace" in isolation)
-            workdir = "/tmp/sandbox"
-        else:
+            try:
+                isolation += _mount_private_dirs(libc, config["disk_mb"], new_proc="pid-namespace" in isolation)
+                workdir = "/tmp/sandbox"
+            except OSError:
+                pass  # no private /tmp: fall back to a work dir on the host, cleaned up by the parent
+        if workdir is None:
             os.chmod(config["host_dir"], 0o711)  # traversable, not listable
             workdir = os.path.join(config["host_dir"], "work")
         os.mkdir(workdir, 0o700)
@@ -233,7 +238,11 @@ def _mount_private_dirs(libc, disk_mb: int, new_proc: bool) -> list[str]:
     mount(None, "/", None, MS_REC | MS_PRIVATE, None)  # nothing mounted here propagates to the host
     for directory in WORLD_WRITABLE_DIRS:
         if os.path.isdir(directory) and not os.path.islink(directory):
-            mount("tmpfs", directory, "tmpfs", MS_NOSUID | MS_NODEV, f"size={disk_mb}m,mode=1777")
+            try:
+                mount("tmpfs", directory, "tmpfs", MS_NOSUID | MS_NODEV, f"size={disk_mb}m,mode=1777")
+            except OSError:
+                if directory == "/tmp":  # the work dir lives there; the others are best-effort
+                    raise
     applied = ["private-tmpfs"]
     if new_proc:
         try:  # refused in containers that mask parts of /proc; the pid namespace still holds
@@ -341,7 +350,7 @@ def _reap(uid: int) -> None:
 def _parse_launcher_args(argv: list[str]) -> dict:
     """``key=value`` arguments from the parent (json would cost the launcher an import of ``re``)."""
     config = dict(arg.split("=", 1) for arg in argv)
-    for key in ("status_fd", "memory_mb", "max_processes", "max_file_bytes", "disk_mb", "reap_uid"):
+    for key in ("status_fd", "memory_mb", "max_processes", "max_file_bytes", "disk_mb", "namespaces", "reap_uid"):
         if key in config:
             config[key] = int(config[key])
     config["uid"] = int(config["uid"]) if config.get("uid") else None
@@ -449,7 +458,7 @@ def run_python(
         max_file_bytes=max_file_bytes,
         disk_mb=disk_mb,
     )
-    return _run(code, limits, python or _sandbox_python())
+    return _run(code, limits, *_sandbox_setup(python))
 
 
 def run_many(codes, max_workers: int | None = None, **limits) -> list[SandboxResult]:
@@ -464,8 +473,7 @@ def run_many(codes, max_workers: int | None = None, **limits) -> list[SandboxRes
         raise ValueError(f"max_workers must be a positive integer, got {max_workers!r}")
     if not codes:
         return []
-    if "python" not in limits or limits["python"] is None:
-        limits["python"] = _sandbox_python()  # probe once, not once per thread
+    _sandbox_setup(limits.get("python"))  # probe once here rather than in every thread
     with ThreadPoolExecutor(max_workers=min(max_workers, len(codes))) as pool:
         return list(pool.map(lambda code: run_python(code, **limits), codes))
 
@@ -493,29 +501,34 @@ def _check_limits(**limits) -> dict:
     return limits
 
 
-_python_lock = threading.Lock()
-_python_cache: dict[str, str] = {}
+_setup_lock = threading.Lock()
+_setup_cache: dict[str | None, tuple[str, bool]] = {}
 
 
-def _sandbox_python() -> str:
-    """First interpreter the sandbox user can actually start (probed once per process)."""
-    key = "root" if os.geteuid() == 0 else "user"
-    with _python_lock:
-        if key in _python_cache:
-            return _python_cache[key]
+def _sandbox_setup(python: str | None) -> tuple[str, bool]:
+    """(interpreter, use namespaces): the first interpreter the sandbox user can start, probed once.
+
+    Namespaces are tried first; where they are allowed but unusable (a user namespace without
+    capabilities, a mount refused by a security module...) the sandbox goes on without them.
+    """
+    with _setup_lock:
+        if python in _setup_cache:
+            return _setup_cache[python]
         override = os.environ.get("TRL_BRIDGE_SANDBOX_PYTHON")
-        candidates = [override] if override else _interpreter_candidates()
+        candidates = [python] if python else [override] if override else _interpreter_candidates()
         limits = _check_limits(
             timeout=20.0, memory_mb=512, max_output_bytes=10_000, cpu_seconds=None,
             max_processes=8, max_file_bytes=2**20, disk_mb=1,
         )
         failures = []
-        for candidate in candidates:
-            probe = _run("import sys; print(sys.version_info[0])", limits, candidate)
-            if probe.status == "passed" and probe.stdout.strip() == "3":
-                _python_cache[key] = candidate
-                return candidate
-            failures.append(f"{candidate}: {probe.status} ({probe.reason})")
+        for namespaces in (True, False):
+            for candidate in candidates:
+                probe = _run("import sys; print(sys.version_info[0])", limits, candidate, namespaces)
+                if probe.status == "passed" and probe.stdout.strip() == "3":
+                    _setup_cache[python] = (candidate, namespaces)
+                    return candidate, namespaces
+                failures.append(f"{candidate} ({'with' if namespaces else 'without'} namespaces): "
+                                f"{probe.status}, {probe.reason}")
         raise SandboxError(
             "no Python interpreter can be started by the sandbox user; tried "
             + "; ".join(failures)
@@ -536,7 +549,7 @@ def _interpreter_candidates() -> list[str]:
     return out
 
 
-def _run(code: str, limits: dict, python: str) -> SandboxResult:
+def _run(code: str, limits: dict, python: str, namespaces: bool) -> SandboxResult:
     if not (sys.platform.startswith("linux") or sys.platform == "darwin"):
         raise SandboxError(f"the sandbox needs a POSIX system (Linux recommended), not {sys.platform}")
     as_root = os.geteuid() == 0
@@ -554,6 +567,7 @@ def _run(code: str, limits: dict, python: str) -> SandboxResult:
             program=program_path,
             host_dir=host_dir,
             uid=uid,
+            namespaces=int(namespaces),
             status_fd=status_write,
             **{k: limits[k] for k in ("memory_mb", "cpu_seconds", "max_processes", "max_file_bytes", "disk_mb")},
         )
