@@ -107,8 +107,11 @@ def _launch(config: dict) -> None:
         with open(config["program"], "rb") as handle:
             program = handle.read()
         uid = config["uid"]
+        # RLIMIT_NPROC counts every task of the user: a caller that keeps its uid already has some
+        # (counted here, before a pid namespace would hide them).
+        tasks_already_running = 0 if uid is not None else _count_own_tasks()
         libc = _libc()
-        if config["namespaces"]:
+        if config.get("namespaces", 1):
             isolation += _unshare(libc, as_root=uid is not None)
         if "pid-namespace" in isolation:
             # The first child becomes pid 1 of the new namespace: when it dies, the kernel kills
@@ -135,7 +138,7 @@ def _launch(config: dict) -> None:
         program_path = os.path.join(workdir, "program.py")
         with open(program_path, "wb") as handle:
             handle.write(program)
-        _set_rlimits(config, shared_uid=uid is None)
+        _set_rlimits(config, tasks_already_running)
         isolation.append("rlimits")
         if uid is not None:
             os.chown(workdir, uid, uid)
@@ -157,7 +160,7 @@ def _launch(config: dict) -> None:
         os._exit(LAUNCHER_FAILED)
 
 
-def _set_rlimits(config: dict, shared_uid: bool) -> None:
+def _set_rlimits(config: dict, tasks_already_running: int) -> None:
     memory = config["memory_mb"] * 2**20
     cpu = math.ceil(config["cpu_seconds"])
     limits = {
@@ -168,9 +171,7 @@ def _set_rlimits(config: dict, shared_uid: bool) -> None:
         "RLIMIT_CORE": (0, 0),
         "RLIMIT_NOFILE": (256, 256),
     }
-    processes = config["max_processes"]
-    if shared_uid:  # the limit counts every task of the user, not just the program's
-        processes += _count_own_tasks()
+    processes = config["max_processes"] + tasks_already_running
     limits["RLIMIT_NPROC"] = (processes, processes)
     for name, (soft, hard) in limits.items():
         if hasattr(resource, name):
