@@ -233,6 +233,20 @@ def test_write_outputs_and_table(benchmarks_dir, tmp_path):
     assert "math avg (1 of 5)" in table
 
 
+def test_oracle_option_checks_the_grader(benchmarks_dir, tmp_path, capsys):
+    common = ["--benchmarks", "math500,gsm8k,gpqa_diamond,knights_knaves_4ppl", "--limit", "6",
+              "--data_dir", str(benchmarks_dir)]
+    assert main(["--oracle", "gold", *common, "--output_dir", str(tmp_path / "gold")]) == 0
+    gold = json.loads((tmp_path / "gold" / "summary.json").read_text())
+    assert {name: m["pass@1"] for name, m in gold["benchmarks"].items()} == dict.fromkeys(
+        ["math500", "gsm8k", "gpqa_diamond", "knights_knaves_4ppl"], 1.0)
+    assert main(["--oracle", "shuffled", *common, "--output_dir", str(tmp_path / "shuffled")]) == 0
+    shuffled = json.loads((tmp_path / "shuffled" / "summary.json").read_text())
+    assert all(m["pass@1"] == 0.0 for m in shuffled["benchmarks"].values())
+    capsys.readouterr()
+    assert "amc23" in _error(capsys, ["--oracle", "reference", "--benchmarks", "amc23", "--data_dir", str(benchmarks_dir)])
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # bad input
 
@@ -263,7 +277,7 @@ def test_missing_data_dir(capsys, tiny_dir, tmp_path):
 def test_missing_model_and_conflicting_options(capsys, tmp_path, benchmarks_dir):
     assert "--model" in _error(capsys, ["--benchmarks", "math500", "--data_dir", str(benchmarks_dir)])
     path = _write_jsonl(tmp_path / "c.jsonl", [{"benchmark": "math500", "id": "x", "completion": ""}])
-    assert "not both" in _error(capsys, ["--model", "m", "--completions", str(path)])
+    assert "not both --model and --completions" in _error(capsys, ["--model", "m", "--completions", str(path)])
     assert "temperature" in _error(
         capsys, ["--model", "m", "--benchmarks", "aime24", "--samples_per_problem", "8", "--data_dir", str(benchmarks_dir)]
     )
@@ -302,7 +316,7 @@ def test_help_lists_every_option(capsys):
     text = capsys.readouterr().out
     for option in ["--model", "--benchmarks", "--data_dir", "--samples_per_problem", "--temperature", "--top_p",
                    "--max_new_tokens", "--prompt_template", "--chat_template", "--batch_size", "--limit",
-                   "--output_dir", "--seed", "--backend", "--dtype", "--device", "--completions"]:
+                   "--output_dir", "--seed", "--backend", "--dtype", "--device", "--completions", "--oracle"]:
         assert option in text
 
 

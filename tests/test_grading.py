@@ -14,6 +14,7 @@ from trl_bridge.benchmarks import (
     get_benchmark,
     grade_math,
     gsm8k_gold,
+    oracle_completions,
 )
 from trl_bridge.grading import extract_boxed, extract_final_answer, verify_math
 
@@ -144,14 +145,6 @@ def test_olympiad_multiple_answers_in_any_order(benchmarks_dir):
 # oracle: reference answers must grade as correct, other rows' answers as wrong
 
 
-def _other_gold(rows, i):
-    """The gold answer of the next row whose gold string differs from row i's."""
-    j = (i + 1) % len(rows)
-    while rows[j]["gold"].strip() == rows[i]["gold"].strip() and j != i:
-        j = (j + 1) % len(rows)
-    return rows[j]["gold"]
-
-
 def _rate(grades):
     return sum(g["correct"] for g in grades) / len(grades)
 
@@ -164,15 +157,14 @@ REFERENCE_SOLUTION_BENCHMARKS = ("math500", "aime24", "minerva_math", "gsm8k")
 
 @pytest.fixture(scope="module")
 def oracle_results(benchmarks_dir):
-    """Grade every row of the six math sets three ways: its own gold answer boxed, another row's gold answer boxed,
-    and its own reference solution. All math-verify work goes through one `grade_math` call (one worker pool)."""
+    """Grade every row of the six math sets three ways: its own gold answer boxed ("gold"), the next row's gold answer
+    boxed ("shuffled") and its own reference solution ("reference"). All math-verify work goes through one `grade_math` call (one worker pool)."""
     jobs = []  # (benchmark, kind, rows, completions)
     for name in ORACLE_BENCHMARKS:
-        rows = get_benchmark(name).load(benchmarks_dir)
-        jobs.append((name, "own", rows, [f"So the final answer is $\\boxed{{{r['gold']}}}$." for r in rows]))
-        jobs.append((name, "other", rows, [f"\\boxed{{{_other_gold(rows, i)}}}" for i in range(len(rows))]))
-        if name in REFERENCE_SOLUTION_BENCHMARKS:
-            jobs.append((name, "ref", rows, [r["reference"] for r in rows]))
+        bench = get_benchmark(name)
+        rows = bench.load(benchmarks_dir)
+        kinds = ("gold", "shuffled", "reference") if name in REFERENCE_SOLUTION_BENCHMARKS else ("gold", "shuffled")
+        jobs += [(name, kind, rows, oracle_completions(bench, rows, kind)) for kind in kinds]
     math_jobs = [job for job in jobs if get_benchmark(job[0]).grader is grade_math]
     flat = grade_math([r for job in math_jobs for r in job[2]], [c for job in math_jobs for c in job[3]])
     results, pos = {}, 0
@@ -188,22 +180,22 @@ def oracle_results(benchmarks_dir):
 @pytest.mark.parametrize("name", ORACLE_BENCHMARKS)
 def test_oracle_own_gold_answer_is_correct(oracle_results, name):
     res = oracle_results[name]
-    failing = [(row["id"], row["gold"]) for row, g in zip(res["rows"], res["own"]) if not g["correct"]]
-    assert _rate(res["own"]) >= 0.99, f"{name}: {len(failing)} rows fail with their own gold answer: {failing[:20]}"
+    failing = [(row["id"], row["gold"]) for row, g in zip(res["rows"], res["gold"]) if not g["correct"]]
+    assert _rate(res["gold"]) >= 0.99, f"{name}: {len(failing)} rows fail with their own gold answer: {failing[:20]}"
 
 
 @pytest.mark.parametrize("name", ORACLE_BENCHMARKS)
 def test_oracle_other_rows_answer_is_wrong(oracle_results, name):
     res = oracle_results[name]
-    passing = [row["id"] for row, g in zip(res["rows"], res["other"]) if g["correct"]]
-    assert _rate(res["other"]) <= 0.02, f"{name}: {len(passing)} rows accept another row's answer: {passing[:20]}"
+    passing = [row["id"] for row, g in zip(res["rows"], res["shuffled"]) if g["correct"]]
+    assert _rate(res["shuffled"]) <= 0.02, f"{name}: {len(passing)} rows accept another row's answer: {passing[:20]}"
 
 
 @pytest.mark.parametrize("name", REFERENCE_SOLUTION_BENCHMARKS)
 def test_oracle_reference_solution_is_correct(oracle_results, name):
     res = oracle_results[name]
-    failing = [(row["id"], row["gold"], g["extracted"]) for row, g in zip(res["rows"], res["ref"]) if not g["correct"]]
-    assert _rate(res["ref"]) >= 0.99, f"{name}: reference solutions failing: {failing[:20]}"
+    failing = [(row["id"], row["gold"], g["extracted"]) for row, g in zip(res["rows"], res["reference"]) if not g["correct"]]
+    assert _rate(res["reference"]) >= 0.99, f"{name}: reference solutions failing: {failing[:20]}"
 
 
 def test_oracle_amc_float_gold(benchmarks_dir):
@@ -219,8 +211,8 @@ def test_oracle_multiple_choice(benchmarks_dir, name):
     bench = get_benchmark(name)
     rows = bench.load(benchmarks_dir)
     shift = {"A": "B", "B": "C", "C": "D", "D": "A", "1": "2", "2": "3", "3": "4", "4": "1"}
-    assert _rate(bench.grade(rows, [f"Reasoning.\nANSWER: {r['gold']}" for r in rows])) == 1.0
-    assert _rate(bench.grade(rows, [f"\\boxed{{{r['gold']}}}" for r in rows])) == 1.0
+    assert _rate(bench.grade(rows, oracle_completions(bench, rows, "gold"))) == 1.0
+    assert _rate(bench.grade(rows, [f"so \\boxed{{{r['gold']}}}" for r in rows])) == 1.0
     assert _rate(bench.grade(rows, [f"Reasoning.\nANSWER: {shift[r['gold']]}" for r in rows])) == 0.0
 
 
@@ -235,9 +227,9 @@ def test_oracle_knights_knaves(benchmarks_dir, people):
         swapped = last.replace("knight", "knave") if "knight" in last else last.replace("knave", "knight")
         return f"{head}\n{swapped}"
 
-    right = [f"<think>reasoning</think>\n<answer>\n{r['gold']}\n</answer>" for r in rows]
     one_wrong = [f"<think>reasoning</think>\n<answer>\n{flip_last(r['gold'])}\n</answer>" for r in rows]
     partial = [f"<answer>{r['gold'].split(chr(10))[0]}</answer>" for r in rows]
-    assert _rate(bench.grade(rows, right)) == 1.0
+    assert _rate(bench.grade(rows, oracle_completions(bench, rows, "gold"))) == 1.0
+    assert _rate(bench.grade(rows, oracle_completions(bench, rows, "shuffled"))) == 0.0
     assert _rate(bench.grade(rows, one_wrong)) == 0.0
     assert _rate(bench.grade(rows, partial)) == 0.0

@@ -30,6 +30,7 @@ from .grading import extract_boxed, format_number, grade_answer, verify_math
 __all__ = [
     "BOXED_INSTRUCTION",
     "MATH_BENCHMARKS",
+    "ORACLE_KINDS",
     "Benchmark",
     "available_benchmarks",
     "build_prompt",
@@ -39,6 +40,7 @@ __all__ = [
     "grade_gsm8k",
     "grade_knights_knaves",
     "grade_math",
+    "oracle_completions",
     "resolve_data_dir",
 ]
 
@@ -54,6 +56,11 @@ PARALLEL_GRADING_THRESHOLD = 256
 
 # --------------------------------------------------------------------------------------------------------------------
 # registry
+
+
+def boxed_gold(row: dict) -> str:
+    """The row's gold answer written the way the math prompt asks for it: ``... $\\boxed{gold}$.``"""
+    return f"The final answer is $\\boxed{{{row['gold']}}}$."
 
 
 @dataclass(frozen=True)
@@ -74,6 +81,8 @@ class Benchmark:
     hub_dataset: str | None = None
     #: path of the data file under the data directory (None: the loader finds its own data)
     relative_path: str | None = None
+    #: ``format_gold(row) -> str``: the row's gold answer written as a completion in the format the grader expects
+    format_gold: Callable[[dict], str] = boxed_gold
 
     def load(self, data_dir: str | os.PathLike | None, limit: int | None = None) -> list[dict]:
         """Rows of this benchmark (the first `limit` when given)."""
@@ -87,6 +96,31 @@ class Benchmark:
         if len(rows) != len(completions):
             raise ValueError(f"grade(): {len(rows)} rows but {len(completions)} completions")
         return self.grader(rows, completions)
+
+
+ORACLE_KINDS = ("gold", "reference", "shuffled")
+
+
+def oracle_completions(benchmark: Benchmark, rows: list[dict], kind: str) -> list[str | None]:
+    """Completions that check the grader itself, one per row.
+
+    ``"gold"``: the row's own gold answer in the expected format (should grade as correct); ``"reference"``: the
+    row's reference solution (``None`` where the file has none); ``"shuffled"``: the gold answer of the next row
+    whose gold differs (should grade as wrong).
+    """
+    if kind == "gold":
+        return [benchmark.format_gold(row) for row in rows]
+    if kind == "reference":
+        return [row.get("reference") for row in rows]
+    if kind == "shuffled":
+        out = []
+        for i, row in enumerate(rows):
+            j = (i + 1) % len(rows)
+            while j != i and str(rows[j]["gold"]).strip() == str(row["gold"]).strip():
+                j = (j + 1) % len(rows)
+            out.append(benchmark.format_gold(rows[j]))
+        return out
+    raise ValueError(f"oracle kind must be one of {', '.join(ORACLE_KINDS)}; got {kind!r}")
 
 
 _REGISTRY: dict[str, Benchmark] = {}
@@ -316,7 +350,7 @@ def grade_math(rows: list[dict], completions: list[str], workers: int | None = N
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            chunksize = max(1, min(64, len(items) // (8 * workers)))
+            chunksize = max(1, min(16, len(items) // (8 * workers)))  # small chunks: a few slow items dominate
             results = list(pool.map(grade_answer, *zip(*items), chunksize=chunksize))
     else:
         results = [grade_answer(completion, gold) for completion, gold in items]
@@ -478,6 +512,15 @@ def build_prompt(
 # --------------------------------------------------------------------------------------------------------------------
 # the registered benchmarks
 
+
+def _choice_gold(row: dict) -> str:
+    return f"ANSWER: {row['gold']}"
+
+
+def _kk_gold(row: dict) -> str:
+    return f"<answer>\n{row['gold']}\n</answer>"
+
+
 register(Benchmark("math500", "MATH-500 (500 problems)", _load_math500, grade_math, is_math=True,
                    hub_dataset="HuggingFaceH4/MATH-500", relative_path="math500/test.jsonl"))
 register(Benchmark("aime24", "AIME 2024 (30 problems)", _load_aime24, grade_math, is_math=True,
@@ -492,15 +535,18 @@ register(Benchmark("gsm8k", "GSM8K test (1319)", _load_gsm8k, grade_gsm8k,
                    hub_dataset="openai/gsm8k (main)", relative_path="gsm8k/test.jsonl"))
 register(Benchmark("gpqa_diamond", "GPQA-Diamond, multiple choice (198)", _verl_loader("gpqa_diamond/valid.gpqa.jsonl"),
                    grade_choice, default_prompt="native", hub_dataset="Idavidrein/gpqa (gpqa_diamond)",
+                   format_gold=_choice_gold,
                    relative_path="gpqa_diamond/valid.gpqa.jsonl"))
 register(Benchmark("arc_challenge", "ARC-Challenge, multiple choice (1172)",
                    _verl_loader("arc_challenge/valid.arc_c.jsonl"), grade_choice, default_prompt="native",
+                   format_gold=_choice_gold,
                    hub_dataset="allenai/ai2_arc (ARC-Challenge)", relative_path="arc_challenge/valid.arc_c.jsonl"))
 for _n in range(3, 8):
     register(Benchmark(f"knights_knaves_{_n}ppl", f"Knights-and-Knaves, {_n} people, test (100)",
                        _verl_loader(f"knights_knaves/{_n}ppl/test.jsonl", "reward_model.ground_truth.solution_text_format",
                                     raw_text_prompt=True),
-                       grade_knights_knaves, default_prompt="native",
+                       grade_knights_knaves, default_prompt="native", format_gold=_kk_gold,
                        relative_path=f"knights_knaves/{_n}ppl/test.jsonl"))
 register(Benchmark("humaneval", "HumanEval, Python code (164; needs trl_bridge.humaneval)", _load_humaneval,
-                   _grade_humaneval, default_prompt="native", hub_dataset="openai/openai_humaneval"))
+                   _grade_humaneval, default_prompt="native", hub_dataset="openai/openai_humaneval",
+                   format_gold=lambda row: row["reference"]))

@@ -30,7 +30,15 @@ from typing import Callable, Sequence
 
 from transformers import TrainerCallback
 
-from .benchmarks import MATH_BENCHMARKS, available_benchmarks, build_prompt, get_benchmark, resolve_data_dir
+from .benchmarks import (
+    MATH_BENCHMARKS,
+    ORACLE_KINDS,
+    available_benchmarks,
+    build_prompt,
+    get_benchmark,
+    oracle_completions,
+    resolve_data_dir,
+)
 
 __all__ = [
     "BenchmarkEvalCallback",
@@ -43,6 +51,7 @@ __all__ = [
     "format_table",
     "grade_completions_file",
     "main",
+    "oracle_result",
     "parse_per_benchmark",
     "pass_at_k",
     "sampling_plan",
@@ -458,6 +467,35 @@ def grade_completions_file(
     return EvalResult(metrics=metrics, summary=summary, samples=records)
 
 
+def oracle_result(
+    kind: str,
+    benchmarks: Sequence[str] | str = DEFAULT_BENCHMARKS,
+    data_dir: str | os.PathLike | None = None,
+    limit: int | None = None,
+) -> EvalResult:
+    """Grade the benchmarks' own answers instead of a model's (see `trl_bridge.benchmarks.oracle_completions`):
+    ``gold`` and ``reference`` should score ~100%, ``shuffled`` (another row's answer) ~0%. Rows without a
+    reference solution are left out of ``reference``; a benchmark with none at all is skipped."""
+    names = parse_benchmark_list(benchmarks)
+    data_path = resolve_data_dir(data_dir)
+    metrics, records, t0 = {}, [], time.perf_counter()
+    for name in names:
+        bench = get_benchmark(name)
+        rows = bench.load(data_path, limit)
+        completions = oracle_completions(bench, rows, kind)
+        kept = [(row, c) for row, c in zip(rows, completions) if isinstance(c, str)]
+        if not kept:
+            continue
+        metrics[name], bench_records = _grade_benchmark(name, [r for r, _ in kept], [[c] for _, c in kept])
+        records.extend(bench_records)
+    if not metrics:
+        raise ValueError(f"oracle: none of {', '.join(names)} has {kind} completions")
+    summary = {"benchmarks": metrics, **_summarise(metrics),
+               "throughput": {"grading_seconds": round(time.perf_counter() - t0, 3)},
+               "settings": {"data_dir": str(data_path), "oracle": kind, "limit": limit}}
+    return EvalResult(metrics=metrics, summary=summary, samples=records)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # reporting
 
@@ -544,6 +582,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto",
                    help="model dtype: auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16")
     p.add_argument("--device", default="auto", help="hf backend device: auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--oracle", default=None, choices=list(ORACLE_KINDS),
+                   help="check the grader instead of a model: grade each row's own gold answer in the expected format "
+                   "(gold, should score ~100), its reference solution (reference) or another row's answer "
+                   "(shuffled, should score ~0)")
     p.add_argument("--completions", default=None,
                    help="grade this JSONL file instead of generating: one {benchmark, id, completion} object per "
                    "problem and sample (id = the benchmark's row id)")
@@ -561,13 +603,18 @@ def run(args: argparse.Namespace) -> EvalResult:
     _positive_int(args.batch_size, "batch_size")
     _positive_int(args.max_new_tokens, "max_new_tokens")
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
-    if args.completions:
-        if args.model:
-            raise ValueError("give either --model (generate) or --completions (grade a file), not both")
+    sources = [flag for flag, value in (("--model", args.model), ("--completions", args.completions),
+                                        ("--oracle", args.oracle)) if value]
+    if len(sources) > 1:
+        raise ValueError(f"give only one of --model (generate), --completions (grade a file) or --oracle, "
+                         f"not both {' and '.join(sources)}")
+    if args.oracle:
+        result = oracle_result(args.oracle, args.benchmarks or DEFAULT_BENCHMARKS, args.data_dir, args.limit)
+    elif args.completions:
         result = grade_completions_file(args.completions, args.benchmarks, args.data_dir, args.limit)
     else:
         if not args.model:
-            raise ValueError("model: --model is required (or pass --completions FILE.jsonl to grade completions)")
+            raise ValueError("model: --model is required (or --completions FILE.jsonl to grade completions, or --oracle)")
         benchmarks = args.benchmarks or DEFAULT_BENCHMARKS
         sampling_plan(benchmarks, args.samples_per_problem, args.temperature)  # fail before loading a model
         resolve_data_dir(args.data_dir)

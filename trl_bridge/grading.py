@@ -19,6 +19,10 @@ import re
 import threading
 from functools import lru_cache, wraps
 
+# Imported eagerly on purpose: a missing or broken math-verify install must fail loudly here, not be swallowed by
+# the never-raise guards below (which would silently grade every answer as wrong).
+from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
 __all__ = ["extract_boxed", "extract_final_answer", "format_number", "grade_answer", "math_verify_timeout", "verify_math"]
 
 #: Seconds math-verify may spend parsing / comparing one expression (main thread only).
@@ -76,8 +80,6 @@ def _clean_answer(answer: str) -> str:
 
 
 def _parse(text: str, timeout: int | None):
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
-
     return parse(
         text,
         extraction_config=[LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()],
@@ -137,8 +139,6 @@ def grade_answer(completion: str, gold: str) -> tuple[bool, str | None]:
         return False, None
     if not completion.strip():
         return False, None
-    from math_verify import verify
-
     timeout = math_verify_timeout()
     pred_parsed, extracted = _parse_completion(completion, timeout)
     if isinstance(gold, float):
