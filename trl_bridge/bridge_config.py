@@ -30,8 +30,8 @@ class BridgeConfig(GRPOConfig):
         bridge_lambda_warmup_steps (`int`, defaults to `0`): length of the λ schedule.
         adapter_learning_rate (`float` or `None`): β, the adapter's learning rate; defaults to `learning_rate`.
         shadow_learning_rate (`float` or `None`): learning rate of θ̂; defaults to `learning_rate` (α, as in the paper).
-        lora_r / lora_alpha / lora_dropout / lora_target_modules: the adapter w (paper: r=16, α=16). Ignored when a
-            `peft_config` is passed to the trainer.
+        lora_r / lora_alpha / lora_dropout / lora_target_modules / lora_layers_to_transform: the adapter w (paper:
+            r=16, α=16). Ignored when a `peft_config` is passed to the trainer.
         trainable_base_parameters (`list[str]` or `None`): regular expressions selecting the base weights θ that train
             (matched with `re.search` against the plain model's parameter names, e.g. `model.layers.0.mlp.up_proj.weight`).
             `None` trains all of them. The shadow copies only these.
@@ -87,6 +87,13 @@ class BridgeConfig(GRPOConfig):
     lora_target_modules: list[str] | None = field(
         default=None,
         metadata={"help": "Module names LoRA wraps (PEFT's `target_modules`). None: PEFT's default for the model type."},
+    )
+    lora_layers_to_transform: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Layer indices LoRA is applied to (PEFT's `layers_to_transform`). None: all layers. With a "
+            "`trainable_base_parameters` subset of the same top layers, backward stops there (cheap on CPU)."
+        },
     )
     trainable_base_parameters: list[str] | None = field(
         default=None,

@@ -43,6 +43,7 @@ from trl.trainer.utils import add_fused_lm_head, create_model_from_path, disable
 
 from .bridge_config import BridgeConfig
 from .export import plain_name, save_merged_model
+from .data import validate_rl_dataset, validate_sft_dataset
 from .sft_stream import SFTStream, tokenize_sft_dataset
 
 BRIDGE_STATE_FILE = "bridge_state.safetensors"
@@ -86,6 +87,9 @@ class BridgeTrainer(GRPOTrainer):
     """
 
     _tag_names = ["trl", "bridge", "grpo"]
+    card_base_model: str | None = None  # what the model card names as base model / datasets / results (set by the CLI)
+    card_datasets: list[str] | None = None
+    card_eval_results: dict | None = None
     _name = "BRIDGE"
     _paper = {"title": "Beyond Two-Stage Training: Cooperative SFT and RL for LLM Reasoning", "id": "2509.06948"}
 
@@ -111,7 +115,13 @@ class BridgeTrainer(GRPOTrainer):
             raise TypeError(f"`args` must be a BridgeConfig (it extends GRPOConfig), got {type(args).__name__}.")
         if optimizers != (None, None):
             raise ValueError("`optimizers` is not supported: BRIDGE builds one optimizer per parameter set (θ, θ̂, w).")
-        _validate_rl_dataset(train_dataset)
+        if train_dataset is None:
+            raise ValueError("`train_dataset` (the RL prompts) is required.")
+        if isinstance(train_dataset, Dataset):
+            validate_rl_dataset(train_dataset, name="`train_dataset` (RL prompts)")
+        if sft_dataset is None:
+            raise ValueError("`sft_dataset` is required: BRIDGE needs expert reasoning traces for L_SFT.")
+        validate_sft_dataset(sft_dataset, name="`sft_dataset` (expert traces)")
         if isinstance(model, str):
             init_kwargs = dict(args.model_init_kwargs or {})
             init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
@@ -130,6 +140,7 @@ class BridgeTrainer(GRPOTrainer):
                 lora_alpha=args.lora_alpha,
                 lora_dropout=args.lora_dropout,
                 target_modules=args.lora_target_modules,
+                layers_to_transform=args.lora_layers_to_transform,
                 task_type="CAUSAL_LM",
             )
         super().__init__(
@@ -455,6 +466,26 @@ class BridgeTrainer(GRPOTrainer):
         save_merged_model(self.accelerator.unwrap_model(self.model), self.processing_class, output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None, **kwargs):
+        """The model card names BRIDGE (with the citation), the base model, data, hyper-parameters and final metrics."""
+        if not self.is_world_process_zero():
+            return
+        from .reporting import write_model_card
+
+        hparams = {k: getattr(self.args, k) for k in CARD_HYPERPARAMETERS}
+        logs = [h for h in self.state.log_history if "bridge/sft_loss" in h]
+        final = {k: v for k, v in (logs[-1] if logs else {}).items() if k in CARD_METRICS}
+        datasets = self.card_datasets or ([dataset_name] if isinstance(dataset_name, str) else list(dataset_name or []))
+        write_model_card(
+            self.args.output_dir,
+            base_model=self.card_base_model or self.accelerator.unwrap_model(self.model).config._name_or_path,
+            datasets=datasets,
+            hyperparameters=hparams,
+            final_metrics=final,
+            eval_results=self.card_eval_results,
+            model_name=model_name,
+        )
+
     def _bridge_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {f"base.{n}": p.detach().contiguous() for n, p in self.base_params}
         tensors.update({f"shadow.{n}": s.detach().contiguous() for (n, _), s in zip(self.base_params, self.shadow_params)})
@@ -505,14 +536,13 @@ class BridgeTrainer(GRPOTrainer):
         self.sft_stream.load_state_dict(state["sft_stream"])
 
 
-def _validate_rl_dataset(dataset):
-    if dataset is None:
-        raise ValueError("`train_dataset` (the RL prompts) is required.")
-    if isinstance(dataset, Dataset):
-        if len(dataset) == 0:
-            raise ValueError("`train_dataset` is empty: it needs at least one RL prompt.")
-        if "prompt" not in dataset.column_names:
-            raise ValueError(f"`train_dataset` lacks the column 'prompt' (columns: {dataset.column_names}).")
+CARD_HYPERPARAMETERS = (
+    "bridge_lambda", "bridge_lambda_end", "bridge_lambda_warmup_steps", "learning_rate", "adapter_learning_rate",
+    "shadow_learning_rate", "lora_r", "lora_alpha", "trainable_base_parameters", "shadow_off_policy", "loss_type",
+    "beta", "num_generations", "per_device_train_batch_size", "gradient_accumulation_steps", "max_completion_length",
+    "sft_per_device_train_batch_size", "sft_max_length", "max_steps", "seed",
+)
+CARD_METRICS = ("reward", "bridge/sft_loss", "bridge/rl_loss", "bridge/rl_loss_shadow", "bridge/cooperative_gain", "bridge/lambda")
 
 
 def _select_base_params(peft_model, patterns):

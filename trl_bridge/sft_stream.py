@@ -14,43 +14,8 @@ import torch
 from datasets import Dataset
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling, SFTTrainer
 
-SFT_FORMATS = ("prompt + completion", "messages", "text")
-
-
-def validate_sft_dataset(dataset) -> None:
-    """Raise a `ValueError` naming the problem if `dataset` is not a non-empty TRL SFT dataset."""
-    if dataset is None:
-        raise ValueError("`sft_dataset` is required: BRIDGE needs expert reasoning traces for L_SFT.")
-    if not isinstance(dataset, Dataset):
-        raise TypeError(f"`sft_dataset` must be a `datasets.Dataset`, got {type(dataset).__name__}.")
-    if len(dataset) == 0:
-        raise ValueError("`sft_dataset` is empty: it needs at least one expert trace.")
-    cols = set(dataset.column_names)
-    if "input_ids" in cols:
-        return
-    if "prompt" in cols or "completion" in cols:
-        missing = {"prompt", "completion"} - cols
-        if missing:
-            raise ValueError(f"`sft_dataset` has a prompt/completion layout but lacks the column {sorted(missing)[0]!r}.")
-        row = dataset[0]
-        for name in ("prompt", "completion"):
-            if not isinstance(row[name], (str, list)):
-                raise TypeError(
-                    f"`sft_dataset` column {name!r} must hold strings or lists of chat messages, "
-                    f"got {type(row[name]).__name__}."
-                )
-        return
-    if "messages" in cols or "text" in cols:
-        return
-    raise ValueError(
-        f"`sft_dataset` has columns {sorted(cols)}, none of TRL's SFT formats {SFT_FORMATS}: add a `prompt` and a "
-        "`completion` column (or `messages`, or `text`)."
-    )
-
-
 def tokenize_sft_dataset(dataset: Dataset, tokenizer, max_length: int | None, num_proc: int | None = None) -> Dataset:
     """Tokenise with SFTTrainer's own pipeline: prompt tokens masked (`labels=-100`), truncated to `max_length`."""
-    validate_sft_dataset(dataset)
     # `_prepare_dataset` reads these attributes of the trainer and these fields of SFTConfig, nothing else.
     trainer_shim = SimpleNamespace(_tokenizer=tokenizer, completion_only_loss=True, chat_template=None)
     args_shim = SimpleNamespace(
