@@ -42,20 +42,12 @@ from trl.data_utils import is_conversational
 from trl.trainer.utils import add_fused_lm_head, create_model_from_path, disable_dropout_in_model
 
 from .bridge_config import BridgeConfig
-from .export import plain_name, save_merged_model
 from .data import validate_rl_dataset, validate_sft_dataset
+from .export import plain_name, save_merged_model
 from .sft_stream import SFTStream, tokenize_sft_dataset
 
 BRIDGE_STATE_FILE = "bridge_state.safetensors"
 BRIDGE_OPTIM_FILE = "bridge_optimizers.pt"
-
-CITATION = """@inproceedings{chen2026bridge,
-    title        = {{Beyond Two-Stage Training: Cooperative SFT and RL for LLM Reasoning}},
-    author       = {Liang Chen and Xueting Han and Li Shen and Jing Bai and Kam-Fai Wong},
-    booktitle    = {International Conference on Machine Learning (ICML)},
-    year         = 2026,
-    eprint       = {arXiv:2509.06948}
-}"""
 
 
 class BridgeCallback(TrainerCallback):
@@ -126,6 +118,7 @@ class BridgeTrainer(GRPOTrainer):
             init_kwargs = dict(args.model_init_kwargs or {})
             init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
             model = create_model_from_path(model, **init_kwargs)
+            args.model_init_kwargs = None  # consumed here; GRPOTrainer would warn that an instance ignores them
         if is_peft_model(model):
             raise ValueError(
                 "Pass a plain (non-PEFT) model: BRIDGE trains the base weights and creates the adapter w itself "

@@ -26,9 +26,7 @@ __all__ = [
     "write_model_card",
 ]
 
-PAPER_TITLE = "Beyond Two-Stage Training: Cooperative SFT and RL for LLM Reasoning"
-PAPER_AUTHORS = "Liang Chen, Xueting Han, Li Shen, Jing Bai, Kam-Fai Wong"
-PAPER_URL = "https://arxiv.org/abs/2509.06948"
+from .citation import CITATION, PAPER_AUTHORS, PAPER_TITLE, PAPER_URL
 
 #: (log key, panel title, y-axis label) for each panel of the training-curve figure, in reading order.
 CURVE_PANELS: tuple[tuple[str, str, str], ...] = (
@@ -197,7 +195,6 @@ def write_model_card(
     """
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-    from .bridge_trainer import CITATION
 
     if not isinstance(base_model, str) or not base_model.strip():
         raise ValueError(f"base_model must be a non-empty string, got {base_model!r}")

@@ -1,0 +1,141 @@
+"""`trl-bridge train`: config parsing (YAML + overrides, bad keys), every shipped config, an end-to-end tiny run with
+all its outputs, and a Hub push stopped at huggingface_hub's network boundary."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from trl_bridge import BridgeConfig
+from trl_bridge.cli import main as cli_main
+from trl_bridge.tiny import make_tiny_model, make_tiny_tokenizer
+from trl_bridge.train_cli import main as train_main
+from trl_bridge.train_cli import make_parser
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def parse(argv):
+    return make_parser().parse_args_and_config(argv)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_parses(config, tmp_path):
+    script_args, args, model_args = parse(["--config", str(config), "--output_dir", str(tmp_path)])
+    raw = yaml.safe_load(config.read_text())
+    assert isinstance(args, BridgeConfig)
+    assert model_args.model_name_or_path == raw["model_name_or_path"]
+    assert args.bridge_lambda == raw["bridge_lambda"] and args.lora_r == raw["lora_r"]
+    assert script_args.dataset_name == raw["dataset_name"]
+    if "paper" in config.read_text() or "Qwen" in raw["model_name_or_path"]:
+        assert (args.num_generations, args.max_completion_length, args.learning_rate) == (5, 3000, 5e-7)
+        assert args.use_vllm and args.lora_alpha == 16
+        assert args.per_device_train_batch_size * 4 * args.gradient_accumulation_steps == 64 * 5
+
+
+def test_command_line_overrides_yaml(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("model_name_or_path: some/model\nbridge_lambda: 0.3\nlearning_rate: 1.0e-5\n")
+    _, args, _ = parse(["--config", str(config), "--output_dir", str(tmp_path), "--bridge_lambda", "0.7"])
+    assert args.bridge_lambda == 0.7 and args.learning_rate == 1e-5
+
+
+def test_unknown_yaml_key_is_an_error_naming_it(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("model_name_or_path: m\nbridge_lamda: 0.3\n")
+    assert train_main(["--config", str(config), "--output_dir", str(tmp_path)]) == 2
+    assert "bridge_lamda" in capsys.readouterr().err
+
+
+def test_unknown_flag_and_invalid_value_are_errors(tmp_path, capsys):
+    assert train_main(["--output_dir", str(tmp_path), "--no_such_flag", "1"]) == 2
+    assert "--no_such_flag" in capsys.readouterr().err
+    assert train_main(["--output_dir", str(tmp_path), "--bridge_lambda", "2.0"]) == 2
+    assert "bridge_lambda" in capsys.readouterr().err
+
+
+def test_help_lists_every_option_with_its_help(capsys):
+    with pytest.raises(SystemExit):
+        train_main(["--help"])
+    text = capsys.readouterr().out
+    for option in ("--bridge_lambda", "--adapter_learning_rate", "--sft_dataset_name", "--reward_funcs", "--num_generations", "--model_name_or_path"):
+        assert option in text
+    assert "weight of the RL loss" in text  # BridgeConfig's help strings are shown
+    assert cli_main(["--help"]) == 0 and "train" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    tok = make_tiny_tokenizer()
+    make_tiny_model(tok).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+TINY_RUN = [
+    "--per_device_train_batch_size", "4", "--num_generations", "4", "--max_completion_length", "8",
+    "--max_steps", "2", "--learning_rate", "1e-3", "--lora_r", "4", "--sft_per_device_train_batch_size", "2",
+    "--task_num_train", "20", "--task_num_test", "4", "--eval_samples", "4", "--eval_max_new_tokens", "8",
+]
+
+
+def test_end_to_end_run_writes_everything(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    config = tmp_path / "tiny.yaml"
+    config.write_text(f"model_name_or_path: {tiny_model_dir}\ndataset_name: builtin:arithmetic\nbridge_lambda: 0.5\n")
+    assert train_main(["--config", str(config), "--output_dir", str(out), *TINY_RUN]) == 0
+    printed = capsys.readouterr().out
+    assert "held-out accuracy before training" in printed and "held-out accuracy after training" in printed
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "metrics.jsonl", "training_curves.png", "README.md", "heldout_accuracy.json"):
+        assert (out / name).is_file(), name
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("bridge/cooperative_gain" in m for m in metrics) and any("reward" in m for m in metrics)
+    card = (out / "README.md").read_text()
+    assert "BRIDGE" in card and "2509.06948" in card and "bridge_lambda" in card
+    assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    accuracy = json.loads((out / "heldout_accuracy.json").read_text())
+    assert set(accuracy) == {"heldout_accuracy_before", "heldout_accuracy_after"}
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert not any("lora" in k for k in model.state_dict())
+
+
+def test_push_to_hub_uploads_the_merged_model_and_card(tiny_model_dir, tmp_path, monkeypatch):
+    """The Hub push is stopped at huggingface_hub's network boundary (HfApi.create_repo and HfApi.upload_folder):
+    what would be uploaded is the folder's files after huggingface_hub's own ignore-pattern filter."""
+    import huggingface_hub
+    from huggingface_hub import RepoUrl
+    from huggingface_hub.utils import filter_repo_objects
+
+    created, uploads = [], []
+
+    def fake_create_repo(self, repo_id, **kwargs):
+        created.append(repo_id)
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def fake_upload_folder(self, repo_id, folder_path, ignore_patterns=None, allow_patterns=None, **kwargs):
+        files = sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file())
+        kept = list(filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
+        uploads.append({"repo_id": repo_id, "files": {f: (Path(folder_path) / f).read_bytes() for f in kept}})
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", fake_create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", fake_upload_folder)
+    out = tmp_path / "push"
+    assert train_main(["--model_name_or_path", str(tiny_model_dir), "--output_dir", str(out), "--push_to_hub", "true",
+                       "--hub_model_id", "someone/bridge-tiny", "--save_strategy", "no", *TINY_RUN]) == 0
+    assert created == ["someone/bridge-tiny"]
+    upload = uploads[-1]
+    assert upload["repo_id"] == "someone/bridge-tiny"
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "README.md"):
+        assert name in upload["files"], name
+    card = upload["files"]["README.md"].decode()
+    assert "BRIDGE" in card and "2509.06948" in card and "bridge_lambda" in card
+    meta = yaml.safe_load(card.split("---")[1])
+    assert "bridge" in meta["tags"]
+    from safetensors.torch import load
+
+    weights = load(upload["files"]["model.safetensors"])
+    assert weights and not any("lora" in k for k in weights)
