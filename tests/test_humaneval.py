@@ -102,7 +102,7 @@ def test_early_exit_is_not_a_pass(first):
 @pytest.mark.parametrize(
     "shape",
     ["body", "body_with_junk", "fenced_full", "fenced_body", "prose_and_full", "echoed_prompt", "truncated_helper",
-     "unterminated_fence", "several_fences"],
+     "unterminated_fence", "several_fences", "body_then_closing_fence"],
 )
 def test_extract_code_accepts_the_usual_completion_shapes(first, shape):
     body, full = first["canonical_solution"], full_definition(first)
@@ -117,6 +117,7 @@ def test_extract_code_accepts_the_usual_completion_shapes(first, shape):
         "truncated_helper": body + "\n\ndef helper(values):\n    return [v for v in",
         "unterminated_fence": f"```python\n{full}",
         "several_fences": f"Example:\n```\nhas_close_elements([1.0], 0.5)\n```\nCode:\n```py\n{full}```",
+        "body_then_closing_fence": f"{body}```\n\nThis compares every pair:\n```python\nprint(1)\n```",
     }[shape]
     code = extract_code(first["prompt"], completion)
     assert "print(" not in code and "__main__" not in code and "Explanation" not in code

@@ -110,8 +110,8 @@ def extract_code(prompt: str, completion: str, entry_point: str | None = None) -
     * A fenced code block (```` ```python ```` or untagged; the one defining `entry_point` if
       several) is taken as the code; an unterminated final fence counts too.
     * Otherwise a completion whose first line is indented continues the prompt (the function
-      body, maybe followed by helpers); one that is not is taken from its first top-level
-      ``def`` / ``class`` / ``import`` line on (prose before it is dropped).
+      body, maybe followed by helpers, up to a closing fence); one that is not is taken from
+      its first top-level ``def`` / ``class`` / ``import`` line on (prose before it is dropped).
     * The prompt is kept in front when it is Python code (HumanEval's signature + docstring: a
       full definition in the completion simply redefines the stub; helpers and imports stay).
     * Only definitions, imports and constants are kept at top level (no stray prints, asserts or
@@ -129,6 +129,9 @@ def extract_code(prompt: str, completion: str, entry_point: str | None = None) -
     defines_entry = None
     if entry_point:
         defines_entry = re.compile(rf"^[ \t]*(?:async[ \t]+)?def[ \t]+{re.escape(entry_point)}\b", re.MULTILINE)
+    head = completion.split("```", 1)[0]
+    if head.strip() and _starts_indented(head):
+        completion = head  # a body that ends by closing the code block the prompt stood in
     blocks = [body for lang, body in _FENCE.findall(completion) if lang.lower() in ("", "python", "python3", "py")]
     if blocks:
         code = next((b for b in blocks if defines_entry and defines_entry.search(b)), blocks[0])
