@@ -214,6 +214,7 @@ def test_oracle_multiple_choice(benchmarks_dir, name):
     assert _rate(bench.grade(rows, oracle_completions(bench, rows, "gold"))) == 1.0
     assert _rate(bench.grade(rows, [f"so \\boxed{{{r['gold']}}}" for r in rows])) == 1.0
     assert _rate(bench.grade(rows, [f"Reasoning.\nANSWER: {shift[r['gold']]}" for r in rows])) == 0.0
+    assert _rate(bench.grade(rows, oracle_completions(bench, rows, "shuffled"))) == 0.0
 
 
 @pytest.mark.parametrize("people", [3, 5, 7])

@@ -116,11 +116,19 @@ def oracle_completions(benchmark: Benchmark, rows: list[dict], kind: str) -> lis
         out = []
         for i, row in enumerate(rows):
             j = (i + 1) % len(rows)
-            while j != i and str(rows[j]["gold"]).strip() == str(row["gold"]).strip():
+            while j != i and _same_answer(rows[j]["gold"], row["gold"]):
                 j = (j + 1) % len(rows)
             out.append(benchmark.format_gold(rows[j]))
         return out
     raise ValueError(f"oracle kind must be one of {', '.join(ORACLE_KINDS)}; got {kind!r}")
+
+
+def _same_answer(a, b) -> bool:
+    """Same gold string, or the same multiple-choice option (ARC writes option 2 as "B" or "2")."""
+    a, b = str(a).strip(), str(b).strip()
+    if _choice_index(a) is not None and _choice_index(b) is not None:
+        return _choice_index(a) == _choice_index(b)
+    return a == b
 
 
 _REGISTRY: dict[str, Benchmark] = {}
