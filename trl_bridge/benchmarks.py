@@ -344,15 +344,23 @@ def _verl_loader(relative_path: str, gold_key: str = "reward_model.ground_truth"
 # graders
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (respects ``taskset`` / container CPU sets, unlike ``os.cpu_count()``)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
 def grade_math(rows: list[dict], completions: list[str], workers: int | None = None) -> list[dict]:
     """math-verify check of each completion's final answer (last ``\\boxed{}`` preferred) against ``row["gold"]``.
 
-    Large batches are spread over `workers` processes (default: ``$TRL_BRIDGE_GRADING_WORKERS`` or the CPU count,
-    at most 8); each worker runs math-verify in its main thread, so its timeouts stay active.
+    Large batches are spread over `workers` processes (default: ``$TRL_BRIDGE_GRADING_WORKERS`` or the usable CPU
+    count, at most 8); each worker runs math-verify in its main thread, so its timeouts stay active.
     """
     items = [(c if isinstance(c, str) else "", r["gold"]) for r, c in zip(rows, completions)]
     if workers is None:
-        workers = int(os.environ.get("TRL_BRIDGE_GRADING_WORKERS", min(8, os.cpu_count() or 1)))
+        workers = int(os.environ.get("TRL_BRIDGE_GRADING_WORKERS", min(8, usable_cpus())))
     if workers > 1 and len(items) >= PARALLEL_GRADING_THRESHOLD:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
