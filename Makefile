@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 
 # The main job: BRIDGE on SmolLM2-135M-Instruct (offline wheel) on the built-in arithmetic task, < 10 min on 2 cores.
 quickstart: setup
-	OMP_NUM_THREADS=2 $(BIN)/trl-bridge train --config configs/quickstart.yaml
+	OMP_NUM_THREADS=1 $(BIN)/trl-bridge train --config configs/quickstart.yaml
 
 # The test suite (one torch thread: two threads make tiny models randomly ~25x slower on these machines).
 test: setup

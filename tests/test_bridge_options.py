@@ -208,7 +208,7 @@ def test_reward_function_with_wrong_return_type_is_rejected(tok, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bf16_on_gpu_trains(tok, tmp_path):
-    args = dict(COMMON, bf16=True, gradient_checkpointing=True, max_steps=3, learning_rate=1e-3)
+    args = dict(COMMON, use_cpu=False, bf16=True, gradient_checkpointing=True, max_steps=3, learning_rate=1e-3)
     trainer = BridgeTrainer(model=make_tiny_model(tok).cuda(), reward_funcs=digit_reward, train_dataset=rl_dataset(),
                             sft_dataset=sft_dataset(), processing_class=tok,
                             args=BridgeConfig(output_dir=str(tmp_path), lora_r=4, **args))

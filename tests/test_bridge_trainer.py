@@ -50,6 +50,7 @@ COMMON = dict(
     bf16=False,
     gradient_checkpointing=False,
     max_grad_norm=0.0,
+    use_cpu=True,  # these tests prove exact (CPU) numerics; on a GPU machine they still run on the CPU
 )
 
 

@@ -471,7 +471,7 @@ class BridgeTrainer(GRPOTrainer):
         datasets = self.card_datasets or ([dataset_name] if isinstance(dataset_name, str) else list(dataset_name or []))
         write_model_card(
             self.args.output_dir,
-            base_model=self.card_base_model or self.accelerator.unwrap_model(self.model).config._name_or_path,
+            base_model=self.card_base_model or _model_name(self.accelerator.unwrap_model(self.model)),
             datasets=datasets,
             hyperparameters=hparams,
             final_metrics=final,
@@ -536,6 +536,12 @@ CARD_HYPERPARAMETERS = (
     "sft_per_device_train_batch_size", "sft_max_length", "max_steps", "seed",
 )
 CARD_METRICS = ("reward", "bridge/sft_loss", "bridge/rl_loss", "bridge/rl_loss_shadow", "bridge/cooperative_gain", "bridge/lambda")
+
+
+def _model_name(peft_model) -> str:
+    """The base model's Hub name or path; a model built from a config has none, so name its class."""
+    base = peft_model.get_base_model()
+    return base.config._name_or_path or f"{type(base).__name__} (built from a config)"
 
 
 def _select_base_params(peft_model, patterns):
