@@ -116,6 +116,17 @@ def test_trainable_base_subset_freezes_the_rest(tok, tmp_path):
         assert moved == ("layers.1.mlp" in n), n
 
 
+def test_without_meta_term_is_naive_mixing(tok, tmp_path):
+    """The paper's "w/o J_meta" ablation: no shadow pass; θ and w follow (1−λ)L_SFT + λL_RL."""
+    trainer = make_trainer(tok, tmp_path, bridge_meta_term=False, max_steps=3, learning_rate=1e-2)
+    theta0, w0 = base_state(trainer), adapter_state(trainer)
+    trainer.train()
+    assert all(torch.equal(s, theta0[n]) for n, s in trainer.shadow_state_dict().items())  # θ̂ never trained
+    assert rel_err(list(base_state(trainer).values()), list(theta0.values())) > 1e-4
+    assert rel_err(list(adapter_state(trainer).values()), list(w0.values())) > 1e-4
+    assert not any("bridge/rl_loss_shadow" in h for h in trainer.state.log_history)
+
+
 def test_gradient_checkpointing_gives_the_same_updates(tok, tmp_path):
     runs = []
     for gc in (False, True):

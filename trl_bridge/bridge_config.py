@@ -41,6 +41,7 @@ class BridgeConfig(GRPOConfig):
             (BRIDGE.md §5): `"on_policy"` uses them as if sampled from π(θ̂+w); `"truncated_is"` re-weights each token by
             min(π(θ̂+w)/π(θ+w), `shadow_is_cap`).
         shadow_is_cap (`float`, defaults to `2.0`): the truncation C of `"truncated_is"`.
+        bridge_meta_term (`bool`, defaults to `True`): `False` is the paper's "w/o J_meta" ablation (naive mixing).
 
     CPU-friendly defaults: `gradient_checkpointing` and `bf16` default to on only when CUDA is available (TRL turns both
     on unconditionally; on CPU they are slow or unsupported).
@@ -114,6 +115,13 @@ class BridgeConfig(GRPOConfig):
             "help": "How the RL-only shadow θ̂ uses rollouts sampled from π(θ+w): 'on_policy' (as if sampled from "
             "π(θ̂+w)) or 'truncated_is' (each token re-weighted by min(π(θ̂+w)/π(θ+w), shadow_is_cap)).",
             "choices": list(SHADOW_OFF_POLICY_MODES),
+        },
+    )
+    bridge_meta_term: bool = field(
+        default=True,
+        metadata={
+            "help": "False runs the paper's 'w/o J_meta' ablation: no shadow pass, so θ and w both follow the naive "
+            "mixed loss (1-λ)·L_SFT + λ·L_RL. For comparisons only."
         },
     )
     shadow_is_cap: float = field(

@@ -232,7 +232,8 @@ class BridgeTrainer(GRPOTrainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)  # rollouts + pass A (forward and backward)
         if self.model.training and self._rl_inputs is not None:
-            self._shadow_backward(model, *self._rl_inputs, lam=self.bridge_lambda)  # pass B
+            if self.args.bridge_meta_term:  # False: the "w/o J_meta" ablation, no shadow
+                self._shadow_backward(model, *self._rl_inputs, lam=self.bridge_lambda)  # pass B
             self._rl_inputs = None
         return loss
 

@@ -81,6 +81,7 @@ class BridgeScriptArguments:
     eval_samples: int = field(
         default=50, metadata={"help": "Held-out problems graded (greedy) before and after training; 0 disables."}
     )
+    eval_before: bool = field(default=True, metadata={"help": "Also grade the held-out split before training."})
     eval_max_new_tokens: int = field(default=128, metadata={"help": "Generation budget of the held-out evaluation."})
     eval_batch_size: int = field(default=16, metadata={"help": "Batch size of the held-out evaluation."})
 
@@ -163,7 +164,7 @@ def run(script_args: BridgeScriptArguments, training_args: BridgeConfig, model_a
     trainer.card_datasets = [script_args.dataset_name, script_args.sft_dataset_name]
 
     results = {}
-    if test is not None:
+    if test is not None and script_args.eval_before:
         start = time.perf_counter()
         results["heldout_accuracy_before"] = heldout_accuracy(trainer.model, tokenizer, test, script_args.eval_max_new_tokens, script_args.eval_batch_size)
         trainer.accelerator.print(f"[trl-bridge] held-out accuracy before training: {results['heldout_accuracy_before']:.3f} "
