@@ -78,6 +78,9 @@ class BridgeScriptArguments:
     task_min_steps: int = field(default=1, metadata={"help": "builtin:arithmetic: fewest operations per problem."})
     task_max_steps: int = field(default=2, metadata={"help": "builtin:arithmetic: most operations per problem."})
     task_max_operand: int = field(default=10, metadata={"help": "builtin:arithmetic: largest number in a problem."})
+    task_operations: list[str] = field(
+        default_factory=lambda: ["+", "-"], metadata={"help": "builtin:arithmetic: operations used, any of + - *."}
+    )
     eval_samples: int = field(
         default=50, metadata={"help": "Held-out problems graded (greedy) before and after training; 0 disables."}
     )
@@ -98,6 +101,7 @@ def _dataset_kwargs(script_args, spec: str, seed: int) -> dict:
         num_test=script_args.task_num_test,
         num_steps=(script_args.task_min_steps, script_args.task_max_steps),
         max_operand=script_args.task_max_operand,
+        operations=tuple(script_args.task_operations),
         seed=seed,
     )
 
