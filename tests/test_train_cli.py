@@ -103,6 +103,16 @@ def test_end_to_end_run_writes_everything(tiny_model_dir, tmp_path, capsys):
     assert not any("lora" in k for k in model.state_dict())
 
 
+def test_benchmark_eval_during_training_is_logged(tiny_model_dir, tmp_path, benchmarks_dir):
+    out = tmp_path / "bench"
+    assert train_main(["--model_name_or_path", str(tiny_model_dir), "--output_dir", str(out), *TINY_RUN,
+                       "--benchmark_eval", "gsm8k", "--benchmark_eval_limit", "2", "--benchmark_eval_steps", "1",
+                       "--benchmark_eval_data_dir", str(benchmarks_dir)]) == 0
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = [m["eval/gsm8k/pass@1"] for m in metrics if "eval/gsm8k/pass@1" in m]
+    assert len(logged) == 2 and all(0.0 <= v <= 1.0 for v in logged)
+
+
 def test_push_to_hub_uploads_the_merged_model_and_card(tiny_model_dir, tmp_path, monkeypatch):
     """The Hub push is stopped at huggingface_hub's network boundary (HfApi.create_repo and HfApi.upload_folder):
     what would be uploaded is the folder's files after huggingface_hub's own ignore-pattern filter."""

@@ -87,6 +87,16 @@ class BridgeScriptArguments:
     eval_before: bool = field(default=True, metadata={"help": "Also grade the held-out split before training."})
     eval_max_new_tokens: int = field(default=128, metadata={"help": "Generation budget of the held-out evaluation."})
     eval_batch_size: int = field(default=16, metadata={"help": "Batch size of the held-out evaluation."})
+    benchmark_eval: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated benchmarks (e.g. 'math500,gsm8k') evaluated during training on a subset, "
+                  "logged as eval/<benchmark>/pass@1 (see `trl-bridge eval`)."},
+    )
+    benchmark_eval_limit: int = field(default=32, metadata={"help": "Problems per benchmark for `benchmark_eval`."})
+    benchmark_eval_steps: int = field(default=100, metadata={"help": "Run `benchmark_eval` every this many steps."})
+    benchmark_eval_data_dir: str | None = field(
+        default=None, metadata={"help": "Folder of the benchmark files (default: TRL_BRIDGE_DATA_DIR or ../shared/benchmarks)."}
+    )
 
 
 def make_parser() -> TrlParser:
@@ -164,6 +174,14 @@ def run(script_args: BridgeScriptArguments, training_args: BridgeConfig, model_a
     training_args.model_init_kwargs = {**init_kwargs, **(training_args.model_init_kwargs or {})}
     trainer = BridgeTrainer(model=model_path, reward_funcs=reward_funcs, args=training_args, train_dataset=rl,
                             sft_dataset=sft, processing_class=tokenizer)
+    if script_args.benchmark_eval:
+        from .evaluate import BenchmarkEvalCallback
+
+        BenchmarkEvalCallback(
+            script_args.benchmark_eval, data_dir=script_args.benchmark_eval_data_dir, limit=script_args.benchmark_eval_limit,
+            every_n_steps=script_args.benchmark_eval_steps, max_new_tokens=script_args.eval_max_new_tokens,
+            batch_size=script_args.eval_batch_size,
+        ).attach(trainer)
     trainer.card_base_model = model_args.model_name_or_path
     trainer.card_datasets = [script_args.dataset_name, script_args.sft_dataset_name]
 
