@@ -183,7 +183,7 @@ def run(script_args: BridgeScriptArguments, training_args: BridgeConfig, model_a
             batch_size=script_args.eval_batch_size,
         ).attach(trainer)
     trainer.card_base_model = model_args.model_name_or_path
-    trainer.card_datasets = [script_args.dataset_name, script_args.sft_dataset_name]
+    trainer.card_datasets = list(dict.fromkeys([script_args.dataset_name, script_args.sft_dataset_name]))
 
     results = {}
     if test is not None and script_args.eval_before:
