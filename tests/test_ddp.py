@@ -1,0 +1,32 @@
+"""Two processes (torchrun, DDP over gloo, CPU): every parameter set — θ, the shadow θ̂ and the adapter w — stays identical
+across ranks although each rank trains on different rollouts and traces, i.e. each gradient is all-reduced."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+
+
+def test_two_process_ddp_keeps_theta_shadow_and_adapter_in_sync(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), str(WORKER), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert int(r0["world_size"]) == 2
+    assert not torch.equal(r0["first_sft_batch"], r1["first_sft_batch"])  # the ranks saw different traces
+    keys = [k for k in r0 if k.split(".")[0] in ("base", "shadow", "adapter")]
+    assert {k.split(".")[0] for k in keys} == {"base", "shadow", "adapter"}
+    for key in keys:
+        assert torch.equal(r0[key], r1[key]), key
+    moved = [k for k in keys if k.startswith("shadow.") and not torch.equal(r0[k], r0["base." + k[len("shadow."):]])]
+    assert moved  # θ̂ really trained apart from θ
