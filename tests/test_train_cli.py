@@ -103,6 +103,20 @@ def test_end_to_end_run_writes_everything(tiny_model_dir, tmp_path, capsys):
     assert not any("lora" in k for k in model.state_dict())
 
 
+def test_runs_under_accelerate_launch(tiny_model_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "launched"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trl_bridge.cli", "train",
+           "--model_name_or_path", str(tiny_model_dir), "--output_dir", str(out), *TINY_RUN]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "model.safetensors").is_file() and (out / "metrics.jsonl").is_file()
+
+
 def test_benchmark_eval_during_training_is_logged(tiny_model_dir, tmp_path, benchmarks_dir):
     out = tmp_path / "bench"
     assert train_main(["--model_name_or_path", str(tiny_model_dir), "--output_dir", str(out), *TINY_RUN,
