@@ -219,7 +219,8 @@ def test_lambda_one_reproduces_grpo(tok, tmp_path):
 def test_lambda_zero_is_sft_of_the_policy(tok, tmp_path):
     steps = 4
     trainer = make_trainer(
-        tok, tmp_path, bridge_lambda=0.0, max_steps=steps, lr_scheduler_type="constant", adapter_learning_rate=3e-3
+        tok, tmp_path, bridge_lambda=0.0, max_steps=steps, lr_scheduler_type="constant", optim="sgd",
+        learning_rate=0.1, adapter_learning_rate=0.03,
     )
     reference = policy_copy(trainer, tok)  # π(θ⁰+w⁰), before any step
     batches, next_sft = [], trainer.sft_stream.next_batch
@@ -227,11 +228,12 @@ def test_lambda_zero_is_sft_of_the_policy(tok, tmp_path):
     trainer.train()
     assert len(batches) == steps
 
-    # a plain SFT loop on the same batches: AdamW on θ (lr α) and on w (lr β)
+    # a plain SFT loop on the same batches: SGD on θ (lr α) and on w (lr β). (SGD, not AdamW: Adam turns the
+    # round-off-sized gradients of, e.g., the key biases into full-size steps of arbitrary sign.)
     theta = [p for n, p in reference.named_parameters() if "lora_" not in n]
     w = [p for n, p in reference.named_parameters() if "lora_" in n]
-    opt_theta = torch.optim.AdamW(theta, lr=1e-2, weight_decay=0.0)
-    opt_w = torch.optim.AdamW(w, lr=3e-3, weight_decay=0.0)
+    opt_theta = torch.optim.SGD(theta, lr=0.1)
+    opt_w = torch.optim.SGD(w, lr=0.03)
     reference.train()
     for batch in batches:
         loss = reference(**batch).loss
