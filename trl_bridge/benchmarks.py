@@ -18,7 +18,6 @@ one ``{"correct": bool, "extracted": str | None}`` dict per completion.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from .grading import extract_boxed, format_number, grade_answer, verify_math
+from .jsonl import iter_jsonl
 
 __all__ = [
     "BOXED_INSTRUCTION",
@@ -185,19 +185,11 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
 
 
 def _read_jsonl(path: Path, limit: int | None) -> list[dict]:
-    if not path.is_file():
-        raise FileNotFoundError(f"benchmark file {str(path)!r} not found (check --data_dir)")
     rows = []
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from exc
-            if limit is not None and len(rows) >= limit:
-                break
+    for _, row in iter_jsonl(path, what="benchmark file (check --data_dir)"):
+        rows.append(row)
+        if limit is not None and len(rows) >= limit:
+            break
     return rows
 
 

@@ -39,6 +39,7 @@ from .benchmarks import (
     oracle_completions,
     resolve_data_dir,
 )
+from .jsonl import iter_jsonl
 
 __all__ = [
     "BenchmarkEvalCallback",
@@ -394,33 +395,22 @@ def evaluate(
 
 
 def _read_completions(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise FileNotFoundError(f"completions: file {str(path)!r} not found")
     rows = []
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"completions: {path}:{line_no} is not valid JSON ({exc.msg})") from exc
-            if not isinstance(row, dict):
-                raise ValueError(f"completions: {path}:{line_no} must be a JSON object, got {type(row).__name__}")
-            for key in ("benchmark", "id", "completion"):
-                if key not in row:
-                    raise ValueError(
-                        f"completions: {path}:{line_no} has no field {key!r} (each line needs benchmark, id, completion)"
-                    )
-            if not isinstance(row["completion"], str):
-                raise TypeError(
-                    f"completions: {path}:{line_no} field 'completion' must be a string, "
-                    f"got {type(row['completion']).__name__}"
+    for line_no, row in iter_jsonl(path, what="completions: file"):
+        for key in ("benchmark", "id", "completion"):
+            if key not in row:
+                raise ValueError(
+                    f"completions: {path}:{line_no} has no field {key!r} (each line needs benchmark, id, completion)"
                 )
-            if not isinstance(row["id"], (str, int)) or isinstance(row["id"], bool):
-                raise TypeError(f"completions: {path}:{line_no} field 'id' must be a string or integer")
-            row["_line"] = line_no
-            rows.append(row)
+        if not isinstance(row["completion"], str):
+            raise TypeError(
+                f"completions: {path}:{line_no} field 'completion' must be a string, "
+                f"got {type(row['completion']).__name__}"
+            )
+        if not isinstance(row["id"], (str, int)) or isinstance(row["id"], bool):
+            raise TypeError(f"completions: {path}:{line_no} field 'id' must be a string or integer")
+        row["_line"] = line_no
+        rows.append(row)
     if not rows:
         raise ValueError(f"completions: {path} holds no completions")
     return rows

@@ -15,15 +15,14 @@
 from __future__ import annotations
 
 import ast
-import gzip
 import importlib.util
-import json
 import os
 import re
 import secrets
 from pathlib import Path
 from typing import Sequence
 
+from .jsonl import iter_jsonl
 from .sandbox import run_many
 
 __all__ = [
@@ -74,30 +73,20 @@ def load_rows(data_path: str | os.PathLike | None = None, limit: int | None = No
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
     path = Path(data_path) if data_path is not None else default_data_path()
-    if not path.is_file():
-        raise FileNotFoundError(f"HumanEval data_path {str(path)!r} is not a file")
-    opener = gzip.open if path.suffix == ".gz" else open
     rows = []
-    with opener(path, "rt", encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{line_number}: not valid JSON ({exc})") from exc
-            for name in REQUIRED_FIELDS:
-                if not isinstance(record.get(name), str):
-                    raise ValueError(f"{path}:{line_number}: field {name!r} is missing or not a string")
-            rows.append({
-                "id": record["task_id"],
-                "prompt": record["prompt"],
-                "test": record["test"],
-                "entry_point": record["entry_point"],
-                "canonical_solution": record["canonical_solution"],
-            })
-            if limit is not None and len(rows) >= limit:
-                break
+    for line_number, record in iter_jsonl(path, what="HumanEval data_path"):
+        for name in REQUIRED_FIELDS:
+            if not isinstance(record.get(name), str):
+                raise ValueError(f"{path}:{line_number}: field {name!r} is missing or not a string")
+        rows.append({
+            "id": record["task_id"],
+            "prompt": record["prompt"],
+            "test": record["test"],
+            "entry_point": record["entry_point"],
+            "canonical_solution": record["canonical_solution"],
+        })
+        if limit is not None and len(rows) >= limit:
+            break
     return rows
 
 
