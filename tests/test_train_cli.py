@@ -50,6 +50,20 @@ def test_unknown_yaml_key_is_an_error_naming_it(tmp_path, capsys):
     assert "bridge_lamda" in capsys.readouterr().err
 
 
+def test_malformed_or_missing_yaml_and_wrong_types_are_clear_errors(tmp_path, capsys):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model_name_or_path: m\nbridge_lambda: [1, 2\n")
+    assert train_main(["--config", str(broken), "--output_dir", str(tmp_path)]) == 2
+    assert "broken.yaml" in capsys.readouterr().err
+    assert train_main(["--config", str(tmp_path / "missing.yaml"), "--output_dir", str(tmp_path)]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
+    typed = tmp_path / "typed.yaml"
+    typed.write_text("model_name_or_path: m\nbridge_lambda: abc\n")
+    with pytest.raises(SystemExit) as exc:  # argparse names the field and exits with 2
+        train_main(["--config", str(typed), "--output_dir", str(tmp_path)])
+    assert exc.value.code == 2 and "--bridge_lambda" in capsys.readouterr().err
+
+
 def test_unknown_flag_and_invalid_value_are_errors(tmp_path, capsys):
     assert train_main(["--output_dir", str(tmp_path), "--no_such_flag", "1"]) == 2
     assert "--no_such_flag" in capsys.readouterr().err

@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import yaml
 from trl import ModelConfig, TrlParser
 
 from .bridge_config import BridgeConfig
@@ -218,8 +219,8 @@ def main(argv=None) -> int:
     parser.prog = "trl-bridge train"
     try:
         script_args, training_args, model_args = parser.parse_args_and_config(argv)
-    except ValueError as err:  # malformed YAML, unknown key, invalid value: one clear line, exit code 2
-        print(f"trl-bridge train: error: {err}", file=sys.stderr)
+    except (ValueError, TypeError, OSError, yaml.YAMLError) as err:  # unknown key, invalid value, bad/missing YAML
+        print(f"trl-bridge train: error: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
     run(script_args, training_args, model_args)
     return 0
