@@ -72,10 +72,15 @@ class BridgeTrainer(GRPOTrainer):
       * `__init__`: wraps the model in the LoRA adapter w, unfreezes θ, creates θ̂ and the SFT stream, and (when
         `beta > 0`) keeps a frozen copy of the initial policy as the KL reference so it does not move with θ.
       * `compute_loss` / `training_step`: pass A (fused loss) and pass B (shadow loss) of the module docstring.
-      * `create_optimizer`, `create_scheduler` and `_clip_grad_norm`: the Trainer's optimizer and clipping act on θ alone; θ̂ and w get
-        their own optimizers, schedules and clipping (in `BridgeCallback`).
+      * `create_optimizer`, `create_scheduler`, `_clip_grad_norm`, `_get_grad_norm`: the Trainer's optimizer and
+        clipping act on θ alone; θ̂ and w get their own optimizers, schedules and clipping (in `BridgeCallback`).
+      * `_calculate_rewards`, `_generate_and_score_completions`, `_get_per_token_logps_and_entropies`: keep each
+        rollout's reward and the log-probs of both passes (for the cooperative-gain estimate), and the shadow's own
+        sampling-time log-probs when GRPOTrainer keeps old log-probs or `shadow_off_policy="truncated_is"`.
+      * `train`: probes every reward function once on the first RL row, so a broken one fails before step 1.
       * `_save`, `_save_optimizer_and_scheduler`, `_load_from_checkpoint`, `_load_optimizer_and_scheduler`: the merged
         π(θ+w) export, and checkpoints holding θ, θ̂, w, all optimizer states and the SFT stream position.
+      * `create_model_card`: a card that names BRIDGE, the base model, data, hyper-parameters and final metrics.
     """
 
     _tag_names = ["trl", "bridge", "grpo"]
