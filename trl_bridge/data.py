@@ -230,9 +230,10 @@ def make_arithmetic_task(
 
 
 def benchmarks_dir() -> Path:
-    """Folder with the shared benchmark files: ``$TRL_BRIDGE_DATA_DIR`` or ``<repo>/../shared/benchmarks``."""
-    env = os.environ.get("TRL_BRIDGE_DATA_DIR")
-    return Path(env).expanduser() if env else Path(__file__).resolve().parents[2] / "shared" / "benchmarks"
+    """Folder with the shared benchmark files, found as `trl-bridge eval` finds it (`benchmarks.default_data_dir`)."""
+    from .benchmarks import default_data_dir
+
+    return default_data_dir()
 
 
 def _load_source(path_or_name: str | os.PathLike | None, default_files: Mapping[str, str], split: str, **hub_kwargs):
