@@ -8,6 +8,17 @@ import torch
 from trl import GRPOConfig
 
 SHADOW_OFF_POLICY_MODES = ("on_policy", "truncated_is")
+# `optim` values that build one plain torch optimizer per parameter set, so θ, θ̂ and w each get their own (tested in
+# tests/test_scale.py). The others are refused: GaLore/APOLLO need target modules of one model, LOMO/AdaLomo fuse the
+# update into the backward (θ̂ and w are never in that backward's parameter list), schedule-free optimizers need
+# train()/eval() switches the Trainer only makes for its own optimizer, bitsandbytes/torchao/XLA/NPU ones are untested.
+SUPPORTED_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad", "rmsprop")
+# `lr_scheduler_type` values that act the same on the three optimizers (each follows θ's shape from its own peak lr).
+# reduce_lr_on_plateau and greedy need an evaluation metric per step, which only the Trainer's own scheduler receives.
+SUPPORTED_SCHEDULERS = (
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
+    "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay",
+)
 
 
 @dataclass
@@ -42,6 +53,12 @@ class BridgeConfig(GRPOConfig):
             min(π(θ̂+w)/π(θ+w), `shadow_is_cap`).
         shadow_is_cap (`float`, defaults to `2.0`): the truncation C of `"truncated_is"`.
         bridge_meta_term (`bool`, defaults to `True`): `False` is the paper's "w/o J_meta" ablation (naive mixing).
+
+    Precision and engines: θ and θ̂ always keep fp32 master weights (a half-precision model gets its trainable weights
+    upcast; `bf16=True` then computes in bf16 under autocast). `fp16`, DeepSpeed and FSDP1 are refused; FSDP2 (through
+    accelerate) is the multi-GPU engine. `optim` and `lr_scheduler_type` accept the values in `SUPPORTED_OPTIMIZERS` and
+    `SUPPORTED_SCHEDULERS`; an absolute `min_lr` in `lr_scheduler_kwargs` becomes the relative `min_lr_rate`, so each
+    of the three schedules ends at the same fraction of its own peak.
 
     CPU-friendly defaults: `gradient_checkpointing` and `bf16` default to on only when CUDA is available (TRL turns both
     on unconditionally; on CPU they are slow or unsupported).
@@ -141,6 +158,14 @@ class BridgeConfig(GRPOConfig):
         if self.shadow_learning_rate is None:
             self.shadow_learning_rate = self.learning_rate
         self._validate()
+        kwargs = self.lr_scheduler_kwargs
+        if isinstance(kwargs, dict) and kwargs.get("min_lr") is not None:
+            # An absolute floor would be the same number for θ (lr α), θ̂ and w (lr β): with β < min_lr, w's lr would
+            # *rise* to the floor. Express it relative to each optimizer's own peak instead.
+            kwargs = dict(kwargs)
+            min_lr = kwargs.pop("min_lr")
+            kwargs["min_lr_rate"] = min_lr / self.learning_rate if self.learning_rate > 0 else 0.0
+            self.lr_scheduler_kwargs = kwargs
 
     def _validate(self):
         def need(ok, name, what):
@@ -159,6 +184,39 @@ class BridgeConfig(GRPOConfig):
         need(self.sft_max_length is None or self.sft_max_length > 0, "sft_max_length", "must be positive or None")
         need(self.shadow_off_policy in SHADOW_OFF_POLICY_MODES, "shadow_off_policy", f"choose one of {SHADOW_OFF_POLICY_MODES}")
         need(self.shadow_is_cap >= 1.0, "shadow_is_cap", "must be >= 1")
+        need(
+            not self.fp16, "fp16",
+            "BRIDGE does not support fp16: θ̂ and w have their own optimizers, outside the fp16 loss scaler, so they "
+            "would step on loss-scaled gradients and on the overflow steps that θ skips. Use bf16=True (fp32 master "
+            "weights, bf16 autocast) or full precision",
+        )
+        need(
+            not self.deepspeed, "deepspeed",
+            "DeepSpeed is not supported: its engine steps θ inside backward() (BRIDGE's shadow pass would step θ "
+            "again) and never reduces θ̂'s and w's gradients. Use FSDP2 through accelerate "
+            "(`accelerate launch --config_file configs/accelerate/fsdp2.yaml`)",
+        )
+        fsdp_version = (self.fsdp_config or {}).get("version", (self.fsdp_config or {}).get("fsdp_version", 1))
+        need(
+            not self.fsdp or int(fsdp_version) == 2, "fsdp",
+            "FSDP1 is not supported (TRL's fused LM head reads the flattened shard of lm_head.weight). Use FSDP2: "
+            "fsdp_config={'version': 2} or `accelerate launch --config_file configs/accelerate/fsdp2.yaml`",
+        )
+        opt = getattr(self.optim, "value", self.optim)
+        need(
+            opt in SUPPORTED_OPTIMIZERS, "optim",
+            f"BRIDGE builds the same optimizer for θ, θ̂ and w; supported: {SUPPORTED_OPTIMIZERS}",
+        )
+        need(
+            not self.optim_target_modules, "optim_target_modules",
+            "GaLore/APOLLO-style target modules are not supported by BRIDGE (θ̂ is not a module of the model)",
+        )
+        sched = getattr(self.lr_scheduler_type, "value", self.lr_scheduler_type)
+        need(
+            sched in SUPPORTED_SCHEDULERS, "lr_scheduler_type",
+            f"θ̂ and w follow θ's schedule from their own peak lr, which needs a metric-free schedule; supported: "
+            f"{SUPPORTED_SCHEDULERS}",
+        )
 
     def lambda_at(self, step: int) -> float:
         """λ at optimizer step `step` (constant, or linear from `bridge_lambda` to `bridge_lambda_end`)."""

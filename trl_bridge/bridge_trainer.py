@@ -32,10 +32,13 @@ from contextlib import contextmanager
 
 import torch
 from accelerate.utils import is_peft_model
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, distribute_tensor
 from datasets import Dataset, IterableDataset
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback, get_scheduler
+from transformers.utils import logging
 from transformers.trainer import TRAINING_ARGS_NAME
 from trl import GRPOTrainer
 from trl.data_utils import is_conversational
@@ -45,6 +48,8 @@ from .bridge_config import BridgeConfig
 from .data import validate_rl_dataset, validate_sft_dataset
 from .export import plain_name, save_merged_model
 from .sft_stream import SFTStream, tokenize_sft_dataset
+
+logger = logging.get_logger(__name__)
 
 BRIDGE_STATE_FILE = "bridge_state.safetensors"
 BRIDGE_OPTIM_FILE = "bridge_optimizers.pt"
@@ -159,13 +164,21 @@ class BridgeTrainer(GRPOTrainer):
             add_fused_lm_head(ref_model, temperature=self.temperature, cast_lm_head_to_fp32=args.cast_lm_head_to_fp32)
             self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
 
+        self._refuse_unsupported_engines()
         # θ: PEFT froze the base; unfreeze the selected weights.  w: the LoRA parameters.
         self.base_params = _select_base_params(self.model, args.trainable_base_parameters)
         for _, p in self.base_params:
             p.requires_grad_(True)
         self.adapter_params = [(n, p) for n, p in self.model.named_parameters() if "lora_" in n and p.requires_grad]
-        # θ̂ ← θ⁰: a persistent full-precision copy of the trainable base weights only.
-        self.shadow_params = [torch.nn.Parameter(p.detach().clone()) for _, p in self.base_params]
+        _keep_fp32_master_weights(self.model, self.base_params + self.adapter_params, autocast=args.bf16)
+        # FSDP2 shards the parameters when the Trainer prepares the model (train()); θ̂ is then created sharded like θ.
+        self._fsdp2 = bool(self.is_fsdp_enabled and self.accelerator.is_fsdp2)
+        if self._fsdp2:
+            # One reduce-scatter per backward: FSDP2's no_sync accumulates unsharded gradients inside FSDP, where the
+            # θ/θ̂ swap of pass B cannot separate them.
+            self.accelerator.gradient_state.plugin_kwargs["sync_each_batch"] = True
+        # θ̂ ← θ⁰: a persistent fp32 copy of the trainable base weights only.
+        self.shadow_params = None if self._fsdp2 else [torch.nn.Parameter(p.detach().clone()) for _, p in self.base_params]
 
         sft_tokenized = tokenize_sft_dataset(sft_dataset, self._tokenizer, args.sft_max_length)
         self.sft_stream = SFTStream(
@@ -181,11 +194,34 @@ class BridgeTrainer(GRPOTrainer):
         self._rl_inputs = None  # the rollouts of the current micro-batch, shared by passes A and B
         self._capture_logps = False
         self._captured_logps = None
+        self._adapter_sft_grads = None
         self.add_callback(BridgeCallback(self))
 
     def train(self, *args, **kwargs):
         self._check_reward_funcs()
         return super().train(*args, **kwargs)
+
+    def _refuse_unsupported_engines(self):
+        """Engines BRIDGE cannot run correctly are refused here, before any step (an accelerate config sets them)."""
+        if self.is_deepspeed_enabled:
+            raise ValueError(
+                "BridgeTrainer does not support DeepSpeed: its engine steps θ inside backward() (the shadow pass would "
+                "step θ a second time) and θ̂ and w, outside its optimizer, would never have their gradients reduced. "
+                "Use FSDP2: `accelerate launch --config_file configs/accelerate/fsdp2.yaml ...`."
+            )
+        if self.is_fsdp_enabled:
+            if not self.accelerator.is_fsdp2:
+                raise ValueError(
+                    "BridgeTrainer does not support FSDP1 (TRL's fused LM head reads the flattened shard of "
+                    "lm_head.weight). Use FSDP2: `fsdp_version: 2` in the accelerate config "
+                    "(configs/accelerate/fsdp2.yaml)."
+                )
+            sd_type = str(self.accelerator.state.fsdp_plugin.state_dict_type)
+            if "FULL_STATE_DICT" not in sd_type:
+                raise ValueError(
+                    f"BridgeTrainer under FSDP2 needs `fsdp_state_dict_type: FULL_STATE_DICT` (got {sd_type}): the merged "
+                    "π(θ+w) export and BRIDGE's checkpoints gather full tensors."
+                )
 
     def _check_reward_funcs(self):
         """Call every reward function once on the first RL row before any step, so a broken one fails early and clearly."""
@@ -224,15 +260,21 @@ class BridgeTrainer(GRPOTrainer):
         if not self.model.training:  # evaluation: the RL loss of π(θ+w), as GRPOTrainer reports it
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         lam = self.bridge_lambda
-        # Pass A. §3.2 (θ) and the first two terms of §3.4 (w): backward of (1−λ) L_SFT(θ,w) + λ L_RL(θ,w).
-        rl_loss, base_logps = self._rl_loss_and_logps(model, inputs)
+        # Pass A. §3.2 (θ) and the first two terms of §3.4 (w): the gradient of (1−λ) L_SFT(θ,w) + λ L_RL(θ,w), as
+        # two forward+backward pairs (one backward per forward, which FSDP2 needs). The SFT half is back-propagated
+        # here; the Trainer back-propagates the returned λ L_RL (the detached SFT term only makes the logged loss whole).
+        first_micro_batch = self._step % self.current_gradient_accumulation_steps == 0
         sft_loss = self._sft_loss(model)
+        self.accelerator.backward((1.0 - lam) * sft_loss)
+        if first_micro_batch:  # w's SFT gradient, for the cooperative/SFT ratio logged after pass B
+            self._adapter_sft_grads = [None if p.grad is None else p.grad.detach().clone() for _, p in self.adapter_params]
+        rl_loss, base_logps = self._rl_loss_and_logps(model, inputs)
         self._rl_inputs = (inputs, base_logps)
         ga = self.current_gradient_accumulation_steps
         self._log_mean("bridge/rl_loss", rl_loss.detach() * ga)
         self._log_mean("bridge/sft_loss", sft_loss.detach() * ga)
         self._log_mean("bridge/lambda", torch.tensor(lam, device=rl_loss.device))
-        return (1.0 - lam) * sft_loss + lam * rl_loss
+        return lam * rl_loss + ((1.0 - lam) * sft_loss).detach()
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)  # rollouts + pass A (forward and backward)
@@ -240,6 +282,8 @@ class BridgeTrainer(GRPOTrainer):
             if self.args.bridge_meta_term:  # False: the "w/o J_meta" ablation, no shadow
                 self._shadow_backward(model, *self._rl_inputs, lam=self.bridge_lambda)  # pass B
             self._rl_inputs = None
+            if self._adapter_sft_grads is not None:
+                self._log_cooperative_to_sft_ratio()
         return loss
 
     def _shadow_backward(self, model, inputs, base_logps, lam):
@@ -255,7 +299,7 @@ class BridgeTrainer(GRPOTrainer):
             advantages = inputs["advantages"]
             advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
             shadow_inputs["advantages"] = advantages * ratio.clamp(max=self.args.shadow_is_cap)
-        with self._shadow_in_place(), self._scale_adapter_grads(-lam), self._metrics_set_aside():
+        with self._shadow_in_place(), self._adapter_grads_scaled(-lam), self._metrics_set_aside():
             shadow_loss, shadow_logps = self._rl_loss_and_logps(model, shadow_inputs)
             self.accelerator.backward(shadow_loss)
         ga = self.current_gradient_accumulation_steps
@@ -294,11 +338,17 @@ class BridgeTrainer(GRPOTrainer):
     # §3.3 and §3.4 updates (called by BridgeCallback before the Trainer's θ step)
     # ------------------------------------------------------------------------------------------------------------
     def _apply_shadow_and_adapter_updates(self):
+        _reshard_fsdp(self.model)  # no unsharded FSDP2 copy may outlive the update
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm and self.args.max_grad_norm > 0 else float("inf")
-        shadow_norm = torch.nn.utils.clip_grad_norm_(self.shadow_params, max_norm)
-        adapter_norm = torch.nn.utils.clip_grad_norm_([p for _, p in self.adapter_params], max_norm)
-        self._metrics["train"]["bridge/grad_norm_shadow"].append(float(shadow_norm))
-        self._metrics["train"]["bridge/grad_norm_adapter"].append(float(adapter_norm))
+        shadow_norm = _clip_grad_norm(self.shadow_params, max_norm)
+        adapter_norm = _clip_grad_norm([p for _, p in self.adapter_params], max_norm)
+        self._metrics["train"]["bridge/grad_norm_shadow"].append(shadow_norm)
+        self._metrics["train"]["bridge/grad_norm_adapter"].append(adapter_norm)
+        # ‖θ̂−θ‖/‖θ‖ at iterate k: ~0 means the shadow has not separated from θ, so the cooperative term vanishes and
+        # BRIDGE has degenerated to naive mixing (e.g. half-precision updates rounding away).
+        diff = _sum_of_squares(s - p for (_, p), s in zip(self.base_params, self.shadow_params))
+        norm = _sum_of_squares(p for _, p in self.base_params)
+        self._metrics["train"]["bridge/shadow_divergence"].append((diff / max(norm, 1e-30)) ** 0.5)
         self.shadow_optimizer.step()  # θ̂ ← θ̂ − α ∇θ̂ L_RL(θ̂,w)
         self.adapter_optimizer.step()  # w ← w − β [cooperative-gain gradient]
         self.shadow_scheduler.step()
@@ -308,15 +358,26 @@ class BridgeTrainer(GRPOTrainer):
 
     def _clip_grad_norm(self, model):
         """The Trainer's clipping (and its logged `grad_norm`) covers θ alone; θ̂ and w are clipped separately."""
-        norm = self.accelerator.clip_grad_norm_([p for _, p in self.base_params], self.args.max_grad_norm)
-        self._metrics["train"]["bridge/grad_norm_base"].append(float(norm))
+        norm = _clip_grad_norm([p for _, p in self.base_params], self.args.max_grad_norm)
+        self._metrics["train"]["bridge/grad_norm_base"].append(norm)
         return norm
 
     def _get_grad_norm(self, model, grad_norm=None):
         if grad_norm is None:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for _, p in self.base_params if p.grad is not None])
-            self._metrics["train"]["bridge/grad_norm_base"].append(float(grad_norm))
+            grad_norm = _clip_grad_norm([p for _, p in self.base_params], float("inf"))
+            self._metrics["train"]["bridge/grad_norm_base"].append(grad_norm)
         return super()._get_grad_norm(model, grad_norm)
+
+    def _log_cooperative_to_sft_ratio(self):
+        """‖λ(∇w L_RL(θ,w) − ∇w L_RL(θ̂,w))‖ / ‖(1−λ)∇w L_SFT(θ,w)‖ on the step's first micro-batch: near 0, w is trained
+        on SFT alone (BRIDGE has become LoRA-SFT)."""
+        sft = [g for g in self._adapter_sft_grads]
+        total = [p.grad for _, p in self.adapter_params]
+        coop = [t if s is None else t - s for t, s in zip(total, sft) if t is not None]
+        sft_sq = _sum_of_squares([g for g in sft if g is not None])
+        if sft_sq > 0:
+            self._metrics["train"]["bridge/cooperative_to_sft_grad_ratio"].append((_sum_of_squares(coop) / sft_sq) ** 0.5)
+        self._adapter_sft_grads = None
 
     # ------------------------------------------------------------------------------------------------------------
     # Optimizers: θ in the Trainer's optimizer, θ̂ and w in their own (same class, same schedule type)
@@ -336,24 +397,47 @@ class BridgeTrainer(GRPOTrainer):
             self.optimizer = self._make_optimizer(self._peft_named(self.base_params), self.args.learning_rate)
         return self.optimizer
 
+    def _make_scheduler(self, optimizer, num_training_steps: int):
+        """The same schedule shape for θ, θ̂ and w, each from its own peak lr (BridgeConfig made min_lr relative)."""
+        return get_scheduler(
+            self.args.lr_scheduler_type,
+            optimizer=optimizer,
+            num_warmup_steps=self.args.get_warmup_steps(num_training_steps),
+            num_training_steps=num_training_steps,
+            scheduler_specific_kwargs=self.args.lr_scheduler_kwargs or {},
+        )
+
     def create_scheduler(self, num_training_steps: int, optimizer=None):
-        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        if self.lr_scheduler is None:
+            self.lr_scheduler = self._make_scheduler(self.optimizer if optimizer is None else optimizer, num_training_steps)
+            self._created_lr_scheduler = True
         if self.shadow_optimizer is not None:
-            return scheduler
+            return self.lr_scheduler
+        self._bind_sharded_params()  # called after accelerate prepared (and, under FSDP2, sharded) the model
         shadow_named = list(zip([n for n, _ in self._peft_named(self.base_params)], self.shadow_params))
         self.shadow_optimizer = self._make_optimizer(shadow_named, self.args.shadow_learning_rate)
         self.adapter_optimizer = self._make_optimizer(self.adapter_params, self.args.adapter_learning_rate)
-        self.shadow_scheduler, self.adapter_scheduler = (
-            get_scheduler(
-                self.args.lr_scheduler_type,
-                optimizer=opt,
-                num_warmup_steps=self.args.get_warmup_steps(num_training_steps),
-                num_training_steps=num_training_steps,
-                scheduler_specific_kwargs=self.args.lr_scheduler_kwargs or {},
-            )
-            for opt in (self.shadow_optimizer, self.adapter_optimizer)
-        )
-        return scheduler
+        self.shadow_scheduler = self._make_scheduler(self.shadow_optimizer, num_training_steps)
+        self.adapter_scheduler = self._make_scheduler(self.adapter_optimizer, num_training_steps)
+        return self.lr_scheduler
+
+    def _bind_sharded_params(self):
+        """FSDP2: `fully_shard` replaced every parameter by a DTensor one. Re-bind θ and w by name, create θ̂ sharded
+        exactly like θ (same mesh and placements: each rank holds its shard of θ̂ and of θ̂'s optimizer state), and
+        make TRL's fused LM head, which reads `lm_head.weight` without calling `lm_head`, see the gathered weight."""
+        if not self._fsdp2 or self.shadow_params is not None:
+            return
+        named = dict(self.model.named_parameters())
+        by_plain = {plain_name(n): p for n, p in named.items() if "lora_" not in n}
+        self.base_params = [(n, by_plain[n]) for n, _ in self.base_params]
+        self.adapter_params = [(n, named[n]) for n, _ in self.adapter_params]
+        self.shadow_params = [torch.nn.Parameter(p.detach().clone()) for _, p in self.base_params]  # θ̂ ← θ⁰, sharded
+        base = self.accelerator.unwrap_model(self.model).get_base_model()
+        head = base.get_output_embeddings()
+        if isinstance(head, FSDPModule):
+            # accelerate puts lm_head in its own FSDP unit, gathered only when lm_head.forward runs; the fused head
+            # never calls it. Gather it when the backbone finishes: its gradient then reaches FSDP's reduce-scatter.
+            base.base_model.register_forward_hook(lambda *_: head.unshard())
 
     def _peft_named(self, plain_named):
         """(plain name, param) -> (the name the param has in self.model, param), for weight-decay grouping."""
@@ -406,13 +490,23 @@ class BridgeTrainer(GRPOTrainer):
     # ------------------------------------------------------------------------------------------------------------
     @contextmanager
     def _shadow_in_place(self, keep_grads: bool = False):
-        """Put θ̂ in the base parameters' storage (and θ̂'s accumulated gradients in their .grad); swap back after."""
+        """Put θ̂ in the base parameters' storage (and θ̂'s accumulated gradients in their .grad); swap back after.
+
+        Under FSDP2 the local shards are exchanged in place (FSDP all-gathers from that storage), with every FSDP unit
+        resharded first so that no gathered copy of the other weights is reused."""
 
         def swap():
-            for (_, p), s in zip(self.base_params, self.shadow_params):
-                p.data, s.data = s.data, p.data
-                if not keep_grads:
-                    p.grad, s.grad = s.grad, p.grad
+            _reshard_fsdp(self.model)
+            with torch.no_grad():
+                for (_, p), s in zip(self.base_params, self.shadow_params):
+                    if isinstance(p, DTensor):
+                        tmp = p._local_tensor.clone()
+                        p._local_tensor.copy_(s._local_tensor)
+                        s._local_tensor.copy_(tmp)
+                    else:
+                        p.data, s.data = s.data, p.data
+                    if not keep_grads:
+                        p.grad, s.grad = s.grad, p.grad
 
         swap()
         try:
@@ -421,13 +515,18 @@ class BridgeTrainer(GRPOTrainer):
             swap()
 
     @contextmanager
-    def _scale_adapter_grads(self, scale: float):
-        handles = [p.register_hook(lambda g, s=scale: g * s) for _, p in self.adapter_params]
+    def _adapter_grads_scaled(self, scale: float):
+        """w.grad += scale × (the gradient the enclosed backward produces). Applied to the gradient as DDP/FSDP leave
+        it after the backward (a tensor hook would not fire on FSDP2's sharded parameters)."""
+        saved = [p.grad for _, p in self.adapter_params]
+        for _, p in self.adapter_params:
+            p.grad = None
         try:
             yield
         finally:
-            for h in handles:
-                h.remove()
+            for (_, p), before in zip(self.adapter_params, saved):
+                new = p.grad
+                p.grad = before if new is None else (scale * new if before is None else before + scale * new)
 
     @contextmanager
     def _metrics_set_aside(self):
@@ -454,15 +553,17 @@ class BridgeTrainer(GRPOTrainer):
     # Export and checkpoints
     # ------------------------------------------------------------------------------------------------------------
     def shadow_state_dict(self) -> dict[str, torch.Tensor]:
-        """θ̂, keyed like the plain base model's state dict (only the trainable weights have a shadow)."""
-        return {name: s.detach().clone() for (name, _), s in zip(self.base_params, self.shadow_params)}
+        """θ̂, keyed like the plain base model's state dict (only the trainable weights have a shadow). Full tensors
+        (under FSDP2 every rank must call it: the shards are gathered)."""
+        return {name: _full(s).clone() for (name, _), s in zip(self.base_params, self.shadow_params)}
 
     def _save(self, output_dir=None, state_dict=None):
         """`save_model` writes the merged policy π(θ+w) as a plain model folder (loadable with AutoModelForCausalLM)."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
-        save_merged_model(self.accelerator.unwrap_model(self.model), self.processing_class, output_dir)
+        # Under FSDP2 the Trainer passes the gathered full state dict of the PEFT model; else the live model is read.
+        save_merged_model(self.accelerator.unwrap_model(self.model), self.processing_class, output_dir, state_dict=state_dict)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None, **kwargs):
@@ -486,20 +587,27 @@ class BridgeTrainer(GRPOTrainer):
         )
 
     def _bridge_tensors(self) -> dict[str, torch.Tensor]:
-        tensors = {f"base.{n}": p.detach().contiguous() for n, p in self.base_params}
-        tensors.update({f"shadow.{n}": s.detach().contiguous() for (n, _), s in zip(self.base_params, self.shadow_params)})
-        tensors.update({f"adapter.{n}": p.detach().contiguous() for n, p in self.adapter_params})
+        """θ, θ̂ and w as full tensors (gathered from every rank under FSDP2: all ranks must call it)."""
+        tensors = {f"base.{n}": _full(p).contiguous() for n, p in self.base_params}
+        tensors.update({f"shadow.{n}": _full(s).contiguous() for (n, _), s in zip(self.base_params, self.shadow_params)})
+        tensors.update({f"adapter.{n}": _full(p).contiguous() for n, p in self.adapter_params})
         return tensors
 
+    def _optimizers(self):
+        return {"base": self.optimizer, "shadow": self.shadow_optimizer, "adapter": self.adapter_optimizer}
+
     def _save_optimizer_and_scheduler(self, output_dir):
-        super()._save_optimizer_and_scheduler(output_dir)
+        """All three optimizers and schedules in one engine-independent file (full tensors), so a checkpoint written
+        under FSDP2 resumes under FSDP2 or in one process, and vice versa."""
+        tensors = self._bridge_tensors()
+        optimizers = {f"{k}_optimizer": _full_optimizer_state(opt) for k, opt in self._optimizers().items()}
         if not self.args.should_save:
             return
-        save_file(self._bridge_tensors(), os.path.join(output_dir, BRIDGE_STATE_FILE))
+        save_file(tensors, os.path.join(output_dir, BRIDGE_STATE_FILE))
         torch.save(
             {
-                "shadow_optimizer": self.shadow_optimizer.state_dict(),
-                "adapter_optimizer": self.adapter_optimizer.state_dict(),
+                **optimizers,
+                "base_scheduler": self.lr_scheduler.state_dict(),
                 "shadow_scheduler": self.shadow_scheduler.state_dict(),
                 "adapter_scheduler": self.adapter_scheduler.state_dict(),
                 "sft_stream": self.sft_stream.state_dict(),
@@ -516,20 +624,19 @@ class BridgeTrainer(GRPOTrainer):
         missing = sorted(set(expected) - set(saved))
         if missing:
             raise ValueError(f"{path} does not match this model/config; missing e.g. {missing[:3]}")
-        with torch.no_grad():
-            for (n, p), s in zip(self.base_params, self.shadow_params):
-                p.copy_(saved[f"base.{n}"])
-                s.copy_(saved[f"shadow.{n}"])
-            for n, p in self.adapter_params:
-                p.copy_(saved[f"adapter.{n}"])
+        for (n, p), s in zip(self.base_params, self.shadow_params):
+            _assign(p, saved[f"base.{n}"])
+            _assign(s, saved[f"shadow.{n}"])
+        for n, p in self.adapter_params:
+            _assign(p, saved[f"adapter.{n}"])
 
     def _load_optimizer_and_scheduler(self, checkpoint):
-        super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None:
             return
         state = torch.load(os.path.join(checkpoint, BRIDGE_OPTIM_FILE), map_location="cpu", weights_only=False)
-        self.shadow_optimizer.load_state_dict(state["shadow_optimizer"])
-        self.adapter_optimizer.load_state_dict(state["adapter_optimizer"])
+        for key, opt in self._optimizers().items():
+            _load_full_optimizer_state(opt, state[f"{key}_optimizer"])
+        self.lr_scheduler.load_state_dict(state["base_scheduler"])
         self.shadow_scheduler.load_state_dict(state["shadow_scheduler"])
         self.adapter_scheduler.load_state_dict(state["adapter_scheduler"])
         self.sft_stream.load_state_dict(state["sft_stream"])
@@ -542,6 +649,95 @@ CARD_HYPERPARAMETERS = (
     "sft_per_device_train_batch_size", "sft_max_length", "max_steps", "seed",
 )
 CARD_METRICS = ("reward", "bridge/sft_loss", "bridge/rl_loss", "bridge/rl_loss_shadow", "bridge/cooperative_gain", "bridge/lambda")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Precision and FSDP2 helpers (plain tensors pass through unchanged)
+# ----------------------------------------------------------------------------------------------------------------------
+def _keep_fp32_master_weights(model, trainable, autocast: bool):
+    """θ (and so θ̂, its copy) and w train in fp32 whatever dtype the model was loaded in. At the paper's lr (5e-7) a
+    bf16 update of a weight of size ~0.02 is below bf16's spacing (~1e-4) and rounds away: θ would not move, θ̂ would
+    stay equal to θ and the cooperative gain would vanish. With `bf16=True` the forward still computes in bf16
+    (autocast); without it, the whole policy is upcast so that every matmul sees one dtype."""
+    half = [n for n, p in trainable if p.dtype in (torch.bfloat16, torch.float16)]
+    bad = [f"{n} ({p.dtype})" for n, p in trainable if not p.dtype.is_floating_point]
+    if bad:
+        raise ValueError(
+            f"Trainable base weights must be floating point; {bad[:3]} are not (a quantized model?). BRIDGE trains the "
+            "base weights θ in full: load the model unquantized, or leave those weights out of `trainable_base_parameters`."
+        )
+    if not half:
+        return
+    params = [p for _, p in trainable] if autocast else [p for p in model.parameters() if p.dtype.is_floating_point]
+    for p in params:
+        if p.dtype in (torch.bfloat16, torch.float16):
+            p.data = p.data.float()
+    logger.warning(
+        "%d trainable weights were loaded in half precision (e.g. %s); BRIDGE keeps fp32 master weights for θ, θ̂ and "
+        "w (half-precision updates at small learning rates round away). %s",
+        len(half), half[0],
+        "Compute stays in bf16 (autocast, bf16=True)." if autocast else "bf16=False: the policy now computes in fp32.",
+    )
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor, detached (a collective for FSDP2's DTensors: every rank must call it in the same order)."""
+    t = t.detach()
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _assign(param: torch.Tensor, full: torch.Tensor):
+    """Copy a full tensor into a parameter, or into this rank's shard of it."""
+    with torch.no_grad():
+        if isinstance(param, DTensor):
+            full = distribute_tensor(full.to(param.dtype), param.device_mesh, param.placements, src_data_rank=None)
+        param.copy_(full.to(param.device, param.dtype))
+
+
+def _sum_of_squares(tensors) -> float:
+    total = sum((_full(t.detach().float().pow(2).sum()) for t in tensors), torch.zeros(()))
+    return float(total)
+
+
+def _clip_grad_norm(params, max_norm: float) -> float:
+    """Clip the gradients of `params` to a total norm of `max_norm` (DTensor-aware); returns the norm before."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    norm = torch.nn.utils.get_total_norm(grads)
+    norm = _full(norm)
+    if max_norm and max_norm > 0 and max_norm != float("inf"):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return float(norm)
+
+
+def _reshard_fsdp(model):
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def _full_optimizer_state(optimizer) -> dict:
+    """`optimizer.state_dict()` with every sharded state tensor gathered (collective under FSDP2)."""
+    sd = optimizer.state_dict()
+    return {
+        "state": {i: {k: _full(v).cpu() if torch.is_tensor(v) else v for k, v in st.items()} for i, st in sd["state"].items()},
+        "param_groups": sd["param_groups"],
+    }
+
+
+def _load_full_optimizer_state(optimizer, sd: dict):
+    """Load a full optimizer state, sharding each tensor like its parameter when the parameters are DTensors."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    state = {}
+    for i, st in sd["state"].items():
+        p = params[int(i)]
+        state[i] = {
+            k: distribute_tensor(v.to(p.dtype), p.device_mesh, p.placements, src_data_rank=None)
+            if isinstance(p, DTensor) and torch.is_tensor(v) and v.shape == p.shape else v
+            for k, v in st.items()
+        }
+    optimizer.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
 
 
 def _model_name(peft_model) -> str:
