@@ -1,0 +1,83 @@
+"""Run by tests/test_fsdp2.py: BRIDGE on a tiny Qwen2 for 3 steps (2 micro-batches per step, clipping on, every base
+weight trainable, lm_head included) under the engine the launcher set up, then rank 0 saves the full θ, θ̂, w and the
+merged export, and every rank saves how much of θ̂ and of θ̂'s optimizer state it holds.
+
+    python fsdp_worker.py MODE OUT_DIR [CHECKPOINT]
+MODE: train (under torchrun = DDP, under `accelerate launch` with an FSDP2 config = FSDP2; a checkpoint at step 2),
+resume (continue from CHECKPOINT to step 3). TRL_BRIDGE_TEST_CPU_FSDP=1 imports tests/cpu_fsdp_patch.py first."""
+
+import os
+import sys
+
+if os.environ.get("TRL_BRIDGE_TEST_CPU_FSDP") == "1":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import cpu_fsdp_patch  # noqa: F401
+
+import torch
+from datasets import Dataset
+from torch.distributed.tensor import DTensor
+from transformers import TrainerCallback
+
+from trl_bridge import BridgeConfig, BridgeTrainer
+from trl_bridge.tiny import make_tiny_model, make_tiny_tokenizer
+
+
+def reward(completions, answer, **kwargs):
+    return [float(a in c) + sum(ch.isdigit() for ch in c) / max(len(c), 1) for c, a in zip(completions, answer)]
+
+
+def local_numel(t):
+    return (t._local_tensor if isinstance(t, DTensor) else t).numel()
+
+
+class AtTrainBegin(TrainerCallback):
+    """What the trainer holds right after loading a checkpoint (gathered; every rank calls it)."""
+
+    def __init__(self, trainer):
+        self.trainer, self.state = trainer, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        t = self.trainer
+        self.state = {k: v.clone() for k, v in t._bridge_tensors().items()}
+        opt = t.shadow_optimizer.state_dict()["state"]
+        self.state["shadow_exp_avg_0"] = t._bridge_full(opt[0]["exp_avg"]).clone() if opt else torch.zeros(())
+
+
+def main(mode, out_dir, checkpoint=None):
+    tok = make_tiny_tokenizer()
+    rl = Dataset.from_list([{"prompt": f"What is {i} + {i + 1}?", "answer": str(2 * i + 1)} for i in range(32)])
+    sft = Dataset.from_list([{"prompt": f"What is {i} + {i + 1}?", "completion": f" {2 * i + 1}"} for i in range(32)])
+    args = BridgeConfig(
+        output_dir=out_dir, per_device_train_batch_size=4, num_generations=4, max_completion_length=8, max_steps=3,
+        learning_rate=1e-2, adapter_learning_rate=2e-2, lora_r=4, sft_per_device_train_batch_size=2, report_to="none",
+        save_strategy="steps", save_steps=2, seed=3, gradient_accumulation_steps=2, max_grad_norm=1.0, bf16=False,
+        use_cpu=True, ddp_backend="gloo" if "WORLD_SIZE" in os.environ else None, logging_steps=1,
+    )
+    trainer = BridgeTrainer(model=make_tiny_model(tok), reward_funcs=reward, args=args, train_dataset=rl,
+                            sft_dataset=sft, processing_class=tok)
+    trainer._bridge_full = lambda t: (t.full_tensor() if isinstance(t, DTensor) else t).detach()
+    begin = AtTrainBegin(trainer)
+    trainer.add_callback(begin)
+    trainer.train(resume_from_checkpoint=checkpoint)
+    rank = trainer.accelerator.process_index
+    state = {k: v.clone() for k, v in trainer._bridge_tensors().items()}  # collective under FSDP2
+    shadow_opt = trainer.shadow_optimizer.state_dict()["state"]
+    stats = {
+        "engine": str(trainer.accelerator.distributed_type),
+        "world_size": trainer.accelerator.num_processes,
+        "shadow_local": sum(local_numel(s) for s in trainer.shadow_params),
+        "shadow_full": sum(s.numel() for s in trainer.shadow_params),
+        "shadow_optim_local": sum(local_numel(v) for st in shadow_opt.values() for k, v in st.items() if k != "step"),
+        "shadow_optim_full": sum(v.numel() for st in shadow_opt.values() for k, v in st.items() if k != "step"),
+        "shadow_is_dtensor": all(isinstance(s, DTensor) for s in trainer.shadow_params),
+        "divergence": [h["bridge/shadow_divergence"] for h in trainer.state.log_history if "bridge/shadow_divergence" in h],
+    }
+    torch.save(stats, os.path.join(out_dir, f"stats_rank{rank}.pt"))
+    trainer.save_model(os.path.join(out_dir, "export"))
+    if rank == 0:
+        torch.save(state, os.path.join(out_dir, "final_state.pt"))
+        torch.save(begin.state, os.path.join(out_dir, "begin_state.pt"))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

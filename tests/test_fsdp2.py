@@ -1,0 +1,107 @@
+"""FSDP2 through accelerate on 2 CPU ranks (gloo): BRIDGE trains exactly like DDP with θ, θ̂, w and their optimizer states
+sharded, and its checkpoints resume under FSDP2 and in one process. tests/fsdp_worker.py does the training; accelerate
+is told to use FSDP on CPU processes by tests/cpu_fsdp_patch.py (accelerate 1.15 never does so by itself)."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+TESTS = Path(__file__).resolve().parent
+WORKER = TESTS / "fsdp_worker.py"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def _run(cmd, env=ENV):
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=TESTS.parent)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def run_ddp(out, *extra):
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+          "--master_port", _port(), str(WORKER), "train", str(out), *extra])
+
+
+def run_fsdp2(out, *extra):
+    env = {**ENV, "TRL_BRIDGE_TEST_CPU_FSDP": "1", "ACCELERATE_USE_CPU": "true"}
+    _run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(TESTS / "accelerate" / "fsdp2_cpu.yaml"),
+          "--main_process_port", _port(), str(WORKER), "train", str(out), *extra], env=env)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("engines")
+    run_ddp(root / "ddp")
+    run_fsdp2(root / "fsdp2")
+    return root
+
+
+def test_fsdp2_trains_like_ddp_including_lm_head(runs):
+    ddp, fsdp = torch.load(runs / "ddp" / "final_state.pt"), torch.load(runs / "fsdp2" / "final_state.pt")
+    assert set(ddp) == set(fsdp)
+    assert any(k.endswith("lm_head.weight") for k in ddp if k.startswith("base."))
+    assert any(k.endswith("lm_head.weight") for k in ddp if k.startswith("shadow."))
+    for group in ("base.", "shadow.", "adapter."):  # θ, θ̂, w as wholes
+        keys = [k for k in ddp if k.startswith(group)]
+        num = sum(((ddp[k] - fsdp[k]).double() ** 2).sum() for k in keys) ** 0.5
+        den = sum((ddp[k].double() ** 2).sum() for k in keys) ** 0.5
+        assert num / den < 1e-5, group
+    for k in ddp:  # and tensor by tensor
+        rel = ((ddp[k] - fsdp[k]).norm() / ddp[k].norm()).item()
+        if k.endswith("k_proj.bias"):
+            # ∂L/∂(key bias) is exactly 0 (softmax is shift-invariant), so AdamW steps on round-off: compare absolutely
+            assert (ddp[k] - fsdp[k]).abs().max() < 1e-6, k
+        else:
+            assert rel < 1e-5, (k, rel)
+    # θ̂ really trained apart from θ (otherwise the comparison would prove little)
+    moved = [k for k in ddp if k.startswith("shadow.") and not torch.equal(ddp[k], ddp["base." + k[len("shadow."):]])]
+    assert len(moved) > len(ddp) // 4
+
+
+def test_fsdp2_shards_the_shadow_and_its_optimizer_state(runs):
+    for rank in (0, 1):
+        stats = torch.load(runs / "fsdp2" / f"stats_rank{rank}.pt")
+        assert stats["engine"] == "DistributedType.FSDP" and stats["world_size"] == 2
+        assert stats["shadow_is_dtensor"]
+        assert 0.45 < stats["shadow_local"] / stats["shadow_full"] < 0.55, stats
+        assert 0.45 < stats["shadow_optim_local"] / stats["shadow_optim_full"] < 0.55, stats
+        assert stats["divergence"][-1] > 0.01  # bridge/shadow_divergence is logged and non-zero
+    ddp_stats = torch.load(runs / "ddp" / "stats_rank0.pt")
+    assert ddp_stats["shadow_local"] == ddp_stats["shadow_full"]  # DDP keeps a full θ̂ per rank
+
+
+def test_fsdp2_merged_export_matches_ddp(runs):
+    ddp = load_file(runs / "ddp" / "export" / "model.safetensors")
+    fsdp = load_file(runs / "fsdp2" / "export" / "model.safetensors")
+    assert set(ddp) == set(fsdp)
+    for k in ddp:
+        assert (ddp[k] - fsdp[k]).abs().max() < 1e-5, k
+
+
+def test_fsdp2_checkpoint_resumes_under_fsdp2_and_in_one_process(runs, tmp_path):
+    ckpt = runs / "fsdp2" / "checkpoint-2"
+    saved = load_file(ckpt / "bridge_state.safetensors")
+    optim = torch.load(ckpt / "bridge_optimizers.pt", weights_only=False)
+    run_fsdp2(tmp_path / "fsdp2", str(ckpt))
+    subprocess_env_single = {k: v for k, v in ENV.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    _run([sys.executable, str(WORKER), "train", str(tmp_path / "single"), str(ckpt)], env=subprocess_env_single)
+    for where in ("fsdp2", "single"):
+        begin = torch.load(tmp_path / where / "begin_state.pt")
+        for k, v in saved.items():  # θ, θ̂ and w as written under FSDP2 (full tensors)
+            assert torch.equal(begin[k], v), (where, k)
+        assert torch.equal(begin["shadow_exp_avg_0"], optim["shadow_optimizer"]["state"][0]["exp_avg"]), where
+    # resuming under FSDP2 continues exactly as the uninterrupted run
+    final, uninterrupted = torch.load(tmp_path / "fsdp2" / "final_state.pt"), torch.load(runs / "fsdp2" / "final_state.pt")
+    for k in uninterrupted:
+        assert torch.allclose(final[k], uninterrupted[k], rtol=0, atol=1e-6), k
