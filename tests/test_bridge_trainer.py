@@ -180,6 +180,11 @@ def test_gradients_match_naive_bridge_reference(tok, tmp_path):
     assert rel_err(got_w, expect_w) < 1e-5
     # the cooperative term is really exercised: θ̂ ≠ θ and ∇w L_RL(θ,w) ≠ ∇w L_RL(θ̂,w)
     assert rel_err(g_rl[k:], g_hat[k:]) > 1e-4
+    # and the logged diagnostic is ‖λ(∇w L_RL(θ,w) − ∇w L_RL(θ̂,w))‖ / ‖(1−λ)∇w L_SFT(θ,w)‖ of this very step
+    coop = torch.cat([(lam * (b - c)).flatten() for b, c in zip(g_rl[k:], g_hat[k:])]).norm()
+    sft_part = torch.cat([((1 - lam) * a).flatten() for a in g_sft[k:]]).norm()
+    logged = next(h for h in trainer.state.log_history if h.get("step") == step + 1)
+    assert logged["bridge/cooperative_to_sft_grad_ratio"] == pytest.approx((coop / sft_part).item(), rel=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

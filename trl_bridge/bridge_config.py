@@ -147,6 +147,7 @@ class BridgeConfig(GRPOConfig):
     )
 
     def __post_init__(self):
+        self._refuse_engines()
         has_cuda = torch.cuda.is_available()
         if self.gradient_checkpointing is None:
             self.gradient_checkpointing = has_cuda
@@ -167,10 +168,42 @@ class BridgeConfig(GRPOConfig):
             kwargs["min_lr_rate"] = min_lr / self.learning_rate if self.learning_rate > 0 else 0.0
             self.lr_scheduler_kwargs = kwargs
 
+    def _need(self, ok, name, what):
+        if not ok:
+            raise ValueError(f"BridgeConfig.{name}={getattr(self, name)!r} is invalid: {what}.")
+
+    def _refuse_engines(self):
+        """Checked before GRPOConfig's own checks, which would otherwise report e.g. fp16-on-CPU first."""
+        self._need(
+            not self.fp16, "fp16",
+            "BRIDGE does not support fp16: θ̂ and w have their own optimizers, outside the fp16 loss scaler, so they "
+            "would step on loss-scaled gradients and on the overflow steps that θ skips. Use bf16=True (fp32 master "
+            "weights, bf16 autocast) or full precision",
+        )
+        self._need(
+            not self.deepspeed, "deepspeed",
+            "DeepSpeed is not supported: its engine steps θ inside backward() (BRIDGE's shadow pass would step θ "
+            "again) and never reduces θ̂'s and w's gradients. Use FSDP2 through accelerate "
+            "(`accelerate launch --config_file configs/accelerate/fsdp2.yaml`)",
+        )
+        opt = getattr(self.optim, "value", self.optim)
+        self._need(
+            opt in SUPPORTED_OPTIMIZERS, "optim",
+            f"BRIDGE builds the same optimizer for θ, θ̂ and w; supported: {SUPPORTED_OPTIMIZERS}",
+        )
+        self._need(
+            not self.optim_target_modules, "optim_target_modules",
+            "GaLore/APOLLO-style target modules are not supported by BRIDGE (θ̂ is not a module of the model)",
+        )
+        sched = getattr(self.lr_scheduler_type, "value", self.lr_scheduler_type)
+        self._need(
+            sched in SUPPORTED_SCHEDULERS, "lr_scheduler_type",
+            f"θ̂ and w follow θ's schedule from their own peak lr, which needs a metric-free schedule; supported: "
+            f"{SUPPORTED_SCHEDULERS}",
+        )
+
     def _validate(self):
-        def need(ok, name, what):
-            if not ok:
-                raise ValueError(f"BridgeConfig.{name}={getattr(self, name)!r} is invalid: {what}.")
+        need = self._need
 
         need(0.0 <= self.bridge_lambda <= 1.0, "bridge_lambda", "must lie in [0, 1]")
         need(self.bridge_lambda_end is None or 0.0 <= self.bridge_lambda_end <= 1.0, "bridge_lambda_end", "must lie in [0, 1]")
@@ -184,38 +217,11 @@ class BridgeConfig(GRPOConfig):
         need(self.sft_max_length is None or self.sft_max_length > 0, "sft_max_length", "must be positive or None")
         need(self.shadow_off_policy in SHADOW_OFF_POLICY_MODES, "shadow_off_policy", f"choose one of {SHADOW_OFF_POLICY_MODES}")
         need(self.shadow_is_cap >= 1.0, "shadow_is_cap", "must be >= 1")
-        need(
-            not self.fp16, "fp16",
-            "BRIDGE does not support fp16: θ̂ and w have their own optimizers, outside the fp16 loss scaler, so they "
-            "would step on loss-scaled gradients and on the overflow steps that θ skips. Use bf16=True (fp32 master "
-            "weights, bf16 autocast) or full precision",
-        )
-        need(
-            not self.deepspeed, "deepspeed",
-            "DeepSpeed is not supported: its engine steps θ inside backward() (BRIDGE's shadow pass would step θ "
-            "again) and never reduces θ̂'s and w's gradients. Use FSDP2 through accelerate "
-            "(`accelerate launch --config_file configs/accelerate/fsdp2.yaml`)",
-        )
         fsdp_version = (self.fsdp_config or {}).get("version", (self.fsdp_config or {}).get("fsdp_version", 1))
         need(
             not self.fsdp or int(fsdp_version) == 2, "fsdp",
             "FSDP1 is not supported (TRL's fused LM head reads the flattened shard of lm_head.weight). Use FSDP2: "
             "fsdp_config={'version': 2} or `accelerate launch --config_file configs/accelerate/fsdp2.yaml`",
-        )
-        opt = getattr(self.optim, "value", self.optim)
-        need(
-            opt in SUPPORTED_OPTIMIZERS, "optim",
-            f"BRIDGE builds the same optimizer for θ, θ̂ and w; supported: {SUPPORTED_OPTIMIZERS}",
-        )
-        need(
-            not self.optim_target_modules, "optim_target_modules",
-            "GaLore/APOLLO-style target modules are not supported by BRIDGE (θ̂ is not a module of the model)",
-        )
-        sched = getattr(self.lr_scheduler_type, "value", self.lr_scheduler_type)
-        need(
-            sched in SUPPORTED_SCHEDULERS, "lr_scheduler_type",
-            f"θ̂ and w follow θ's schedule from their own peak lr, which needs a metric-free schedule; supported: "
-            f"{SUPPORTED_SCHEDULERS}",
         )
 
     def lambda_at(self, step: int) -> float:

@@ -46,7 +46,7 @@ from trl.trainer.utils import add_fused_lm_head, create_model_from_path, disable
 
 from .bridge_config import BridgeConfig
 from .data import validate_rl_dataset, validate_sft_dataset
-from .export import plain_name, save_merged_model
+from .export import check_exportable, plain_name, save_merged_model
 from .sft_stream import SFTStream, tokenize_sft_dataset
 
 logger = logging.get_logger(__name__)
@@ -146,6 +146,13 @@ class BridgeTrainer(GRPOTrainer):
                 layers_to_transform=args.lora_layers_to_transform,
                 task_type="CAUSAL_LM",
             )
+        for field in ("modules_to_save", "trainable_token_indices"):
+            if getattr(peft_config, field, None):
+                raise ValueError(
+                    f"`peft_config.{field}` is not supported by BridgeTrainer: BRIDGE trains the base weights θ in full "
+                    "(select them with `trainable_base_parameters`), so a second trainable copy inside the adapter w "
+                    "would have no shadow and no defined update. Leave it unset."
+                )
         super().__init__(
             model=model,
             reward_funcs=reward_funcs,
@@ -165,6 +172,7 @@ class BridgeTrainer(GRPOTrainer):
             self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
 
         self._refuse_unsupported_engines()
+        check_exportable(self.model)  # an adapter option the final export could not merge fails now, not after training
         # θ: PEFT froze the base; unfreeze the selected weights.  w: the LoRA parameters.
         self.base_params = _select_base_params(self.model, args.trainable_base_parameters)
         for _, p in self.base_params:
@@ -398,13 +406,18 @@ class BridgeTrainer(GRPOTrainer):
         return self.optimizer
 
     def _make_scheduler(self, optimizer, num_training_steps: int):
-        """The same schedule shape for θ, θ̂ and w, each from its own peak lr (BridgeConfig made min_lr relative)."""
+        """The same schedule shape for θ, θ̂ and w, each from its own peak lr (BridgeConfig made min_lr relative; the
+        polynomial schedule's absolute `lr_end` is scaled here by this optimizer's peak over θ's)."""
+        kwargs = dict(self.args.lr_scheduler_kwargs or {})
+        if getattr(self.args.lr_scheduler_type, "value", self.args.lr_scheduler_type) == "polynomial":
+            peak = optimizer.param_groups[0]["lr"]
+            kwargs["lr_end"] = kwargs.get("lr_end", 1e-7) * (peak / self.args.learning_rate if self.args.learning_rate else 0.0)
         return get_scheduler(
             self.args.lr_scheduler_type,
             optimizer=optimizer,
             num_warmup_steps=self.args.get_warmup_steps(num_training_steps),
             num_training_steps=num_training_steps,
-            scheduler_specific_kwargs=self.args.lr_scheduler_kwargs or {},
+            scheduler_specific_kwargs=kwargs,
         )
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):

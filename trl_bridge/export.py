@@ -57,6 +57,31 @@ def _check_mergeable(config) -> None:
             )
 
 
+def _check_lora_bias(peft_model, adapter_name: str) -> None:
+    """`lora_bias=True` on a layer without a bias: the plain architecture has no tensor to hold the lora_B bias."""
+    from peft.tuners.lora import LoraLayer
+
+    no_bias = [
+        name[len(_PEFT_PREFIX) :] if name.startswith(_PEFT_PREFIX) else name
+        for name, module in peft_model.named_modules()
+        if isinstance(module, LoraLayer)
+        and getattr(module, "lora_bias", {}).get(adapter_name)
+        and getattr(module.get_base_layer(), "bias", None) is None
+    ]
+    if no_bias:
+        raise ValueError(
+            f"Cannot export the merged policy: `LoraConfig.lora_bias=True` but {len(no_bias)} targeted layers have no "
+            f"bias in the base architecture (e.g. {no_bias[:3]}), so a plain model cannot hold their lora_B bias. "
+            "Target only layers with a bias (`LoraConfig.target_modules`) or set `lora_bias=False`."
+        )
+
+
+def check_exportable(peft_model, adapter_name: str = "default") -> None:
+    """Raise now (before training) if the adapter could not be merged into a plain model at export time."""
+    _check_mergeable(peft_model.peft_config[adapter_name])
+    _check_lora_bias(peft_model, adapter_name)
+
+
 def _is_dtensor(t) -> bool:
     try:
         from torch.distributed.tensor import DTensor
@@ -102,20 +127,7 @@ def _merged_model(peft_model, adapter_name: str, state_dict: dict[str, torch.Ten
             skeleton = type(base)(copy.deepcopy(base.config))
         copy_model = get_peft_model(skeleton, config, adapter_name=adapter_name, low_cpu_mem_usage=True)
 
-    # `lora_bias=True` on a layer without a bias: the plain architecture has no tensor to hold the lora_B bias.
-    no_bias = [
-        name[len(_PEFT_PREFIX) :] if name.startswith(_PEFT_PREFIX) else name
-        for name, module in copy_model.named_modules()
-        if isinstance(module, LoraLayer)
-        and getattr(module, "lora_bias", {}).get(adapter_name)
-        and getattr(module.get_base_layer(), "bias", None) is None
-    ]
-    if no_bias:
-        raise ValueError(
-            f"Cannot export the merged policy: `LoraConfig.lora_bias=True` but {len(no_bias)} targeted layers have no "
-            f"bias in the base architecture (e.g. {no_bias[:3]}), so a plain model cannot hold their lora_B bias. "
-            "Target only layers with a bias (`LoraConfig.target_modules`) or set `lora_bias=False`."
-        )
+    _check_lora_bias(copy_model, adapter_name)
 
     # Keys of the copy that name one shared parameter (tied embeddings): fill a missing one from its twin, and let twins
     # given as separate but equal tensors (a gathered state dict) share one tensor, so the tie survives the export.
