@@ -4,8 +4,10 @@ merged export, and every rank saves how much of θ̂ and of θ̂'s optimizer sta
 
     python fsdp_worker.py MODE OUT_DIR [CHECKPOINT]
 MODE: train (under torchrun = DDP, under `accelerate launch` with an FSDP2 config = FSDP2; a checkpoint at step 2),
-resume (continue from CHECKPOINT to step 3). TRL_BRIDGE_TEST_CPU_FSDP=1 imports tests/cpu_fsdp_patch.py first."""
+resume (continue from CHECKPOINT to step 3). TRL_BRIDGE_TEST_CPU_FSDP=1 imports tests/cpu_fsdp_patch.py first;
+BRIDGE_TEST_OVERRIDES (JSON) overrides BridgeConfig fields."""
 
+import json
 import os
 import sys
 
@@ -47,12 +49,13 @@ def main(mode, out_dir, checkpoint=None):
     tok = make_tiny_tokenizer()
     rl = Dataset.from_list([{"prompt": f"What is {i} + {i + 1}?", "answer": str(2 * i + 1)} for i in range(32)])
     sft = Dataset.from_list([{"prompt": f"What is {i} + {i + 1}?", "completion": f" {2 * i + 1}"} for i in range(32)])
-    args = BridgeConfig(
+    overrides = json.loads(os.environ.get("BRIDGE_TEST_OVERRIDES", "{}"))
+    args = BridgeConfig(**{**dict(
         output_dir=out_dir, per_device_train_batch_size=4, num_generations=4, max_completion_length=8, max_steps=3,
         learning_rate=1e-2, adapter_learning_rate=2e-2, lora_r=4, sft_per_device_train_batch_size=2, report_to="none",
         save_strategy="steps", save_steps=2, seed=3, gradient_accumulation_steps=2, max_grad_norm=1.0, bf16=False,
         use_cpu=True, ddp_backend="gloo" if "WORLD_SIZE" in os.environ else None, logging_steps=1,
-    )
+    ), **overrides})
     trainer = BridgeTrainer(model=make_tiny_model(tok), reward_funcs=reward, args=args, train_dataset=rl,
                             sft_dataset=sft, processing_class=tok)
     trainer._bridge_full = lambda t: (t.full_tensor() if isinstance(t, DTensor) else t).detach()

@@ -2,6 +2,7 @@
 sharded, and its checkpoints resume under FSDP2 and in one process. tests/fsdp_worker.py does the training; accelerate
 is told to use FSDP on CPU processes by tests/cpu_fsdp_patch.py (accelerate 1.15 never does so by itself)."""
 
+import json
 import os
 import socket
 import subprocess
@@ -28,13 +29,15 @@ def _run(cmd, env=ENV):
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
-def run_ddp(out, *extra):
+def run_ddp(out, *extra, overrides=None):
+    env = {**ENV, "BRIDGE_TEST_OVERRIDES": json.dumps(overrides or {})}
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-          "--master_port", _port(), str(WORKER), "train", str(out), *extra])
+          "--master_port", _port(), str(WORKER), "train", str(out), *extra], env=env)
 
 
-def run_fsdp2(out, *extra):
-    env = {**ENV, "TRL_BRIDGE_TEST_CPU_FSDP": "1", "ACCELERATE_USE_CPU": "true"}
+def run_fsdp2(out, *extra, overrides=None):
+    env = {**ENV, "TRL_BRIDGE_TEST_CPU_FSDP": "1", "ACCELERATE_USE_CPU": "true",
+           "BRIDGE_TEST_OVERRIDES": json.dumps(overrides or {})}
     _run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(TESTS / "accelerate" / "fsdp2_cpu.yaml"),
           "--main_process_port", _port(), str(WORKER), "train", str(out), *extra], env=env)
 
@@ -47,8 +50,7 @@ def runs(tmp_path_factory):
     return root
 
 
-def test_fsdp2_trains_like_ddp_including_lm_head(runs):
-    ddp, fsdp = torch.load(runs / "ddp" / "final_state.pt"), torch.load(runs / "fsdp2" / "final_state.pt")
+def assert_same_training(ddp, fsdp):
     assert set(ddp) == set(fsdp)
     assert any(k.endswith("lm_head.weight") for k in ddp if k.startswith("base."))
     assert any(k.endswith("lm_head.weight") for k in ddp if k.startswith("shadow."))
@@ -67,6 +69,18 @@ def test_fsdp2_trains_like_ddp_including_lm_head(runs):
     # θ̂ really trained apart from θ (otherwise the comparison would prove little)
     moved = [k for k in ddp if k.startswith("shadow.") and not torch.equal(ddp[k], ddp["base." + k[len("shadow."):]])]
     assert len(moved) > len(ddp) // 4
+
+
+def test_fsdp2_trains_like_ddp_including_lm_head(runs):
+    assert_same_training(torch.load(runs / "ddp" / "final_state.pt"), torch.load(runs / "fsdp2" / "final_state.pt"))
+
+
+def test_fsdp2_with_kl_reference_truncated_is_shadow_and_two_iterations_trains_like_ddp(tmp_path):
+    """The paths with extra no-grad forwards (old and shadow log-probs, the frozen KL reference) under FSDP2."""
+    overrides = {"beta": 0.04, "shadow_off_policy": "truncated_is", "num_iterations": 2, "save_strategy": "no"}
+    run_ddp(tmp_path / "ddp", overrides=overrides)
+    run_fsdp2(tmp_path / "fsdp2", overrides=overrides)
+    assert_same_training(torch.load(tmp_path / "ddp" / "final_state.pt"), torch.load(tmp_path / "fsdp2" / "final_state.pt"))
 
 
 def test_fsdp2_shards_the_shadow_and_its_optimizer_state(runs):
@@ -105,3 +119,13 @@ def test_fsdp2_checkpoint_resumes_under_fsdp2_and_in_one_process(runs, tmp_path)
     final, uninterrupted = torch.load(tmp_path / "fsdp2" / "final_state.pt"), torch.load(runs / "fsdp2" / "final_state.pt")
     for k in uninterrupted:
         assert torch.allclose(final[k], uninterrupted[k], rtol=0, atol=1e-6), k
+
+
+def test_fsdp1_launch_is_refused_before_training(tmp_path):
+    env = {**ENV, "TRL_BRIDGE_TEST_CPU_FSDP": "1", "ACCELERATE_USE_CPU": "true", "ACCELERATE_TORCH_DEVICE": "cpu"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(TESTS / "accelerate" / "fsdp1_cpu.yaml"),
+           "--main_process_port", _port(), str(WORKER), "train", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=TESTS.parent)
+    assert proc.returncode != 0
+    assert "does not support FSDP1" in proc.stderr and "fsdp2.yaml" in proc.stderr
+    assert not (tmp_path / "out" / "checkpoint-2").exists()
