@@ -33,6 +33,9 @@ def main(out_dir):
     state["first_sft_batch"] = seen[0]["input_ids"]
     state["world_size"] = torch.tensor(trainer.accelerator.num_processes)
     torch.save(state, f"{out_dir}/rank{trainer.accelerator.process_index}.pt")
+    if torch.distributed.is_initialized():  # a clean gloo shutdown (an open group can abort the process at exit)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -80,6 +80,9 @@ def main(mode, out_dir, checkpoint=None):
     if rank == 0:
         torch.save(state, os.path.join(out_dir, "final_state.pt"))
         torch.save(begin.state, os.path.join(out_dir, "begin_state.pt"))
+    if torch.distributed.is_initialized():  # a clean gloo shutdown (an open group can abort the process at exit)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

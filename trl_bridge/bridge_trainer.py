@@ -10,17 +10,20 @@ One meta-step (Algorithm 2), all gradients at iterate k:
   3. shadow update        θ̂ ← θ̂ − α ∇θ̂ L_RL(θ̂,w)                     (same rollouts)
   4. adapter update       w ← w − β [(1−λ) ∇w L_SFT(θ,w) + λ (∇w L_RL(θ,w) − ∇w L_RL(θ̂,w))]
 
-How the gradients are routed (two ordinary backward passes per micro-batch, so DDP all-reduces each parameter once per
-backward, and gradient checkpointing recomputes with the right weights):
-  * pass A (`compute_loss`): loss = (1−λ) L_SFT(θ,w) + λ L_RL(θ,w). Its backward fills θ.grad (step 2) and the first
-    two terms of w.grad (step 4).
+How the gradients are routed (ordinary forward+backward pairs through the wrapped model, so DDP all-reduces and FSDP2
+reduce-scatters each parameter once per backward, and gradient checkpointing recomputes with the right weights):
+  * pass A (`compute_loss`): the gradient of (1−λ) L_SFT(θ,w) + λ L_RL(θ,w), as an SFT forward+backward followed by
+    an RL forward whose backward the Trainer runs. Fills θ.grad (step 2) and the first two terms of w.grad (step 4).
   * pass B (`_shadow_backward`): θ̂ is swapped into the base parameters' storage (and θ's accumulated gradients are
-    set aside), L_RL(θ̂,w) is computed with TRL's own `_compute_loss` on the same rollouts, and backpropagated with a
-    hook that scales w's incoming gradient by −λ: the base parameters receive ∇θ̂ L_RL (step 3), w receives
-    −λ ∇w L_RL(θ̂,w) (last term of step 4). Then the weights and gradients are swapped back.
+    set aside), L_RL(θ̂,w) is computed with TRL's own `_compute_loss` on the same rollouts and backpropagated: the
+    base parameters receive ∇θ̂ L_RL (step 3); w's new gradient is scaled by −λ and added to w.grad (last term of
+    step 4). Then the weights and gradients are swapped back.
   * `BridgeCallback.on_pre_optimizer_step` (between the fused base steps) clips and applies the θ̂ and w updates
     with their own optimizers and learning-rate schedules; the Trainer then applies the θ update (its optimizer holds
     θ only).
+
+θ, θ̂ and w are fp32 master weights (bf16 only as compute). Under FSDP2 all three are sharded alike
+(`_bind_sharded_params`); DeepSpeed, FSDP1 and fp16 are refused.
 """
 
 from __future__ import annotations
@@ -74,17 +77,20 @@ class BridgeTrainer(GRPOTrainer):
     A drop-in replacement for [`~trl.GRPOTrainer`] that takes one more dataset, `sft_dataset` (expert reasoning traces
     in any TRL SFT format). Rollout generation, reward computation and advantages are GRPOTrainer's, unchanged. The
     overrides, each for one reason:
-      * `__init__`: wraps the model in the LoRA adapter w, unfreezes θ, creates θ̂ and the SFT stream, and (when
-        `beta > 0`) keeps a frozen copy of the initial policy as the KL reference so it does not move with θ.
+      * `__init__`: wraps the model in the LoRA adapter w, unfreezes θ (fp32 master weights), creates θ̂ and the SFT
+        stream, and (when `beta > 0`) keeps a frozen copy of the initial policy as the KL reference so it does not move
+        with θ. Refuses engines and adapter options BRIDGE cannot honour.
       * `compute_loss` / `training_step`: pass A (fused loss) and pass B (shadow loss) of the module docstring.
       * `create_optimizer`, `create_scheduler`, `_clip_grad_norm`, `_get_grad_norm`: the Trainer's optimizer and
-        clipping act on θ alone; θ̂ and w get their own optimizers, schedules and clipping (in `BridgeCallback`).
+        clipping act on θ alone; θ̂ and w get their own optimizers, schedules and clipping (in `BridgeCallback`);
+        under FSDP2, `create_scheduler` (after `prepare`) re-binds θ and w to the sharded parameters and shards θ̂.
       * `_calculate_rewards`, `_generate_and_score_completions`, `_get_per_token_logps_and_entropies`: keep each
         rollout's reward and the log-probs of both passes (for the cooperative-gain estimate), and the shadow's own
         sampling-time log-probs when GRPOTrainer keeps old log-probs or `shadow_off_policy="truncated_is"`.
       * `train`: probes every reward function once on the first RL row, so a broken one fails before step 1.
       * `_save`, `_save_optimizer_and_scheduler`, `_load_from_checkpoint`, `_load_optimizer_and_scheduler`: the merged
-        π(θ+w) export, and checkpoints holding θ, θ̂, w, all optimizer states and the SFT stream position.
+        π(θ+w) export, and engine-independent checkpoints (full tensors) holding θ, θ̂, w, the three optimizers' and
+        schedules' states and the SFT stream position.
       * `create_model_card`: a card that names BRIDGE, the base model, data, hyper-parameters and final metrics.
     """
 
