@@ -32,7 +32,8 @@ def test_every_shipped_config_parses(config, tmp_path):
     if config.name != "quickstart.yaml":  # the paper-setting configs
         assert (args.num_generations, args.max_completion_length, args.learning_rate) == (5, 3000, 5e-7)
         assert args.use_vllm and args.lora_alpha == 16
-        assert args.per_device_train_batch_size * 4 * args.gradient_accumulation_steps == 64 * 5
+        assert args.per_device_train_batch_size * 8 * args.gradient_accumulation_steps == 64 * 5  # fsdp2.yaml: 8 GPUs
+        assert model_args.dtype == "float32"  # fp32 master weights: bf16 updates at lr 5e-7 round away
 
 
 def test_command_line_overrides_yaml(tmp_path):
