@@ -75,9 +75,11 @@ def test_fsdp2_trains_like_ddp_including_lm_head(runs):
     assert_same_training(torch.load(runs / "ddp" / "final_state.pt"), torch.load(runs / "fsdp2" / "final_state.pt"))
 
 
-def test_fsdp2_with_kl_reference_truncated_is_shadow_and_two_iterations_trains_like_ddp(tmp_path):
-    """The paths with extra no-grad forwards (old and shadow log-probs, the frozen KL reference) under FSDP2."""
-    overrides = {"beta": 0.04, "shadow_off_policy": "truncated_is", "num_iterations": 2, "save_strategy": "no"}
+def test_fsdp2_with_kl_reference_truncated_is_shadow_iterations_and_checkpointing_trains_like_ddp(tmp_path):
+    """The paths with extra no-grad forwards (old and shadow log-probs, the frozen KL reference) and recomputation
+    (gradient checkpointing replays pass B with θ̂ in place) under FSDP2."""
+    overrides = {"beta": 0.04, "shadow_off_policy": "truncated_is", "num_iterations": 2, "gradient_checkpointing": True,
+                 "save_strategy": "no"}
     run_ddp(tmp_path / "ddp", overrides=overrides)
     run_fsdp2(tmp_path / "fsdp2", overrides=overrides)
     assert_same_training(torch.load(tmp_path / "ddp" / "final_state.pt"), torch.load(tmp_path / "fsdp2" / "final_state.pt"))
