@@ -378,14 +378,14 @@ class BridgeTrainer(GRPOTrainer):
 
     def _get_grad_norm(self, model, grad_norm=None):
         if grad_norm is None:
-            grad_norm = _clip_grad_norm([p for _, p in self.base_params], float("inf"))
+            grad_norm = _grad_norm([p for _, p in self.base_params])
             self._metrics["train"]["bridge/grad_norm_base"].append(grad_norm)
         return super()._get_grad_norm(model, grad_norm)
 
     def _log_cooperative_to_sft_ratio(self):
         """‖λ(∇w L_RL(θ,w) − ∇w L_RL(θ̂,w))‖ / ‖(1−λ)∇w L_SFT(θ,w)‖ on the step's first micro-batch: near 0, w is trained
         on SFT alone (BRIDGE has become LoRA-SFT)."""
-        sft = [g for g in self._adapter_sft_grads]
+        sft = self._adapter_sft_grads
         total = [p.grad for _, p in self.adapter_params]
         coop = [t if s is None else t - s for t, s in zip(total, sft) if t is not None]
         sft_sq = _sum_of_squares([g for g in sft if g is not None])
@@ -718,16 +718,18 @@ def _sum_of_squares(tensors) -> float:
     return float(total)
 
 
-def _clip_grad_norm(params, max_norm: float) -> float:
-    """Clip the gradients of `params` to a total norm of `max_norm` (DTensor-aware); returns the norm before."""
+def _grad_norm(params) -> float:
+    """Total L2 norm of the gradients of `params` (DTensor-aware: the shards' norms are combined)."""
     grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
-    norm = torch.nn.utils.get_total_norm(grads)
-    norm = _full(norm)
-    if max_norm and max_norm > 0 and max_norm != float("inf"):
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-    return float(norm)
+    return float(_full(torch.nn.utils.get_total_norm(grads))) if grads else 0.0
+
+
+def _clip_grad_norm(params, max_norm: float) -> float:
+    """Clip the gradients of `params` to a total norm of `max_norm`; returns the norm before clipping."""
+    norm = _grad_norm(params)
+    if max_norm and 0 < max_norm < float("inf"):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, torch.tensor(norm))
+    return norm
 
 
 def _reshard_fsdp(model):
