@@ -81,11 +81,12 @@ def test_truncated_is_shadow_weights_are_capped(tok, tmp_path):
     original = trainer._rl_loss_and_logps
 
     def spy(model, inputs):
-        if inputs["advantages"].dim() == 2:  # the shadow's re-weighted advantages
+        out = original(model, inputs)
+        if inputs["advantages"].dim() == 2:  # the shadow's re-weighted advantages (set once pass B has its log-probs)
             base = trainer._rl_inputs[0]["advantages"].unsqueeze(1)
             ratio = torch.where(base != 0, inputs["advantages"] / base, torch.ones_like(inputs["advantages"]))
             seen.append(ratio)
-        return original(model, inputs)
+        return out
 
     trainer._rl_loss_and_logps = spy
     trainer.train()

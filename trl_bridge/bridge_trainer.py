@@ -28,9 +28,11 @@ reduce-scatters each parameter once per backward, and gradient checkpointing rec
 
 from __future__ import annotations
 
+import collections
 import copy
 import os
 import re
+import time
 from contextlib import contextmanager
 
 import torch
@@ -178,6 +180,8 @@ class BridgeTrainer(GRPOTrainer):
             self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
 
         self._refuse_unsupported_engines()
+        self._fused_lm = self.model.get_base_model()  # the causal LM GRPOTrainer gave TRL's fused LM head
+        _fused_head_cells(self._fused_lm)  # fails now, not at step 1, if TRL's fused head changed its layout
         check_exportable(self.model)  # an adapter option the final export could not merge fails now, not after training
         # θ: PEFT froze the base; unfreeze the selected weights.  w: the LoRA parameters.
         self.base_params = _select_base_params(self.model, args.trainable_base_parameters)
@@ -209,6 +213,11 @@ class BridgeTrainer(GRPOTrainer):
         self._capture_logps = False
         self._captured_logps = None
         self._adapter_sft_grads = None
+        self._reweight_after_logps = None
+        # Seconds spent in BRIDGE's own phases ("sft": pass A's SFT forward+backward, "shadow": pass B and the shadow's
+        # sampling-time log-probs), read by `trl-bridge bench`; `synchronize_phases` makes them exact on CUDA.
+        self.phase_seconds = collections.defaultdict(float)
+        self.synchronize_phases = False
         self.add_callback(BridgeCallback(self))
 
     def train(self, *args, **kwargs):
@@ -278,8 +287,9 @@ class BridgeTrainer(GRPOTrainer):
         # two forward+backward pairs (one backward per forward, which FSDP2 needs). The SFT half is back-propagated
         # here; the Trainer back-propagates the returned λ L_RL (the detached SFT term only makes the logged loss whole).
         first_micro_batch = self._step % self.current_gradient_accumulation_steps == 0
-        sft_loss = self._sft_loss(model)
-        self.accelerator.backward((1.0 - lam) * sft_loss)
+        with self._timed("sft"):
+            sft_loss = self._sft_loss(model)
+            self.accelerator.backward((1.0 - lam) * sft_loss)
         if first_micro_batch:  # w's SFT gradient, for the cooperative/SFT ratio logged after pass B
             self._adapter_sft_grads = [None if p.grad is None else p.grad.detach().clone() for _, p in self.adapter_params]
         rl_loss, base_logps = self._rl_loss_and_logps(model, inputs)
@@ -293,11 +303,18 @@ class BridgeTrainer(GRPOTrainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)  # rollouts + pass A (forward and backward)
         if self.model.training and self._rl_inputs is not None:
+            start = self._clock()
             if self.args.bridge_meta_term:  # False: the "w/o J_meta" ablation, no shadow
-                self._shadow_backward(model, *self._rl_inputs, lam=self.bridge_lambda)  # pass B
+                with self._timed("shadow"):
+                    self._shadow_backward(model, *self._rl_inputs, lam=self.bridge_lambda)  # pass B
             self._rl_inputs = None
             if self._adapter_sft_grads is not None:
                 self._log_cooperative_to_sft_ratio()
+            # GRPOTrainer's `step_time` is taken inside its training_step: add pass B to it
+            if self._step % self.current_gradient_accumulation_steps == 0 and self._metrics["train"]["step_time"]:
+                self._metrics["train"]["step_time"][-1] += self._clock() - start
+            else:
+                self._current_train_step_time += self._clock() - start
         return loss
 
     def _shadow_backward(self, model, inputs, base_logps, lam):
@@ -308,17 +325,25 @@ class BridgeTrainer(GRPOTrainer):
         if inputs.get("old_per_token_logps") is not None:
             shadow_inputs["old_per_token_logps"] = inputs["shadow_old_per_token_logps"]
         if self.args.shadow_off_policy == "truncated_is":
-            # rollouts come from π(θ+w): re-weight each token by min(π(θ̂+w)/π(θ+w), C), detached (BRIDGE.md §5)
-            ratio = torch.exp(inputs["shadow_old_per_token_logps"] - inputs["behaviour_per_token_logps"])
-            advantages = inputs["advantages"]
-            advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
-            shadow_inputs["advantages"] = advantages * ratio.clamp(max=self.args.shadow_is_cap)
+            # rollouts come from π(θ+w): re-weight each token by min(π(θ̂+w)/π(θ+w), C), detached (BRIDGE.md §5), with
+            # both policies' log-probs at sampling time. When θ and θ̂ have not moved since sampling (no old log-probs
+            # kept), those are pass A's log-probs and pass B's own, applied as soon as pass B has computed them.
+            if "behaviour_per_token_logps" in inputs:
+                shadow_inputs["advantages"] = self._truncated_is_advantages(
+                    inputs["advantages"], inputs["shadow_old_per_token_logps"], inputs["behaviour_per_token_logps"]
+                )
+            else:
+                self._reweight_after_logps = (shadow_inputs, base_logps)
         with self._shadow_in_place(), self._adapter_grads_scaled(-lam), self._metrics_set_aside():
             shadow_loss, shadow_logps = self._rl_loss_and_logps(model, shadow_inputs)
             self.accelerator.backward(shadow_loss)
         ga = self.current_gradient_accumulation_steps
         self._log_mean("bridge/rl_loss_shadow", shadow_loss.detach() * ga)
         self._log_mean("bridge/cooperative_gain", self._cooperative_gain(inputs, base_logps, shadow_logps))
+
+    def _truncated_is_advantages(self, advantages, shadow_logps, behaviour_logps):
+        ratio = torch.exp(shadow_logps - behaviour_logps).clamp(max=self.args.shadow_is_cap)
+        return (advantages.unsqueeze(1) if advantages.dim() == 1 else advantages) * ratio
 
     def _rl_loss_and_logps(self, model, inputs):
         """TRL's GRPO loss on the rollouts, plus the per-token log-probs it computed (detached)."""
@@ -330,9 +355,12 @@ class BridgeTrainer(GRPOTrainer):
         return loss, self._captured_logps
 
     def _sft_loss(self, model):
-        """L_SFT: token-mean NLL of a batch of expert traces (prompt tokens carry label −100), scaled for accumulation."""
+        """L_SFT: token-mean NLL of a batch of expert traces (prompt tokens carry label −100), scaled for accumulation.
+        Through TRL's fused LM head at temperature 1: the (batch, length, vocabulary) logits are never materialised."""
         batch = {k: v.to(self.accelerator.device) for k, v in self.sft_stream.next_batch().items()}
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"], use_cache=False)
+        with self.accelerator.autocast(), _fused_head_for_sft(self._fused_lm):
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                        fused_lm_head=True)
         return out.loss / self.current_gradient_accumulation_steps
 
     @torch.no_grad()
@@ -478,14 +506,12 @@ class BridgeTrainer(GRPOTrainer):
         weights = self.reward_weights.to(self._last_rewards_per_func.device)
         rewards = (self._last_rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
         output["bridge_rewards"] = rewards[start : start + n_local]
-        if self.model.training:
-            needs_old = output.get("old_per_token_logps") is not None
-            if needs_old or self.args.shadow_off_policy == "truncated_is":
-                with self._shadow_in_place(keep_grads=True):
-                    output["shadow_old_per_token_logps"] = self._no_grad_logps(output)
+        # θ̂'s own log-probs at sampling time, only when GRPOTrainer keeps θ's (θ moves before these rollouts are used)
+        if self.model.training and output.get("old_per_token_logps") is not None and self.args.bridge_meta_term:
+            with self._timed("shadow"), self._shadow_in_place(keep_grads=True):
+                output["shadow_old_per_token_logps"] = self._no_grad_logps(output)
             if self.args.shadow_off_policy == "truncated_is":
-                behaviour = output.get("old_per_token_logps")
-                output["behaviour_per_token_logps"] = behaviour if behaviour is not None else self._no_grad_logps(output)
+                output["behaviour_per_token_logps"] = output["old_per_token_logps"]
         return output
 
     @torch.no_grad()
@@ -502,6 +528,10 @@ class BridgeTrainer(GRPOTrainer):
         out = super()._get_per_token_logps_and_entropies(*args, **kwargs)
         if self._capture_logps:
             self._captured_logps = out[0].detach()
+            if self._reweight_after_logps is not None:  # pass B, truncated IS on fresh rollouts (see _shadow_backward)
+                shadow_inputs, base_logps = self._reweight_after_logps
+                shadow_inputs["advantages"] = self._truncated_is_advantages(shadow_inputs["advantages"], out[0].detach(), base_logps)
+                self._reweight_after_logps = None
         return out
 
     # ------------------------------------------------------------------------------------------------------------
@@ -563,6 +593,19 @@ class BridgeTrainer(GRPOTrainer):
                     del metrics[k]
             for k, v in entropy_state.items():
                 setattr(self, k, v)
+
+    def _clock(self) -> float:
+        if self.synchronize_phases and torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    @contextmanager
+    def _timed(self, phase: str):
+        start = self._clock()
+        try:
+            yield
+        finally:
+            self.phase_seconds[phase] += self._clock() - start
 
     def _log_mean(self, name: str, value: torch.Tensor):
         value = torch.as_tensor(value, device=self.accelerator.device, dtype=torch.float32).reshape(1)
@@ -697,6 +740,31 @@ def _keep_fp32_master_weights(model, trainable, autocast: bool):
         len(half), half[0],
         "Compute stays in bf16 (autocast, bf16=True)." if autocast else "bf16=False: the policy now computes in fp32.",
     )
+
+
+def _fused_head_cells(causal_lm) -> dict:
+    """The closure cells of the forward that TRL's `add_fused_lm_head` patched in (temperature, computed outputs)."""
+    fn = getattr(causal_lm.forward, "__func__", causal_lm.forward)
+    cells = dict(zip(fn.__code__.co_freevars, fn.__closure__ or ()))
+    if not {"temperature", "outputs"} <= set(cells):
+        raise RuntimeError(
+            "TRL's fused LM head (trl.trainer.utils.add_fused_lm_head) is not the one this trl-bridge version was built "
+            "for: install the trl version pyproject.toml pins."
+        )
+    return cells
+
+
+@contextmanager
+def _fused_head_for_sft(causal_lm):
+    """GRPOTrainer patched the fused head at the sampling temperature and with entropies; L_SFT is the NLL at
+    temperature 1 and needs log-probs only. The kernel reads both when called (and saves them for its backward)."""
+    cells = _fused_head_cells(causal_lm)
+    saved = cells["temperature"].cell_contents, cells["outputs"].cell_contents
+    cells["temperature"].cell_contents, cells["outputs"].cell_contents = 1.0, ("log_probs",)
+    try:
+        yield
+    finally:
+        cells["temperature"].cell_contents, cells["outputs"].cell_contents = saved
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,96 @@
+"""No work the algorithm does not need (issue: cost): the SFT pass never materialises the vocabulary logits, truncated IS
+adds no forwards on fresh rollouts, and the logged `step_time` includes the shadow pass. `trl-bridge bench` itself:
+tests/test_bench.py."""
+
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trl_bridge.tiny import make_tiny_tokenizer
+
+from .test_bridge_trainer import make_trainer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tiny_tokenizer()
+
+
+def test_sft_loss_is_nll_at_temperature_one_through_the_fused_head(tok, tmp_path):
+    """Sampling at temperature 0.7 does not change L_SFT (the NLL at temperature 1), the LM head module is never run
+    (TRL's fused head projects in tiles: no (batch, length, vocabulary) logits), and GRPO's head keeps its temperature."""
+    trainer = make_trainer(tok, tmp_path, temperature=0.7, max_steps=1)
+    model = trainer.model
+    batch = trainer.sft_stream.next_batch()
+    trainer.sft_stream.next_batch = lambda: batch
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop
+    head_calls = []
+    handle = model.get_base_model().lm_head.register_forward_hook(lambda *a: head_calls.append(1))
+    loss = trainer._sft_loss(model)
+    handle.remove()
+    assert head_calls == []
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    expected = F.cross_entropy(logits.flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    # GRPO's head still scores at the sampling temperature afterwards
+    logps, _, _ = trainer._get_per_token_logps_and_entropies(model, ids, mask, ids.size(1) - 1)
+    want = torch.gather(F.log_softmax(logits / 0.7, -1), 2, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    real = mask[:, 1:].bool()
+    torch.testing.assert_close(logps[real], want[real], rtol=1e-5, atol=1e-5)
+
+
+def test_truncated_is_on_fresh_rollouts_adds_no_forward(tok, tmp_path):
+    """num_iterations = 1: the importance weights min(π(θ̂+w)/π(θ+w), C) come from passes A and B themselves (no
+    no-grad forwards), and equal those of independent forwards of both policies."""
+    trainer = make_trainer(tok, tmp_path, shadow_off_policy="truncated_is", shadow_is_cap=1.5, max_steps=4,
+                           learning_rate=3e-2)
+    extra_forwards, checked = [], []
+    no_grad_logps = trainer._no_grad_logps
+    trainer._no_grad_logps = lambda batch: extra_forwards.append(1) or no_grad_logps(batch)
+    original = trainer._rl_loss_and_logps
+
+    def spy(model, inputs):
+        if trainer._reweight_after_logps is None:
+            return original(model, inputs)
+        base_adv = inputs["advantages"].unsqueeze(1)
+        shadow = no_grad_logps(inputs)  # pass B runs with θ̂ in the base weights' place
+        with trainer._shadow_in_place(keep_grads=True):
+            base = no_grad_logps(inputs)
+        expected = torch.exp(shadow - base).clamp(max=1.5)
+        out = original(model, inputs)
+        keep = (base_adv != 0).expand_as(expected) & inputs["completion_mask"].bool()
+        torch.testing.assert_close((inputs["advantages"] / base_adv)[keep], expected[keep], rtol=1e-4, atol=1e-5)
+        checked.append((expected[keep] - 1).abs().max().item())
+        return out
+
+    trainer._rl_loss_and_logps = spy
+    trainer.train()
+    assert extra_forwards == []
+    assert len(checked) == 4 and max(checked) > 1e-4  # θ̂ drifted from θ: the weights are not all 1
+
+
+def test_shadow_logps_at_sampling_only_when_grpo_keeps_old_logps(tok, tmp_path):
+    calls = []
+    trainer = make_trainer(tok, tmp_path, num_iterations=2, max_steps=2)
+    no_grad_logps = trainer._no_grad_logps
+    trainer._no_grad_logps = lambda batch: calls.append(1) or no_grad_logps(batch)
+    trainer.train()
+    assert len(calls) == 1  # one generation batch serves both iterations: θ̂'s sampling-time log-probs once
+
+
+def test_step_time_includes_the_shadow_pass(tok, tmp_path):
+    trainer = make_trainer(tok, tmp_path, max_steps=2, gradient_accumulation_steps=2, per_device_train_batch_size=2)
+    original = trainer._shadow_backward
+
+    def slow(*args, **kwargs):
+        time.sleep(0.25)
+        return original(*args, **kwargs)
+
+    trainer._shadow_backward = slow
+    trainer.train()
+    step_times = [h["step_time"] for h in trainer.state.log_history if "step_time" in h]
+    assert len(step_times) == 2 and min(step_times) >= 0.5  # two micro-batches, each with a 0.25 s pass B
+    assert trainer.phase_seconds["shadow"] >= 1.0 and trainer.phase_seconds["sft"] > 0
