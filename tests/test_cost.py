@@ -94,3 +94,16 @@ def test_step_time_includes_the_shadow_pass(tok, tmp_path):
     step_times = [h["step_time"] for h in trainer.state.log_history if "step_time" in h]
     assert len(step_times) == 2 and min(step_times) >= 0.5  # two micro-batches, each with a 0.25 s pass B
     assert trainer.phase_seconds["shadow"] >= 1.0 and trainer.phase_seconds["sft"] > 0
+
+
+def test_lean_shadow_keeps_no_full_size_optimizer_state_and_trains(tok, tmp_path):
+    trainer = make_trainer(tok, tmp_path, shadow_storage="lean", max_steps=3, learning_rate=1e-2)
+    shadow0 = [s.detach().clone() for s in trainer.shadow_params]
+    trainer.train()
+    moved = [not torch.equal(a, b) for a, b in zip(shadow0, trainer.shadow_params)]
+    assert sum(moved) > 0.7 * len(moved)
+    state_elems = sum(v.numel() for st in trainer.shadow_optimizer.state.values() for v in st.values() if torch.is_tensor(v))
+    param_elems = sum(s.numel() for s in trainer.shadow_params)
+    full_elems = sum(v.numel() for st in trainer.optimizer.state.values() for v in st.values() if torch.is_tensor(v) and v.dim())
+    assert full_elems >= 2 * sum(p.numel() for _, p in trainer.base_params)  # θ keeps AdamW's two moments
+    assert state_elems < 0.2 * param_elems  # θ̂'s state: row/column statistics (and 1-D tensors' own), no moments

@@ -52,6 +52,8 @@ class BridgeConfig(GRPOConfig):
             (BRIDGE.md §5): `"on_policy"` uses them as if sampled from π(θ̂+w); `"truncated_is"` re-weights each token by
             min(π(θ̂+w)/π(θ+w), `shadow_is_cap`).
         shadow_is_cap (`float`, defaults to `2.0`): the truncation C of `"truncated_is"`.
+        shadow_storage (`str`, defaults to `"full"`): `"lean"` trains θ̂ with momentum-free, factored Adafactor
+            (half of θ̂'s memory; see README "Cost").
         bridge_meta_term (`bool`, defaults to `True`): `False` is the paper's "w/o J_meta" ablation (naive mixing).
 
     Precision and engines: θ and θ̂ always keep fp32 master weights (a half-precision model gets its trainable weights
@@ -133,6 +135,16 @@ class BridgeConfig(GRPOConfig):
             "π(θ̂+w)) or 'truncated_is' (each token re-weighted by min(π(θ̂+w)/π(θ+w), shadow_is_cap)). The default "
             "is the cheaper one; both gave the same result in `python -m trl_bridge.compare` (see README).",
             "choices": list(SHADOW_OFF_POLICY_MODES),
+        },
+    )
+    shadow_storage: str = field(
+        default="full",
+        metadata={
+            "help": "'full': θ̂ is trained with the same optimizer as θ (AdamW: θ̂ costs its weights, gradients and two "
+            "moments, 16 bytes per trainable parameter). 'lean': θ̂ keeps fp32 weights but its optimizer is Adafactor "
+            "without momentum (factored second moment, ~0 bytes of state): 8 bytes per trainable parameter. Measured "
+            "cost and effect on training: README, 'Cost'.",
+            "choices": ["full", "lean"],
         },
     )
     bridge_meta_term: bool = field(
@@ -217,6 +229,7 @@ class BridgeConfig(GRPOConfig):
         need(self.sft_max_length is None or self.sft_max_length > 0, "sft_max_length", "must be positive or None")
         need(self.shadow_off_policy in SHADOW_OFF_POLICY_MODES, "shadow_off_policy", f"choose one of {SHADOW_OFF_POLICY_MODES}")
         need(self.shadow_is_cap >= 1.0, "shadow_is_cap", "must be >= 1")
+        need(self.shadow_storage in ("full", "lean"), "shadow_storage", "choose 'full' or 'lean'")
         fsdp_version = (self.fsdp_config or {}).get("version", (self.fsdp_config or {}).get("fsdp_version", 1))
         need(
             not self.fsdp or int(fsdp_version) == 2, "fsdp",

@@ -43,6 +43,7 @@ from datasets import Dataset, IterableDataset
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback, get_scheduler
+from transformers.optimization import Adafactor
 from transformers.utils import logging
 from transformers.trainer import TRAINING_ARGS_NAME
 from trl import GRPOTrainer
@@ -214,8 +215,8 @@ class BridgeTrainer(GRPOTrainer):
         self._captured_logps = None
         self._adapter_sft_grads = None
         self._reweight_after_logps = None
-        # Seconds spent in BRIDGE's own phases ("sft": pass A's SFT forward+backward, "shadow": pass B and the shadow's
-        # sampling-time log-probs), read by `trl-bridge bench`; `synchronize_phases` makes them exact on CUDA.
+        # Seconds spent in BRIDGE's own phases ("sft": pass A's SFT forward+backward, "shadow": pass B, "shadow_logps":
+        # the shadow's sampling-time log-probs), read by `trl-bridge bench`; `synchronize_phases` makes them exact on CUDA.
         self.phase_seconds = collections.defaultdict(float)
         self.synchronize_phases = False
         self.add_callback(BridgeCallback(self))
@@ -424,13 +425,15 @@ class BridgeTrainer(GRPOTrainer):
     # ------------------------------------------------------------------------------------------------------------
     # Optimizers: θ in the Trainer's optimizer, θ̂ and w in their own (same class, same schedule type)
     # ------------------------------------------------------------------------------------------------------------
-    def _make_optimizer(self, named_params, lr):
+    def _make_optimizer(self, named_params, lr, lean: bool = False):
         decay = set(self.get_decay_parameter_names(self.model))
         groups = [
             {"params": [p for n, p in named_params if n in decay], "weight_decay": self.args.weight_decay},
             {"params": [p for n, p in named_params if n not in decay], "weight_decay": 0.0},
         ]
         groups = [g for g in groups if g["params"]]
+        if lean:  # shadow_storage="lean": no first moment, second moment factored into row and column statistics
+            return Adafactor(groups, lr=lr, beta1=None, relative_step=False, scale_parameter=False, warmup_init=False)
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
         return optimizer_cls(groups, **{**optimizer_kwargs, "lr": lr})
 
@@ -462,7 +465,8 @@ class BridgeTrainer(GRPOTrainer):
             return self.lr_scheduler
         self._bind_sharded_params()  # called after accelerate prepared (and, under FSDP2, sharded) the model
         shadow_named = list(zip([n for n, _ in self._peft_named(self.base_params)], self.shadow_params))
-        self.shadow_optimizer = self._make_optimizer(shadow_named, self.args.shadow_learning_rate)
+        self.shadow_optimizer = self._make_optimizer(shadow_named, self.args.shadow_learning_rate,
+                                                     lean=self.args.shadow_storage == "lean")
         self.adapter_optimizer = self._make_optimizer(self.adapter_params, self.args.adapter_learning_rate)
         self.shadow_scheduler = self._make_scheduler(self.shadow_optimizer, num_training_steps)
         self.adapter_scheduler = self._make_scheduler(self.adapter_optimizer, num_training_steps)
@@ -508,7 +512,7 @@ class BridgeTrainer(GRPOTrainer):
         output["bridge_rewards"] = rewards[start : start + n_local]
         # θ̂'s own log-probs at sampling time, only when GRPOTrainer keeps θ's (θ moves before these rollouts are used)
         if self.model.training and output.get("old_per_token_logps") is not None and self.args.bridge_meta_term:
-            with self._timed("shadow"), self._shadow_in_place(keep_grads=True):
+            with self._timed("shadow_logps"), self._shadow_in_place(keep_grads=True):
                 output["shadow_old_per_token_logps"] = self._no_grad_logps(output)
             if self.args.shadow_off_policy == "truncated_is":
                 output["behaviour_per_token_logps"] = output["old_per_token_logps"]

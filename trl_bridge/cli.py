@@ -7,6 +7,7 @@ USAGE = """usage: trl-bridge <command> [options]
 commands:
   train   Train a model with BRIDGE (cooperative SFT + RL). `trl-bridge train --help` lists every option.
   eval    Evaluate a model on math / out-of-domain benchmarks. `trl-bridge eval --help` lists every option.
+  bench   Time and memory of BRIDGE against GRPO and naive mixing, per phase. `trl-bridge bench --help`.
 """
 
 
@@ -24,6 +25,10 @@ def main(argv=None):
         from .evaluate import main as eval_main
 
         return eval_main(rest)
+    if command == "bench":
+        from .bench import main as bench_main
+
+        return bench_main(rest)
     print(f"trl-bridge: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

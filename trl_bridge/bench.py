@@ -1,0 +1,402 @@
+"""`trl-bridge bench`: what BRIDGE costs against GRPO and naive mixing, per phase, on the same model, data and seed.
+
+    trl-bridge bench --config configs/bench/tiny.yaml --output outputs/bench_tiny.json [--warmup 2 --steps 6]
+
+Each variant trains in its own worker process (so that its peak memory is its own) and the workers take turns, one
+optimizer step at a time, in a rotating order, so that machine noise hits every variant alike. Variants:
+
+  grpo          TRL's GRPOTrainer on the same trainable weights θ (no adapter, no SFT)
+  naive_mixing  BridgeTrainer without the meta term: (1−λ)L_SFT + λL_RL on θ and w, no shadow θ̂
+  bridge        BridgeTrainer as configured
+  bridge_lean   BridgeTrainer with `shadow_storage: lean`
+
+Per variant: seconds per optimizer step split into generation / rl (pass A's RL forward+backward) / sft / shadow (pass
+B and the shadow's sampling-time log-probs) / optimizer (the three optimizer steps) / other, peak memory (RSS on CPU,
+CUDA peak on GPU; both from the start of training), the bytes of training state (weights, gradients, optimizer states)
+and rollout tokens per second; ratios to GRPO; and BRIDGE's algorithmic floor, GRPO's step + one more RL pass + the
+SFT pass, all from the same run. Generation is forced to `max_completion_length` tokens so that every variant
+generates the same number of tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+VARIANTS = {
+    "grpo": None,
+    "naive_mixing": ["--bridge_meta_term", "false"],
+    "bridge": [],
+    "bridge_lean": ["--shadow_storage", "lean"],
+}
+TINY, TINY_SIZE = "tiny-qwen2", (256, 4)  # `model_name_or_path: tiny-qwen2`: a random Qwen2, hidden 256, 4 layers
+PHASES = ("generation", "rl", "sft", "shadow", "optimizer", "other")
+TARGETS = {"overhead_vs_floor": 1.10, "step_vs_grpo_generation_heavy": 1.5, "memory_vs_grpo": 1.5, "memory_lean_vs_grpo": 1.25}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Worker: one variant, one process. Steps when the parent says so; reports each step's phase times on a pipe.
+# ----------------------------------------------------------------------------------------------------------------------
+def _peak_rss_reset():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM (Linux >= 4.0), so the peak is training's, not model loading's
+    except OSError:
+        pass
+
+
+def _peak_rss_bytes() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _state_bytes(trainer) -> int:
+    """Bytes of weights (policy, reference, shadow), gradients and optimizer states, each storage counted once."""
+    import torch
+
+    seen, total = set(), 0
+
+    def add(t):
+        nonlocal total
+        if torch.is_tensor(t):
+            t = getattr(t, "_local_tensor", t)
+            key = t.untyped_storage().data_ptr()
+            if key not in seen:
+                seen.add(key)
+                total += t.untyped_storage().nbytes()
+
+    models = [trainer.model] + ([trainer.ref_model] if getattr(trainer, "ref_model", None) is not None else [])
+    for m in models:
+        for p in m.parameters():
+            add(p)
+            add(p.grad)
+    for s in getattr(trainer, "shadow_params", None) or []:
+        add(s)
+        add(s.grad)
+    for opt in (trainer.optimizer, getattr(trainer, "shadow_optimizer", None), getattr(trainer, "adapter_optimizer", None)):
+        if opt is not None:
+            for st in getattr(opt, "optimizer", opt).state.values():
+                for v in st.values():
+                    add(v)
+    return total
+
+
+def _build(variant: str, argv: list[str]):
+    import dataclasses
+
+    from transformers import AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+    from trl.trainer.utils import create_model_from_path
+
+    from .bridge_config import BridgeConfig
+    from .bridge_trainer import BridgeTrainer, _select_base_params
+    from .models import resolve_model_path
+    from .rewards import get_reward_funcs
+    from .train_cli import load_datasets, make_parser
+
+    script_args, args, model_args = make_parser().parse_args_and_config(argv)
+    script_args.eval_samples = 0
+    if model_args.model_name_or_path == TINY:  # built locally, the same in every worker (seeded)
+        from .tiny import make_tiny_model, make_tiny_tokenizer
+
+        tokenizer = make_tiny_tokenizer()
+        model_path = None
+    else:
+        model_path = resolve_model_path(model_args.model_name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
+    rl, sft, _ = load_datasets(script_args, args.seed)
+    reward_funcs = get_reward_funcs(script_args.reward_funcs)
+    init_kwargs = {"dtype": model_args.dtype or "float32", **(args.model_init_kwargs or {})}
+    gen_kwargs = dict(args.generation_kwargs or {})
+    gen_kwargs["min_new_tokens"] = args.max_completion_length  # equal work per rollout for every variant
+    args.generation_kwargs = gen_kwargs
+    if model_path is None:
+        model = make_tiny_model(tokenizer, hidden_size=TINY_SIZE[0], num_layers=TINY_SIZE[1])
+    else:
+        model = create_model_from_path(model_path, **init_kwargs)
+    if variant != "grpo":
+        return BridgeTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=rl, sft_dataset=sft,
+                             processing_class=tokenizer)
+    theta = {n for n, _ in _select_base_params(model, args.trainable_base_parameters)}
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in theta)  # the same θ as BRIDGE's
+    # GRPOConfig with what this run set (fields GRPOConfig derives in __post_init__ stay underived where unchanged)
+    default = BridgeConfig(output_dir=args.output_dir)
+    names = {f.name for f in dataclasses.fields(GRPOConfig) if f.init} - {"model_init_kwargs"}
+    always = {"bf16", "gradient_checkpointing", "logging_steps", "per_device_train_batch_size", "num_generations"}
+    grpo_args = GRPOConfig(**{k: v for k, v in vars(args).items()
+                              if k in names and (k in always or v != getattr(default, k, None))})
+    return GRPOTrainer(model=model, reward_funcs=reward_funcs, args=grpo_args, train_dataset=rl, processing_class=tokenizer)
+
+
+def _worker(variant: str, fd: int, argv: list[str]) -> int:
+    import torch
+    from transformers import TrainerCallback
+
+    out = os.fdopen(fd, "w", buffering=1)
+    trainer = _build(variant, argv)
+    cuda = torch.cuda.is_available()
+    if hasattr(trainer, "synchronize_phases"):
+        trainer.synchronize_phases = True
+
+    def clock():
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    acc = {"gen": 0.0, "ts": 0.0, "tokens": 0}
+    generate, training_step = trainer._generate_and_score_completions, trainer.training_step
+
+    def timed_generate(inputs):
+        start = clock()
+        batch = generate(inputs)
+        acc["gen"] += clock() - start
+        acc["tokens"] += int(batch["completion_mask"].sum()) + int(batch["prompt_mask"].sum())
+        return batch
+
+    def timed_training_step(*a, **k):
+        start = clock()
+        loss = training_step(*a, **k)
+        acc["ts"] += clock() - start
+        return loss
+
+    trainer._generate_and_score_completions, trainer.training_step = timed_generate, timed_training_step
+    phases = getattr(trainer, "phase_seconds", {})
+
+    class Turns(TrainerCallback):
+        def _wait(self):
+            if sys.stdin.readline().strip() != "go":
+                raise SystemExit(0)
+
+        def on_train_begin(self, args, state, control, **kw):
+            _peak_rss_reset()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            out.write(json.dumps({"ready": True}) + "\n")
+
+        def on_step_begin(self, args, state, control, **kw):
+            self._wait()
+            acc.update(gen=0.0, ts=0.0, tokens=0)
+            phases.clear()
+            self.t0 = clock()
+
+        def on_pre_optimizer_step(self, args, state, control, **kw):
+            self.t_opt = clock()
+
+        def on_optimizer_step(self, args, state, control, **kw):
+            self.opt = clock() - self.t_opt
+
+        def on_step_end(self, args, state, control, **kw):
+            total = clock() - self.t0
+            shadow_logps, pass_b, sft = phases.get("shadow_logps", 0.0), phases.get("shadow", 0.0), phases.get("sft", 0.0)
+            step = {
+                "generation": acc["gen"] - shadow_logps,
+                "rl": acc["ts"] - acc["gen"] - sft - pass_b,
+                "sft": sft,
+                "shadow": pass_b + shadow_logps,
+                "optimizer": self.opt,
+                "other": total - acc["ts"] - self.opt,
+            }
+            out.write(json.dumps({"step": state.global_step, "total": total, "phases": step, "tokens": acc["tokens"]}) + "\n")
+
+    trainer.callback_handler.callbacks.insert(0, Turns())  # before BridgeCallback: its updates count as "optimizer"
+    trainer.train()
+    memory = {"peak_rss_bytes": _peak_rss_bytes(), "state_bytes": _state_bytes(trainer)}
+    if cuda:
+        memory["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
+    out.write(json.dumps({"done": True, "memory": memory}) + "\n")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Parent: start the workers, hand out turns, summarise
+# ----------------------------------------------------------------------------------------------------------------------
+class _Worker:
+    def __init__(self, variant, argv, log_dir):
+        read_fd, write_fd = os.pipe()
+        cmd = [sys.executable, "-m", "trl_bridge.bench", "--_worker", variant, "--_fd", str(write_fd), "--", *argv]
+        self.log_path = os.path.join(log_dir, f"{variant}.log")
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=self.log, stderr=subprocess.STDOUT, text=True,
+                                     pass_fds=(write_fd,))
+        os.close(write_fd)
+        self.messages = os.fdopen(read_fd)
+        self.variant = variant
+
+    def receive(self) -> dict:
+        line = self.messages.readline()
+        if not line:
+            self.proc.wait()
+            with open(self.log_path) as f:
+                tail = f.read()[-3000:]
+            raise RuntimeError(f"bench worker {self.variant!r} exited with code {self.proc.returncode}:\n{tail}")
+        return json.loads(line)
+
+    def go(self) -> dict:
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        return self.receive()
+
+
+def _mean(xs):
+    return statistics.fmean(xs) if xs else float("nan")
+
+
+def summarise(raw: dict, warmup: int) -> dict:
+    """Per-variant means over the measured steps, ratios to GRPO, BRIDGE's floor and the targets."""
+    variants = {}
+    for name, r in raw.items():
+        steps = r["steps"][warmup:]
+        total = _mean([s["total"] for s in steps])
+        variants[name] = {
+            "seconds_per_step": total,
+            "seconds_per_step_std": statistics.pstdev([s["total"] for s in steps]) if len(steps) > 1 else 0.0,
+            "phases": {p: _mean([s["phases"][p] for s in steps]) for p in PHASES},
+            "tokens_per_second": _mean([s["tokens"] / s["total"] for s in steps]),
+            "memory": r["memory"],
+            "measured_steps": len(steps),
+        }
+    summary = {"variants": variants}
+    grpo = variants.get("grpo")
+    if grpo:
+        mem_key = "cuda_peak_bytes" if "cuda_peak_bytes" in grpo["memory"] else "peak_rss_bytes"
+        for v in variants.values():
+            v["step_vs_grpo"] = v["seconds_per_step"] / grpo["seconds_per_step"]
+            v["peak_memory_vs_grpo"] = v["memory"][mem_key] / grpo["memory"][mem_key]
+            v["state_bytes_vs_grpo"] = v["memory"]["state_bytes"] / grpo["memory"]["state_bytes"]
+        targets = {}
+        for name in ("bridge", "bridge_lean"):
+            if name in variants:
+                b = variants[name]
+                floor = grpo["seconds_per_step"] + grpo["phases"]["rl"] + b["phases"]["sft"]
+                b["floor_seconds"] = floor
+                b["overhead_vs_floor"] = b["seconds_per_step"] / floor
+                limit = TARGETS["memory_lean_vs_grpo" if name == "bridge_lean" else "memory_vs_grpo"]
+                targets[name] = {
+                    "overhead_vs_floor": [b["overhead_vs_floor"], TARGETS["overhead_vs_floor"]],
+                    "step_vs_grpo": [b["step_vs_grpo"], TARGETS["step_vs_grpo_generation_heavy"]],
+                    "peak_memory_vs_grpo": [b["peak_memory_vs_grpo"], limit],
+                }
+        summary["memory_measure"] = mem_key
+        summary["targets"] = {n: {k: {"value": v, "limit": lim, "met": v <= lim} for k, (v, lim) in t.items()}
+                              for n, t in targets.items()}
+    return summary
+
+
+def format_table(summary: dict) -> str:
+    rows = ["| variant | s/step | " + " | ".join(PHASES) + " | tokens/s | peak mem (GiB) | state (GiB) | step × GRPO "
+            "| memory × GRPO | step ÷ floor |",
+            "|---" * (len(PHASES) + 8) + "|"]
+    for name, v in summary["variants"].items():
+        mem = v["memory"].get("cuda_peak_bytes", v["memory"]["peak_rss_bytes"]) / 2**30
+        rows.append(
+            f"| {name} | {v['seconds_per_step']:.3f} | " + " | ".join(f"{v['phases'][p]:.3f}" for p in PHASES)
+            + f" | {v['tokens_per_second']:.0f} | {mem:.2f} | {v['memory']['state_bytes'] / 2**30:.3f}"
+            + f" | {v.get('step_vs_grpo', float('nan')):.2f} | {v.get('peak_memory_vs_grpo', float('nan')):.2f}"
+            + (f" | {v['overhead_vs_floor']:.2f} |" if "overhead_vs_floor" in v else " | |")
+        )
+    lines = ["\n".join(rows), ""]
+    for name, t in summary.get("targets", {}).items():
+        for key, r in t.items():
+            lines.append(f"{name}: {key} = {r['value']:.2f} (target <= {r['limit']}): {'met' if r['met'] else 'NOT met'}")
+    return "\n".join(lines)
+
+
+def bench(config: str, output: str, variants: list[str], warmup: int, steps: int, overrides: list[str]) -> dict:
+    from tqdm.auto import tqdm
+
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
+    with tempfile.TemporaryDirectory(prefix="trl-bridge-bench-") as tmp:
+        common = ["--config", config, *overrides, "--max_steps", str(warmup + steps), "--save_strategy", "no",
+                  "--report_to", "none", "--logging_steps", "1", "--output_dir", os.path.join(tmp, "run")]
+        log_dir = os.path.dirname(os.path.abspath(output)) or "."
+        os.makedirs(log_dir, exist_ok=True)
+        workers = [_Worker(v, common + (VARIANTS[v] or []), log_dir) for v in variants]
+        raw = {w.variant: {"steps": [], "memory": None} for w in workers}
+        try:
+            for w in workers:
+                w.receive()  # ready: model loaded, trainer built
+            with tqdm(total=(warmup + steps) * len(workers), desc="bench", unit="step") as bar:
+                for i in range(warmup + steps):
+                    order = workers[i % len(workers):] + workers[: i % len(workers)]  # rotate who goes first
+                    for w in order:
+                        raw[w.variant]["steps"].append(w.go())
+                        bar.update(1)
+            for w in workers:
+                raw[w.variant]["memory"] = w.receive()["memory"]
+                w.proc.wait()
+        finally:
+            for w in workers:
+                if w.proc.poll() is None:
+                    w.proc.kill()
+                w.log.close()
+    summary = summarise(raw, warmup)
+    summary.update(config=config, overrides=overrides, warmup=warmup, steps=steps, raw=raw,
+                   device=_device_name(), command=" ".join(["trl-bridge bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else None)
+    with open(output, "w") as f:
+        json.dump(summary, f, indent=2)
+    print(format_table(summary))
+    print(f"\n[trl-bridge] wrote {output}")
+    return summary
+
+
+def _device_name() -> str:
+    import platform
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="trl-bridge bench",
+        description="Time and memory of BRIDGE against GRPO and naive mixing, per phase, interleaved step by step. Any "
+        "other option (e.g. --max_completion_length 64) overrides the config for every variant.",
+    )
+    p.add_argument("--config", required=True, help="a `trl-bridge train` YAML config (e.g. configs/bench/tiny.yaml)")
+    p.add_argument("--output", required=True, help="JSON file for the results (worker logs go beside it)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {list(VARIANTS)}")
+    p.add_argument("--warmup", type=int, default=2, help="optimizer steps per variant not measured (default 2)")
+    p.add_argument("--steps", type=int, default=6, help="measured optimizer steps per variant (default 6)")
+    return p
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--_worker"]:
+        variant, fd, rest = argv[1], int(argv[3]), argv[5:]
+        return _worker(variant, fd, rest)
+    args, overrides = make_parser().parse_known_args(argv)
+    if not os.path.isfile(args.config):
+        print(f"trl-bridge bench: error: --config {args.config!r} does not exist", file=sys.stderr)
+        return 2
+    try:
+        bench(args.config, args.output, [v.strip() for v in args.variants.split(",") if v.strip()], args.warmup,
+              args.steps, overrides)
+    except (ValueError, RuntimeError) as err:
+        print(f"trl-bridge bench: error: {err}", file=sys.stderr)
+        return 2 if isinstance(err, ValueError) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
