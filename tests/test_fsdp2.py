@@ -131,3 +131,14 @@ def test_fsdp1_launch_is_refused_before_training(tmp_path):
     assert proc.returncode != 0
     assert "does not support FSDP1" in proc.stderr and "fsdp2.yaml" in proc.stderr
     assert not (tmp_path / "out" / "checkpoint-2").exists()
+
+
+def test_lean_shadow_under_fsdp2_is_refused_before_training(tmp_path):
+    env = {**ENV, "TRL_BRIDGE_TEST_CPU_FSDP": "1", "ACCELERATE_USE_CPU": "true",
+           "BRIDGE_TEST_OVERRIDES": json.dumps({"shadow_storage": "lean"})}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(TESTS / "accelerate" / "fsdp2_cpu.yaml"),
+           "--main_process_port", _port(), str(WORKER), "train", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=TESTS.parent)
+    assert proc.returncode != 0
+    assert "shadow_storage='lean'" in proc.stderr and "shadow_storage: full" in proc.stderr
+    assert not (tmp_path / "out" / "checkpoint-2").exists()

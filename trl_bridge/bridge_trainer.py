@@ -240,6 +240,11 @@ class BridgeTrainer(GRPOTrainer):
                     "lm_head.weight). Use FSDP2: `fsdp_version: 2` in the accelerate config "
                     "(configs/accelerate/fsdp2.yaml)."
                 )
+            if self.args.shadow_storage == "lean":
+                raise ValueError(
+                    "`shadow_storage='lean'` is not supported under FSDP2 yet (its factored Adafactor state is not "
+                    "sharded like θ̂). Use `shadow_storage: full`; FSDP2 already shards θ̂ and its AdamW state."
+                )
             sd_type = str(self.accelerator.state.fsdp_plugin.state_dict_type)
             if "FULL_STATE_DICT" not in sd_type:
                 raise ValueError(
