@@ -42,7 +42,8 @@ class AtTrainBegin(TrainerCallback):
         t = self.trainer
         self.state = {k: v.clone() for k, v in t._bridge_tensors().items()}
         opt = t.shadow_optimizer.state_dict()["state"]
-        self.state["shadow_exp_avg_0"] = t._bridge_full(opt[0]["exp_avg"]).clone() if opt else torch.zeros(())
+        first = opt[0].get("exp_avg", opt[0].get("exp_avg_sq_row", opt[0].get("exp_avg_sq"))) if opt else None
+        self.state["shadow_exp_avg_0"] = t._bridge_full(first).clone() if first is not None else torch.zeros(())
 
 
 def main(mode, out_dir, checkpoint=None):

@@ -107,3 +107,15 @@ def test_lean_shadow_keeps_no_full_size_optimizer_state_and_trains(tok, tmp_path
     full_elems = sum(v.numel() for st in trainer.optimizer.state.values() for v in st.values() if torch.is_tensor(v) and v.dim())
     assert full_elems >= 2 * sum(p.numel() for _, p in trainer.base_params)  # θ keeps AdamW's two moments
     assert state_elems < 0.2 * param_elems  # θ̂'s state: row/column statistics (and 1-D tensors' own), no moments
+
+
+def test_lean_shadow_resumes_bit_identically(tok, tmp_path):
+    opts = dict(shadow_storage="lean", max_steps=4, learning_rate=3e-3, save_strategy="steps", save_steps=2)
+    full = make_trainer(tok, tmp_path / "full", **opts)
+    full.train()
+    resumed = make_trainer(tok, tmp_path / "resumed", **opts)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "out" / "checkpoint-2"))
+    for name, s in full.shadow_state_dict().items():
+        assert torch.equal(s, resumed.shadow_state_dict()[name]), name
+    for (name, a), (_, b) in zip(full.base_params + full.adapter_params, resumed.base_params + resumed.adapter_params):
+        assert torch.equal(a, b), name

@@ -38,7 +38,7 @@ from contextlib import contextmanager
 import torch
 from accelerate.utils import is_peft_model
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from datasets import Dataset, IterableDataset
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
@@ -240,11 +240,6 @@ class BridgeTrainer(GRPOTrainer):
                     "lm_head.weight). Use FSDP2: `fsdp_version: 2` in the accelerate config "
                     "(configs/accelerate/fsdp2.yaml)."
                 )
-            if self.args.shadow_storage == "lean":
-                raise ValueError(
-                    "`shadow_storage='lean'` is not supported under FSDP2 yet (its factored Adafactor state is not "
-                    "sharded like θ̂). Use `shadow_storage: full`; FSDP2 already shards θ̂ and its AdamW state."
-                )
             sd_type = str(self.accelerator.state.fsdp_plugin.state_dict_type)
             if "FULL_STATE_DICT" not in sd_type:
                 raise ValueError(
@@ -438,7 +433,8 @@ class BridgeTrainer(GRPOTrainer):
         ]
         groups = [g for g in groups if g["params"]]
         if lean:  # shadow_storage="lean": no first moment, second moment factored into row and column statistics
-            return Adafactor(groups, lr=lr, beta1=None, relative_step=False, scale_parameter=False, warmup_init=False)
+            return _LeanShadowOptimizer(groups, lr=lr, beta1=None, relative_step=False, scale_parameter=False,
+                                        warmup_init=False)
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
         return optimizer_cls(groups, **{**optimizer_kwargs, "lr": lr})
 
@@ -776,6 +772,39 @@ def _fused_head_for_sft(causal_lm):
         cells["temperature"].cell_contents, cells["outputs"].cell_contents = saved
 
 
+class _LeanShadowOptimizer(Adafactor):
+    """θ̂'s optimizer for `shadow_storage="lean"`: Adafactor without momentum, at a fixed (scheduled) learning rate.
+    Under FSDP2 its factored statistics are created as DTensors (`_factored_state_placements`) before the first step."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if isinstance(p, DTensor) and p.grad is not None and p.dim() >= 2 and not self.state[p]:
+                    state = self.state[p]
+                    state.update(step=0, RMS=0)
+                    for key, shape in (("exp_avg_sq_row", p.shape[:-1]), ("exp_avg_sq_col", p.shape[:-2] + p.shape[-1:])):
+                        placements = _factored_state_placements(p, key)
+                        state[key] = distribute_tensor(torch.zeros(shape, dtype=torch.float32, device=p.device_mesh.device_type),
+                                                       p.device_mesh, placements, src_data_rank=None)
+        return super().step(closure)
+
+
+def _factored_state_placements(p: DTensor, key: str):
+    """Adafactor's row statistics keep θ̂'s leading dimensions (sharded as θ̂ is), its column statistics drop the
+    second-to-last one (replicated across that dimension's shards)."""
+    n = p.dim()
+    out = []
+    for pl in p.placements:
+        if isinstance(pl, Shard) and key == "exp_avg_sq_row" and pl.dim <= n - 2:
+            out.append(Shard(pl.dim))
+        elif isinstance(pl, Shard) and key == "exp_avg_sq_col" and (pl.dim <= n - 3 or pl.dim == n - 1):
+            out.append(Shard(pl.dim if pl.dim <= n - 3 else n - 2))
+        else:
+            out.append(Replicate())
+    return out
+
+
 def _full(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor, detached (a collective for FSDP2's DTensors: every rank must call it in the same order)."""
     t = t.detach()
@@ -830,12 +859,16 @@ def _load_full_optimizer_state(optimizer, sd: dict):
     state = {}
     for i, st in sd["state"].items():
         p = params[int(i)]
-        state[i] = {
-            k: distribute_tensor(v.to(p.dtype), p.device_mesh, p.placements, src_data_rank=None)
-            if isinstance(p, DTensor) and torch.is_tensor(v) and v.shape == p.shape else v
-            for k, v in st.items()
-        }
+        state[i] = {k: _shard_state(p, k, v) for k, v in st.items()}
     optimizer.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+
+
+def _shard_state(p, key: str, v):
+    """One optimizer state entry, sharded like its parameter (AdamW's moments) or as `_LeanShadowOptimizer` keeps it."""
+    if not isinstance(p, DTensor) or not torch.is_tensor(v) or v.dim() == 0:
+        return v
+    placements = p.placements if v.shape == p.shape else _factored_state_placements(p, key)
+    return distribute_tensor(v.to(p.dtype), p.device_mesh, placements, src_data_rank=None)
 
 
 def _model_name(peft_model) -> str:
