@@ -119,3 +119,34 @@ def test_lean_shadow_resumes_bit_identically(tok, tmp_path):
         assert torch.equal(s, resumed.shadow_state_dict()[name]), name
     for (name, a), (_, b) in zip(full.base_params + full.adapter_params, resumed.base_params + resumed.adapter_params):
         assert torch.equal(a, b), name
+
+
+TOP_LAYER = dict(trainable_base_parameters=[r"layers\.1\.", r"model\.norm\."], lora_layers_to_transform=[1])
+
+
+@pytest.mark.parametrize("extra", [{}, {"gradient_checkpointing": True, "gradient_accumulation_steps": 2,
+                                         "per_device_train_batch_size": 2, "shadow_off_policy": "truncated_is"}])
+def test_shadow_pass_reuses_frozen_layer_activations_exactly(tok, tmp_path, extra):
+    """θ and w only in layer 1 (of 2): pass B skips layer 0 and still gives bit-identical θ, θ̂ and w."""
+    runs, layer0_calls = {}, {}
+    for share in (True, False):
+        trainer = make_trainer(tok, tmp_path / str(share), max_steps=3, share_frozen_activations=share, **TOP_LAYER, **extra)
+        assert trainer._frozen_prefix == (1 if share else 0)
+        calls = []
+        layer0 = trainer.model.get_base_model().model.layers[0]
+        layer0.mlp.register_forward_hook(lambda *a: calls.append(torch.is_grad_enabled()))
+        trainer.train()
+        runs[share] = (trainer.base_params, trainer.shadow_params, trainer.adapter_params)
+        layer0_calls[share] = calls.count(True)  # training forwards (generation runs without grad)
+    for (n, a), (_, b) in zip(runs[True][0] + runs[True][2], runs[False][0] + runs[False][2]):
+        assert torch.equal(a, b), n
+    for a, b in zip(runs[True][1], runs[False][1]):
+        assert torch.equal(a, b)
+    micro_batches = 3 * extra.get("gradient_accumulation_steps", 1)
+    assert layer0_calls[False] - layer0_calls[True] == micro_batches  # one skipped layer-0 forward per pass B
+
+
+def test_no_sharing_when_a_bottom_weight_trains(tok, tmp_path):
+    assert make_trainer(tok, tmp_path, max_steps=1)._frozen_prefix == 0  # all weights, the embedding included
+    both = make_trainer(tok, tmp_path, max_steps=1, trainable_base_parameters=[r"layers\.1\."], lora_layers_to_transform=[0])
+    assert both._frozen_prefix == 0  # w in layer 0

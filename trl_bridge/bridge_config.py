@@ -147,6 +147,14 @@ class BridgeConfig(GRPOConfig):
             "choices": ["full", "lean"],
         },
     )
+    share_frozen_activations: bool = field(
+        default=True,
+        metadata={
+            "help": "When every trainable weight (θ and w) sits in decoder layer L or above, the shadow pass reuses the "
+            "fused pass's output of layer L−1 on the same rollouts instead of recomputing the frozen layers (exact; "
+            "single process and DDP). False recomputes them."
+        },
+    )
     bridge_meta_term: bool = field(
         default=True,
         metadata={

@@ -215,6 +215,14 @@ class BridgeTrainer(GRPOTrainer):
         self._captured_logps = None
         self._adapter_sft_grads = None
         self._reweight_after_logps = None
+        # Decoder layers below every trainable weight compute the same activations in passes A and B: pass B reuses
+        # pass A's output of the highest of them instead of recomputing (single process and DDP).
+        self._frozen_prefix = 0 if self._fsdp2 or not args.share_frozen_activations else _frozen_prefix_length(
+            self._fused_lm, [p for _, p in self.base_params + self.adapter_params])
+        self._shared_acts, self._recording = [], False
+        if self._frozen_prefix:
+            layers = getattr(self._fused_lm, self._fused_lm.base_model_prefix).layers
+            layers[self._frozen_prefix - 1].register_forward_hook(self._record_frozen_output)
         # Seconds spent in BRIDGE's own phases ("sft": pass A's SFT forward+backward, "shadow": pass B, "shadow_logps":
         # the shadow's sampling-time log-probs), read by `trl-bridge bench`; `synchronize_phases` makes them exact on CUDA.
         self.phase_seconds = collections.defaultdict(float)
@@ -293,7 +301,8 @@ class BridgeTrainer(GRPOTrainer):
             self.accelerator.backward((1.0 - lam) * sft_loss)
         if first_micro_batch:  # w's SFT gradient, for the cooperative/SFT ratio logged after pass B
             self._adapter_sft_grads = [None if p.grad is None else p.grad.detach().clone() for _, p in self.adapter_params]
-        rl_loss, base_logps = self._rl_loss_and_logps(model, inputs)
+        with self._recording_frozen_layers():
+            rl_loss, base_logps = self._rl_loss_and_logps(model, inputs)
         self._rl_inputs = (inputs, base_logps)
         ga = self.current_gradient_accumulation_steps
         self._log_mean("bridge/rl_loss", rl_loss.detach() * ga)
@@ -335,7 +344,8 @@ class BridgeTrainer(GRPOTrainer):
                 )
             else:
                 self._reweight_after_logps = (shadow_inputs, base_logps)
-        with self._shadow_in_place(), self._adapter_grads_scaled(-lam), self._metrics_set_aside():
+        with self._shadow_in_place(), self._adapter_grads_scaled(-lam), self._metrics_set_aside(), \
+                self._replaying_frozen_layers():
             shadow_loss, shadow_logps = self._rl_loss_and_logps(model, shadow_inputs)
             self.accelerator.backward(shadow_loss)
         ga = self.current_gradient_accumulation_steps
@@ -599,6 +609,48 @@ class BridgeTrainer(GRPOTrainer):
             for k, v in entropy_state.items():
                 setattr(self, k, v)
 
+    def _record_frozen_output(self, module, args, output):
+        if self._recording:
+            self._shared_acts.append(output.detach() if torch.is_tensor(output) else output)
+
+    @contextmanager
+    def _recording_frozen_layers(self):
+        """Pass A: keep the output of the highest frozen decoder layer (one per log-prob chunk) for pass B."""
+        self._shared_acts = []
+        self._recording = bool(self._frozen_prefix) and self.args.bridge_meta_term and self.model.training
+        try:
+            yield
+        finally:
+            self._recording = False
+
+    @contextmanager
+    def _replaying_frozen_layers(self):
+        """Pass B: the frozen decoder layers return pass A's activations instead of computing them (same rollouts,
+        same weights below the first trainable layer: the same numbers)."""
+        if not self._shared_acts:
+            yield
+            return
+        layers = getattr(self._fused_lm, self._fused_lm.base_model_prefix).layers[: self._frozen_prefix]
+        acts = iter(self._shared_acts)
+
+        def first(hidden_states, *args, **kwargs):
+            out = next(acts, None)
+            if out is None or out.shape != hidden_states.shape:
+                raise RuntimeError("pass B's frozen-layer inputs differ from pass A's; set `share_frozen_activations: false`")
+            return out
+
+        saved = [layer.__dict__.get("forward") for layer in layers]
+        for i, layer in enumerate(layers):
+            layer.forward = first if i == 0 else (lambda hidden_states, *args, **kwargs: hidden_states)
+        try:
+            yield
+        finally:
+            for layer, forward in zip(layers, saved):
+                del layer.forward
+                if forward is not None:
+                    layer.forward = forward
+            self._shared_acts = []
+
     def _clock(self) -> float:
         if self.synchronize_phases and torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -745,6 +797,22 @@ def _keep_fp32_master_weights(model, trainable, autocast: bool):
         len(half), half[0],
         "Compute stays in bf16 (autocast, bf16=True)." if autocast else "bf16=False: the policy now computes in fp32.",
     )
+
+
+def _frozen_prefix_length(causal_lm, trainable) -> int:
+    """The number L of decoder layers below every trainable parameter, when all of them sit in layers ≥ L or in the
+    final norm / output head (0 otherwise: then nothing is shared)."""
+    backbone = getattr(causal_lm, causal_lm.base_model_prefix, None)
+    layers = getattr(backbone, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        return 0
+    layer_of = {id(p): i for i, layer in enumerate(layers) for p in layer.parameters()}
+    above = {id(p) for m in (getattr(backbone, "norm", None), causal_lm.get_output_embeddings()) if m is not None
+             for p in m.parameters()}
+    above -= {id(p) for p in causal_lm.get_input_embeddings().parameters()}  # tied head: the embedding trains
+    if any(id(p) not in layer_of and id(p) not in above for p in trainable):
+        return 0
+    return min((layer_of[id(p)] for p in trainable if id(p) in layer_of), default=0)
 
 
 def _fused_head_cells(causal_lm) -> dict:
