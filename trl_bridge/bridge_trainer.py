@@ -93,12 +93,15 @@ class BridgeTrainer(GRPOTrainer):
     arXiv:2509.06948): cooperative SFT + RL with a fused base θ, an RL-only shadow θ̂ and a LoRA adapter w trained on
     the cooperative gain.
 
-    A drop-in replacement for [`~trl.GRPOTrainer`] that takes one more dataset, `sft_dataset` (expert reasoning traces
-    in any TRL SFT format). Rollout generation, reward computation and advantages are GRPOTrainer's, unchanged. The
-    overrides, each for one reason:
-      * `__init__`: wraps the model in the LoRA adapter w, unfreezes θ (fp32 master weights), creates θ̂ and the SFT
-        stream, and (when `beta > 0`) keeps a frozen copy of the initial policy as the KL reference so it does not move
-        with θ. Refuses engines and adapter options BRIDGE cannot honour.
+    A drop-in replacement for [`~trl.GRPOTrainer`] (its parameters, in its order) that takes one more dataset, the
+    keyword-only `sft_dataset` (expert reasoning traces in any TRL SFT format). Rollout generation, reward computation
+    and advantages are GRPOTrainer's, unchanged. The overrides, each for one reason:
+      * `__init__`: wraps the model in the LoRA adapter w (a `PeftModel` passed in supplies w), unfreezes θ (fp32
+        master weights), creates θ̂ and the SFT stream, and (when `beta > 0`) keeps a frozen copy of the initial
+        policy as the KL reference so it does not move with θ (synced from the merged policy with `sync_ref_model`).
+        A `GRPOConfig` is upgraded to a `BridgeConfig`. At λ = 1 for the whole run none of this is built: the run is
+        GRPOTrainer's own and the overrides below defer to it (the reward probe aside). Refuses engines and adapter
+        options BRIDGE cannot honour.
       * `compute_loss` / `training_step`: pass A (fused loss) and pass B (shadow loss) of the module docstring.
       * `create_optimizer`, `create_scheduler`, `_clip_grad_norm`, `_get_grad_norm`: the Trainer's optimizer and
         clipping act on θ alone; θ̂ and w get their own optimizers, schedules and clipping (in `BridgeCallback`);
