@@ -36,8 +36,11 @@ def test_every_loss_type_with_accumulation_and_iterations(tok, tmp_path, loss_ty
     assert rel_err(list(trainer.shadow_state_dict().values()), list(base_state(trainer).values())) > 1e-5
 
 
-def test_lambda_one_reproduces_grpo_with_kl_accumulation_and_iterations(tok, tmp_path):
-    """The hard regime: beta > 0 (frozen reference), GA=2, num_iterations=2 (old log-probs, clipping), dapo."""
+def test_lambda_one_reproduces_grpo_with_kl_accumulation_and_iterations(tok, tmp_path, monkeypatch):
+    """The hard regime: beta > 0 (frozen reference), GA=2, num_iterations=2 (old log-probs, clipping), dapo. The full
+    BRIDGE step is forced at λ = 1 (λ = 1 throughout would take the GRPO-only path): the shadow's own old log-probs
+    and the frozen reference must keep it equal to GRPO."""
+    monkeypatch.setattr(BridgeConfig, "lambda_is_always_one", lambda self: False)
     path = tmp_path / "tiny"
     make_tiny_model(tok).save_pretrained(path)
     tok.save_pretrained(path)

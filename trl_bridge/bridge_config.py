@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from dataclasses import dataclass, field
 
 import torch
-from trl import GRPOConfig
+
+from .compat import check_versions
+
+check_versions()  # before importing trl: an untested trl fails here, naming the tested range
+
+from trl import GRPOConfig  # noqa: E402
 
 SHADOW_OFF_POLICY_MODES = ("on_policy", "truncated_is")
 # `optim` values that build one plain torch optimizer per parameter set, so θ, θ̂ and w each get their own (tested in
@@ -71,7 +78,6 @@ class BridgeConfig(GRPOConfig):
         default=None,
         metadata={"help": "Enable gradient checkpointing. Defaults to True on CUDA and False on CPU."},
     )
-    logging_steps: float = field(default=1, metadata={"help": "Log every X optimizer steps."})
 
     bridge_lambda: float = field(
         default=0.5,
@@ -244,6 +250,33 @@ class BridgeConfig(GRPOConfig):
             "FSDP1 is not supported (TRL's fused LM head reads the flattened shard of lm_head.weight). Use FSDP2: "
             "fsdp_config={'version': 2} or `accelerate launch --config_file configs/accelerate/fsdp2.yaml`",
         )
+
+    def lambda_is_always_one(self) -> bool:
+        """λ = 1 at every step of the run: BRIDGE is then GRPO exactly (no SFT term, a shadow that equals θ, an adapter
+        whose gradient is zero), so BridgeTrainer runs GRPO alone, at GRPO's cost."""
+        if self.bridge_lambda != 1.0:
+            return False
+        return self.bridge_lambda_end is None or self.bridge_lambda_warmup_steps <= 0 or self.bridge_lambda_end == 1.0
+
+    @classmethod
+    def from_grpo_config(cls, grpo_args: GRPOConfig) -> "BridgeConfig":
+        """A BridgeConfig with every GRPOConfig field as `grpo_args` has it (what GRPOTrainer would have used) and
+        BRIDGE's own fields (`bridge_lambda`, `lora_r`, `sft_*`, ...) at their defaults. Warns with those defaults."""
+        grpo_fields = [f.name for f in dataclasses.fields(GRPOConfig) if f.init]
+        values = {name: getattr(grpo_args, name) for name in grpo_fields}
+        # GRPOConfig.__post_init__ derived one of these from the other; passing both is an error, so pass one.
+        values.pop("generation_batch_size")
+        bridge_args = cls(**values)
+        defaults = {f.name: getattr(bridge_args, f.name) for f in dataclasses.fields(cls) if f.name not in values}
+        defaults.pop("generation_batch_size", None)
+        warnings.warn(
+            "`args` is a GRPOConfig: BridgeTrainer upgraded it to a BridgeConfig that keeps every GRPOConfig value and "
+            "uses BRIDGE's defaults for the rest (" + ", ".join(f"{k}={v!r}" for k, v in defaults.items()) + "). Pass "
+            "a BridgeConfig to choose them (`bridge_lambda` weighs RL against SFT).",
+            UserWarning,
+            stacklevel=3,
+        )
+        return bridge_args
 
     def lambda_at(self, step: int) -> float:
         """λ at optimizer step `step` (constant, or linear from `bridge_lambda` to `bridge_lambda_end`)."""

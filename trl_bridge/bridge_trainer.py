@@ -28,37 +28,44 @@ reduce-scatters each parameter once per backward, and gradient checkpointing rec
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import copy
 import os
 import re
 import time
+import warnings
 from contextlib import contextmanager
+
+from .compat import check_versions
+
+check_versions()  # before trl is imported: an untested trl/transformers fails here, naming the tested range
 
 import torch
 from accelerate.utils import is_peft_model
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from datasets import Dataset, IterableDataset
-from peft import LoraConfig
+from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback, get_scheduler
 from transformers.optimization import Adafactor
 from transformers.utils import logging
 from transformers.trainer import TRAINING_ARGS_NAME
-from trl import GRPOTrainer
+from trl import GRPOConfig, GRPOTrainer
 from trl.data_utils import is_conversational
-from trl.trainer.utils import add_fused_lm_head, create_model_from_path, disable_dropout_in_model
+from trl.trainer.utils import add_fused_lm_head, create_model_from_path, disable_dropout_in_model, is_async_callable
 
 from .bridge_config import BridgeConfig
 from .data import validate_rl_dataset, validate_sft_dataset
-from .export import check_exportable, plain_name, save_merged_model
+from .export import check_exportable, merged_state_dict, plain_name, save_merged_model
 from .sft_stream import SFTStream, tokenize_sft_dataset
 
 logger = logging.get_logger(__name__)
 
 BRIDGE_STATE_FILE = "bridge_state.safetensors"
 BRIDGE_OPTIM_FILE = "bridge_optimizers.pt"
+REF_MODEL_FILE = "bridge_ref_model.safetensors"  # the KL reference, written only when `sync_ref_model` moves it
 
 
 class BridgeCallback(TrainerCallback):
@@ -71,18 +78,33 @@ class BridgeCallback(TrainerCallback):
         self.trainer._apply_shadow_and_adapter_updates()
 
 
+class RefModelSyncCallback(TrainerCallback):
+    """`sync_ref_model=True`: every `ref_model_sync_steps` steps, ref ← (1−α)·ref + α·π(θ+w) (α =
+    `ref_model_mixup_alpha`), as TRL's SyncRefModelCallback does with the policy; here the policy is the merged θ+w."""
+
+    def __init__(self, trainer: "BridgeTrainer"):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % args.ref_model_sync_steps == 0:
+            self.trainer._sync_ref_model(args.ref_model_mixup_alpha)
+
+
 class BridgeTrainer(GRPOTrainer):
     """
     Trainer for BRIDGE (Chen et al., "Beyond Two-Stage Training: Cooperative SFT and RL for LLM Reasoning",
     arXiv:2509.06948): cooperative SFT + RL with a fused base θ, an RL-only shadow θ̂ and a LoRA adapter w trained on
     the cooperative gain.
 
-    A drop-in replacement for [`~trl.GRPOTrainer`] that takes one more dataset, `sft_dataset` (expert reasoning traces
-    in any TRL SFT format). Rollout generation, reward computation and advantages are GRPOTrainer's, unchanged. The
-    overrides, each for one reason:
-      * `__init__`: wraps the model in the LoRA adapter w, unfreezes θ (fp32 master weights), creates θ̂ and the SFT
-        stream, and (when `beta > 0`) keeps a frozen copy of the initial policy as the KL reference so it does not move
-        with θ. Refuses engines and adapter options BRIDGE cannot honour.
+    A drop-in replacement for [`~trl.GRPOTrainer`] (its parameters, in its order) that takes one more dataset, the
+    keyword-only `sft_dataset` (expert reasoning traces in any TRL SFT format). Rollout generation, reward computation
+    and advantages are GRPOTrainer's, unchanged. The overrides, each for one reason:
+      * `__init__`: wraps the model in the LoRA adapter w (a `PeftModel` passed in supplies w), unfreezes θ (fp32
+        master weights), creates θ̂ and the SFT stream, and (when `beta > 0`) keeps a frozen copy of the initial
+        policy as the KL reference so it does not move with θ (synced from the merged policy with `sync_ref_model`).
+        A `GRPOConfig` is upgraded to a `BridgeConfig`. At λ = 1 for the whole run none of this is built: the run is
+        GRPOTrainer's own and the overrides below defer to it (the reward probe aside). Refuses engines and adapter
+        options BRIDGE cannot honour.
       * `compute_loss` / `training_step`: pass A (fused loss) and pass B (shadow loss) of the module docstring.
       * `create_optimizer`, `create_scheduler`, `_clip_grad_norm`, `_get_grad_norm`: the Trainer's optimizer and
         clipping act on θ alone; θ̂ and w get their own optimizers, schedules and clipping (in `BridgeCallback`);
@@ -110,43 +132,68 @@ class BridgeTrainer(GRPOTrainer):
         reward_funcs=None,
         args: BridgeConfig | None = None,
         train_dataset: Dataset | IterableDataset | None = None,
-        sft_dataset: Dataset | None = None,
         eval_dataset=None,
         processing_class=None,
         reward_processing_classes=None,
         callbacks=None,
         optimizers=(None, None),
+        quantization_config=None,
         peft_config=None,
-        **kwargs,
+        tools=None,
+        rollout_func=None,
+        environment_factory=None,
+        *,
+        sft_dataset: Dataset | None = None,
     ):
+        # GRPOTrainer's parameters in GRPOTrainer's order, so positional calls mean the same; `sft_dataset` is keyword-only.
         if args is None:
             name = model if isinstance(model, str) else model.config._name_or_path
             args = BridgeConfig(f"{str(name).split('/')[-1]}-BRIDGE")
+        elif isinstance(args, GRPOConfig) and not isinstance(args, BridgeConfig):
+            args = BridgeConfig.from_grpo_config(args)  # keeps every GRPO value, BRIDGE's defaults; warns
         if not isinstance(args, BridgeConfig):
             raise TypeError(f"`args` must be a BridgeConfig (it extends GRPOConfig), got {type(args).__name__}.")
         if optimizers != (None, None):
             raise ValueError("`optimizers` is not supported: BRIDGE builds one optimizer per parameter set (θ, θ̂, w).")
-        if train_dataset is None:
-            raise ValueError("`train_dataset` (the RL prompts) is required.")
+        if train_dataset is None and environment_factory is None:
+            raise ValueError("`train_dataset` is required unless an `environment_factory` is provided.")  # GRPOTrainer's
         if isinstance(train_dataset, Dataset):
             validate_rl_dataset(train_dataset, name="`train_dataset` (RL prompts)")
-        if sft_dataset is None:
-            raise ValueError("`sft_dataset` is required: BRIDGE needs expert reasoning traces for L_SFT.")
-        validate_sft_dataset(sft_dataset, name="`sft_dataset` (expert traces)")
+        # λ = 1 for the whole run is GRPO exactly (no SFT term; θ̂ stays θ; w's gradient is zero): run GRPO alone.
+        self._grpo_only = args.lambda_is_always_one()
+        if sft_dataset is None and not self._grpo_only:
+            raise ValueError(
+                "`sft_dataset` is required: BRIDGE needs expert reasoning traces for L_SFT (only a run with "
+                "bridge_lambda = 1 throughout, i.e. GRPO, can go without)."
+            )
+        if sft_dataset is not None:
+            validate_sft_dataset(sft_dataset, name="`sft_dataset` (expert traces)")
         if isinstance(model, str):
             init_kwargs = dict(args.model_init_kwargs or {})
+            if quantization_config is not None:
+                init_kwargs["quantization_config"] = quantization_config
+                quantization_config = None  # consumed here, as GRPOTrainer does
             init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
             model = create_model_from_path(model, **init_kwargs)
             args.model_init_kwargs = None  # consumed here; GRPOTrainer would warn that an instance ignores them
-        if is_peft_model(model):
-            raise ValueError(
-                "Pass a plain (non-PEFT) model: BRIDGE trains the base weights and creates the adapter w itself "
-                "(configure it with `lora_*` fields or `peft_config`)."
-            )
-        # KL reference (beta > 0): the initial policy π(θ⁰+w⁰) = π(θ⁰) (LoRA B starts at zero), frozen. TRL's PEFT
-        # default (adapter disabled) would be π(θ), which moves as the base trains.
+        adapter_weights = ref_weights = None
+        if is_peft_model(model):  # the user's adapter becomes w (its base weights are θ); see `_adopt_peft_model`
+            model, peft_config, adapter_weights, ref_weights = self._adopt_peft_model(model, peft_config, args)
+        # KL reference (beta > 0): the initial policy π(θ⁰+w⁰) = π(θ⁰) (LoRA B starts at zero; a PeftModel's trained
+        # adapter is merged in), frozen. TRL's PEFT default (adapter disabled) would be π(θ), which moves as θ trains.
         ref_model = copy.deepcopy(model).eval().requires_grad_(False) if args.beta != 0.0 else None
-        if peft_config is None:
+        if ref_model is not None and ref_weights is not None:
+            ref_model.load_state_dict(ref_weights)
+        if self._grpo_only:
+            if peft_config is not None:
+                warnings.warn(
+                    "`peft_config` is ignored: with bridge_lambda = 1 for the whole run BRIDGE is GRPO on the base "
+                    "weights and builds no adapter (its gradient would be zero).",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            peft_config = None
+        elif peft_config is None:
             peft_config = LoraConfig(
                 r=args.lora_r,
                 lora_alpha=args.lora_alpha,
@@ -155,59 +202,76 @@ class BridgeTrainer(GRPOTrainer):
                 layers_to_transform=args.lora_layers_to_transform,
                 task_type="CAUSAL_LM",
             )
-        for field in ("modules_to_save", "trainable_token_indices"):
-            if getattr(peft_config, field, None):
-                raise ValueError(
-                    f"`peft_config.{field}` is not supported by BridgeTrainer: BRIDGE trains the base weights θ in full "
-                    "(select them with `trainable_base_parameters`), so a second trainable copy inside the adapter w "
-                    "would have no shadow and no defined update. Leave it unset."
-                )
-        super().__init__(
-            model=model,
-            reward_funcs=reward_funcs,
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            reward_processing_classes=reward_processing_classes,
-            callbacks=callbacks,
-            peft_config=peft_config,
-            **kwargs,
-        )
+        if peft_config is not None:
+            _check_adapter_config(peft_config)
+        # GRPOTrainer would load a second copy of the plain model as its reference, or refuse `sync_ref_model` for a
+        # PEFT model; BRIDGE keeps its own frozen reference (above) and syncs it itself (`_sync_ref_model`).
+        overrides = dict(beta=0.0, sync_ref_model=False) if args.beta != 0.0 else {}
+        with _fields_overridden(args, **overrides):
+            super().__init__(
+                model=model,
+                reward_funcs=reward_funcs,
+                args=args,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                reward_processing_classes=reward_processing_classes,
+                callbacks=callbacks,
+                quantization_config=quantization_config,
+                peft_config=peft_config,
+                tools=tools,
+                rollout_func=rollout_func,
+                environment_factory=environment_factory,
+            )
+        self.beta = args.beta
+        self._probe_reward_funcs = rollout_func is None and environment_factory is None
         if ref_model is not None:
             if args.disable_dropout:
                 disable_dropout_in_model(ref_model)
             add_fused_lm_head(ref_model, temperature=self.temperature, cast_lm_head_to_fp32=args.cast_lm_head_to_fp32)
             self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+            if args.sync_ref_model:  # (beta = 0 with sync_ref_model was refused by GRPOTrainer, as for GRPO users)
+                self.add_callback(RefModelSyncCallback(self))
 
         self._refuse_unsupported_engines()
-        self._fused_lm = self.model.get_base_model()  # the causal LM GRPOTrainer gave TRL's fused LM head
-        _fused_head_cells(self._fused_lm)  # fails now, not at step 1, if TRL's fused head changed its layout
-        check_exportable(self.model)  # an adapter option the final export could not merge fails now, not after training
+        # the causal LM GRPOTrainer gave TRL's fused LM head (checked now, not at step 1, in case its layout changed)
+        self._fused_lm = self.model.get_base_model() if is_peft_model(self.model) else self.model
+        _fused_head_cells(self._fused_lm)
+        if adapter_weights is not None:
+            _load_adapter_weights(self.model, adapter_weights)
+        if not self._grpo_only:
+            check_exportable(self.model)  # an adapter option the final export could not merge fails now, not after training
         # θ: PEFT froze the base; unfreeze the selected weights.  w: the LoRA parameters.
         self.base_params = _select_base_params(self.model, args.trainable_base_parameters)
+        if self._grpo_only:  # no PEFT: freeze what is not θ, as PEFT does
+            theta = {id(p) for _, p in self.base_params}
+            for p in self.model.parameters():
+                p.requires_grad_(id(p) in theta)
         for _, p in self.base_params:
             p.requires_grad_(True)
         self.adapter_params = [(n, p) for n, p in self.model.named_parameters() if "lora_" in n and p.requires_grad]
         _keep_fp32_master_weights(self.model, self.base_params + self.adapter_params, autocast=args.bf16)
         # FSDP2 shards the parameters when the Trainer prepares the model (train()); θ̂ is then created sharded like θ.
         self._fsdp2 = bool(self.is_fsdp_enabled and self.accelerator.is_fsdp2)
-        if self._fsdp2:
+        if self._fsdp2 and not self._grpo_only:
             # One reduce-scatter per backward: FSDP2's no_sync accumulates unsharded gradients inside FSDP, where the
             # θ/θ̂ swap of pass B cannot separate them.
             self.accelerator.gradient_state.plugin_kwargs["sync_each_batch"] = True
-        # θ̂ ← θ⁰: a persistent fp32 copy of the trainable base weights only.
-        self.shadow_params = None if self._fsdp2 else [torch.nn.Parameter(p.detach().clone()) for _, p in self.base_params]
+        # θ̂ ← θ⁰: a persistent fp32 copy of the trainable base weights only (none at λ = 1 throughout: θ̂ would be θ).
+        no_shadow = self._fsdp2 or self._grpo_only
+        self.shadow_params = None if no_shadow else [torch.nn.Parameter(p.detach().clone()) for _, p in self.base_params]
 
-        sft_tokenized = tokenize_sft_dataset(sft_dataset, self._tokenizer, args.sft_max_length)
-        self.sft_stream = SFTStream(
-            sft_tokenized,
-            pad_token_id=self._tokenizer.pad_token_id,
-            batch_size=args.sft_per_device_train_batch_size,
-            seed=args.seed,
-            rank=self.accelerator.process_index,
-            world_size=self.accelerator.num_processes,
-        )
+        self.sft_stream = None
+        if not self._grpo_only:
+            sft_tokenized = tokenize_sft_dataset(sft_dataset, self._tokenizer, args.sft_max_length)
+            self.sft_stream = SFTStream(
+                sft_tokenized,
+                pad_token_id=self._tokenizer.pad_token_id,
+                batch_size=args.sft_per_device_train_batch_size,
+                seed=args.seed,
+                rank=self.accelerator.process_index,
+                world_size=self.accelerator.num_processes,
+            )
         self.shadow_optimizer = self.adapter_optimizer = None
         self.shadow_scheduler = self.adapter_scheduler = None
         self._rl_inputs = None  # the rollouts of the current micro-batch, shared by passes A and B
@@ -227,7 +291,48 @@ class BridgeTrainer(GRPOTrainer):
         # the shadow's sampling-time log-probs), read by `trl-bridge bench`; `synchronize_phases` makes them exact on CUDA.
         self.phase_seconds = collections.defaultdict(float)
         self.synchronize_phases = False
-        self.add_callback(BridgeCallback(self))
+        if not self._grpo_only:
+            self.add_callback(BridgeCallback(self))
+
+    @staticmethod
+    def _adopt_peft_model(peft_model, peft_config, args):
+        """A `PeftModel` passed in: its LoRA adapter becomes w and its base weights θ (GRPOTrainer would train the
+        adapter alone; BRIDGE trains the base by definition). Returns (plain base model, the adapter's LoraConfig,
+        the adapter's weights, the merged initial policy π(θ⁰+w⁰) for the KL reference or None). At λ = 1 throughout
+        the adapter would never train: it is merged into the base (PEFT's `merge_and_unload`) and GRPO trains that.
+        The PeftModel is unwrapped in place; use `trainer.model` afterwards."""
+        if peft_config is not None:  # GRPOTrainer's refusal, same type and advice
+            raise ValueError(
+                "You passed a `PeftModel` instance together with a `peft_config` to the trainer. Please first merge "
+                "and unload the existing adapter, save the resulting base model, and then pass that base model along "
+                "with the new `peft_config` to the trainer."
+            )
+        names = list(peft_model.peft_config)
+        if len(names) != 1:
+            raise ValueError(
+                f"The PeftModel carries {len(names)} adapters {names}; BRIDGE trains one adapter w. Keep one "
+                "(`delete_adapter`) or merge the others into the base (`merge_and_unload`) before passing it."
+            )
+        name = names[0]
+        config = peft_model.peft_config[name]
+        if not isinstance(config, LoraConfig):
+            raise ValueError(
+                f"The PeftModel's adapter is {type(config).__name__} ({config.peft_type}); BRIDGE's adapter w is LoRA "
+                "(its gradient is the cooperative gain on θ+w). Merge it into the base (`merge_and_unload()`) and pass "
+                "the plain model, with `peft_config=LoraConfig(...)` or the `lora_*` fields for w."
+            )
+        if args.lambda_is_always_one():
+            return peft_model.merge_and_unload(), None, None, None
+        _check_adapter_config(config)
+        config = copy.deepcopy(config)
+        config.inference_mode = False  # a PeftModel loaded for inference still trains here, as w
+        if hasattr(config, "init_lora_weights"):
+            config.init_lora_weights = True  # the weights are the adapter's own (PiSSA/LoftQ init would redo it on θ)
+        weights = {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model, adapter_name=name).items()}
+        ref_weights = merged_state_dict(peft_model, adapter_name=name) if args.beta != 0.0 else None
+        if ref_weights is not None:
+            ref_weights = {k: v.detach().clone() for k, v in ref_weights.items()}
+        return peft_model.unload(), config, weights, ref_weights
 
     def train(self, *args, **kwargs):
         self._check_reward_funcs()
@@ -242,6 +347,12 @@ class BridgeTrainer(GRPOTrainer):
                 "Use FSDP2: `accelerate launch --config_file configs/accelerate/fsdp2.yaml ...`."
             )
         if self.is_fsdp_enabled:
+            if self.args.sync_ref_model:
+                raise ValueError(
+                    "BridgeTrainer does not support `sync_ref_model=True` under FSDP: the reference is synced from the "
+                    "merged policy θ+w, which is not gathered from the shards for it. Set `sync_ref_model=False` (the "
+                    "reference stays the initial policy) or train without FSDP."
+                )
             if not self.accelerator.is_fsdp2:
                 raise ValueError(
                     "BridgeTrainer does not support FSDP1 (TRL's fused LM head reads the flattened shard of "
@@ -256,8 +367,10 @@ class BridgeTrainer(GRPOTrainer):
                 )
 
     def _check_reward_funcs(self):
-        """Call every reward function once on the first RL row before any step, so a broken one fails early and clearly."""
-        if not isinstance(self.train_dataset, Dataset):
+        """Call every reward function once on the first RL row before any step, so a broken one fails early and clearly.
+        Async functions are awaited on GRPOTrainer's event loop, as in training. Skipped when a `rollout_func` or an
+        `environment_factory` supplies what the reward functions read (extra fields, `environments`)."""
+        if not isinstance(self.train_dataset, Dataset) or not self._probe_reward_funcs:
             return
         row = self.train_dataset[0]
         prompt = row["prompt"]
@@ -267,9 +380,13 @@ class BridgeTrainer(GRPOTrainer):
         for func, name in zip(self.reward_funcs, self.reward_func_names):
             if isinstance(func, torch.nn.Module):
                 continue
+            kwargs = dict(prompts=[prompt], completions=[completion], completion_ids=[[0]], trainer_state=self.state,
+                          log_extra=lambda *a: None, log_metric=lambda *a: None, **extra)
             try:
-                out = func(prompts=[prompt], completions=[completion], completion_ids=[[0]], trainer_state=self.state,
-                           log_extra=lambda *a: None, log_metric=lambda *a: None, **extra)
+                if is_async_callable(func):
+                    out = asyncio.run_coroutine_threadsafe(func(**kwargs), self.async_loop).result()
+                else:
+                    out = func(**kwargs)
             except Exception as err:
                 raise RuntimeError(
                     f"Reward function {name!r} raised {type(err).__name__}: {err} when probed, before training, with the "
@@ -289,7 +406,9 @@ class BridgeTrainer(GRPOTrainer):
         return self.args.lambda_at(self.state.global_step)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if not self.model.training:  # evaluation: the RL loss of π(θ+w), as GRPOTrainer reports it
+        if self._grpo_only and self.model.training:  # λ = 1 throughout: GRPO's loss alone, nothing else computed
+            self._metrics["train"]["bridge/lambda"].append(1.0)
+        if self._grpo_only or not self.model.training:  # evaluation: the RL loss of π(θ+w), as GRPOTrainer reports it
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         lam = self.bridge_lambda
         # Pass A. §3.2 (θ) and the first two terms of §3.4 (w): the gradient of (1−λ) L_SFT(θ,w) + λ L_RL(θ,w), as
@@ -411,12 +530,14 @@ class BridgeTrainer(GRPOTrainer):
 
     def _clip_grad_norm(self, model):
         """The Trainer's clipping (and its logged `grad_norm`) covers θ alone; θ̂ and w are clipped separately."""
+        if self._grpo_only:
+            return super()._clip_grad_norm(model)
         norm = _clip_grad_norm([p for _, p in self.base_params], self.args.max_grad_norm)
         self._metrics["train"]["bridge/grad_norm_base"].append(norm)
         return norm
 
     def _get_grad_norm(self, model, grad_norm=None):
-        if grad_norm is None:
+        if grad_norm is None and not self._grpo_only:
             grad_norm = _grad_norm([p for _, p in self.base_params])
             self._metrics["train"]["bridge/grad_norm_base"].append(grad_norm)
         return super()._get_grad_norm(model, grad_norm)
@@ -449,6 +570,8 @@ class BridgeTrainer(GRPOTrainer):
         return optimizer_cls(groups, **{**optimizer_kwargs, "lr": lr})
 
     def create_optimizer(self, model=None):
+        if self._grpo_only:  # θ = every parameter that requires grad: the Trainer's own optimizer, as for GRPO
+            return super().create_optimizer(model)
         if self.optimizer is None:
             self.optimizer = self._make_optimizer(self._peft_named(self.base_params), self.args.learning_rate)
         return self.optimizer
@@ -469,6 +592,8 @@ class BridgeTrainer(GRPOTrainer):
         )
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self._grpo_only:
+            return super().create_scheduler(num_training_steps, optimizer)
         if self.lr_scheduler is None:
             self.lr_scheduler = self._make_scheduler(self.optimizer if optimizer is None else optimizer, num_training_steps)
             self._created_lr_scheduler = True
@@ -516,6 +641,8 @@ class BridgeTrainer(GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
+        if self._grpo_only:
+            return output
         n_local = output["prompt_ids"].size(0)
         start = self.accelerator.process_index * n_local
         weights = self.reward_weights.to(self._last_rewards_per_func.device)
@@ -671,13 +798,47 @@ class BridgeTrainer(GRPOTrainer):
     # ------------------------------------------------------------------------------------------------------------
     # Export and checkpoints
     # ------------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _sync_ref_model(self, alpha: float):
+        """`sync_ref_model`: ref ← (1−α)·ref + α·π(θ+w). The policy's weights are the merged θ+w (PEFT's merge on a
+        detached copy, as for the export), or the plain model's at λ = 1 throughout."""
+        policy = self.accelerator.unwrap_model(self.model)
+        source = merged_state_dict(policy) if is_peft_model(policy) else policy.state_dict()
+        for name, p in self.accelerator.unwrap_model(self.ref_model).named_parameters():
+            p.mul_(1.0 - alpha).add_(source[name].to(p.device), alpha=alpha)
+
+    def _save_synced_ref_model(self, output_dir):
+        """A synced reference is training state: the checkpoint keeps it, so a resumed run continues from it."""
+        if not self.args.sync_ref_model or self.ref_model is None or not self.args.should_save:
+            return
+        ref = self.accelerator.unwrap_model(self.ref_model)
+        save_file({n: p.detach().contiguous() for n, p in ref.named_parameters()}, os.path.join(output_dir, REF_MODEL_FILE))
+
+    @torch.no_grad()
+    def _load_synced_ref_model(self, checkpoint):
+        if not self.args.sync_ref_model or self.ref_model is None:
+            return
+        path = os.path.join(checkpoint, REF_MODEL_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{checkpoint} has no {REF_MODEL_FILE}: it was written without `sync_ref_model`, so the synced KL "
+                "reference cannot be restored. Resume with the settings the checkpoint was written with."
+            )
+        saved = load_file(path)
+        for name, p in self.accelerator.unwrap_model(self.ref_model).named_parameters():
+            p.copy_(saved[name].to(p.device, p.dtype))
+
     def shadow_state_dict(self) -> dict[str, torch.Tensor]:
         """θ̂, keyed like the plain base model's state dict (only the trainable weights have a shadow). Full tensors
-        (under FSDP2 every rank must call it: the shards are gathered)."""
+        (under FSDP2 every rank must call it: the shards are gathered). At λ = 1 throughout θ̂ is θ (no copy is kept)."""
+        if self._grpo_only:
+            return {name: _full(p).clone() for name, p in self.base_params}
         return {name: _full(s).clone() for (name, _), s in zip(self.base_params, self.shadow_params)}
 
     def _save(self, output_dir=None, state_dict=None):
         """`save_model` writes the merged policy π(θ+w) as a plain model folder (loadable with AutoModelForCausalLM)."""
+        if self._grpo_only:  # a plain model (no adapter): the Trainer's own save
+            return super()._save(output_dir, state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
@@ -692,7 +853,7 @@ class BridgeTrainer(GRPOTrainer):
         from .reporting import write_model_card
 
         hparams = {k: getattr(self.args, k) for k in CARD_HYPERPARAMETERS}
-        logs = [h for h in self.state.log_history if "bridge/sft_loss" in h]
+        logs = [h for h in self.state.log_history if any(k in h for k in CARD_METRICS)]
         final = {k: v for k, v in (logs[-1] if logs else {}).items() if k in CARD_METRICS}
         datasets = self.card_datasets or ([dataset_name] if isinstance(dataset_name, str) else list(dataset_name or []))
         write_model_card(
@@ -718,6 +879,9 @@ class BridgeTrainer(GRPOTrainer):
     def _save_optimizer_and_scheduler(self, output_dir):
         """All three optimizers and schedules in one engine-independent file (full tensors), so a checkpoint written
         under FSDP2 resumes under FSDP2 or in one process, and vice versa."""
+        self._save_synced_ref_model(output_dir)
+        if self._grpo_only:  # θ alone, in the Trainer's optimizer: its own files
+            return super()._save_optimizer_and_scheduler(output_dir)
         tensors = self._bridge_tensors()
         optimizers = {f"{k}_optimizer": _full_optimizer_state(opt) for k, opt in self._optimizers().items()}
         if not self.args.should_save:
@@ -735,6 +899,8 @@ class BridgeTrainer(GRPOTrainer):
         )
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if self._grpo_only:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
         path = os.path.join(resume_from_checkpoint, BRIDGE_STATE_FILE)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{resume_from_checkpoint} is not a BRIDGE checkpoint: {BRIDGE_STATE_FILE} is missing.")
@@ -752,6 +918,9 @@ class BridgeTrainer(GRPOTrainer):
     def _load_optimizer_and_scheduler(self, checkpoint):
         if checkpoint is None:
             return
+        self._load_synced_ref_model(checkpoint)
+        if self._grpo_only:
+            return super()._load_optimizer_and_scheduler(checkpoint)
         state = torch.load(os.path.join(checkpoint, BRIDGE_OPTIM_FILE), map_location="cpu", weights_only=False)
         for key, opt in self._optimizers().items():
             _load_full_optimizer_state(opt, state[f"{key}_optimizer"])
@@ -941,8 +1110,42 @@ def _shard_state(p, key: str, v):
 
 def _model_name(peft_model) -> str:
     """The base model's Hub name or path; a model built from a config has none, so name its class."""
-    base = peft_model.get_base_model()
+    base = peft_model.get_base_model() if is_peft_model(peft_model) else peft_model
     return base.config._name_or_path or f"{type(base).__name__} (built from a config)"
+
+
+def _check_adapter_config(peft_config):
+    for field in ("modules_to_save", "trainable_token_indices"):
+        if getattr(peft_config, field, None):
+            raise ValueError(
+                f"`peft_config.{field}` is not supported by BridgeTrainer: BRIDGE trains the base weights θ in full "
+                "(select them with `trainable_base_parameters`), so a second trainable copy inside the adapter w "
+                "would have no shadow and no defined update. Leave it unset."
+            )
+
+
+def _load_adapter_weights(peft_model, weights):
+    """Load a PeftModel's adapter weights (keys without the adapter name) into w, the adapter named "default"."""
+    result = set_peft_model_state_dict(peft_model, weights, adapter_name="default")
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if result.unexpected_keys or missing:
+        raise ValueError(
+            f"The PeftModel's adapter weights do not fit the re-created adapter w: unexpected {result.unexpected_keys[:3]}, "
+            f"missing {missing[:3]}."
+        )
+
+
+@contextmanager
+def _fields_overridden(args, **values):
+    """Set config fields for the duration of the block (GRPOTrainer.__init__), then restore them."""
+    saved = {k: getattr(args, k) for k in values}
+    for k, v in values.items():
+        setattr(args, k, v)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(args, k, v)
 
 
 def _select_base_params(peft_model, patterns):

@@ -52,7 +52,8 @@ def _reward_history(output_dir: str) -> list[dict]:
 
 def compare(config: str, variants: list[str], max_steps: int, output_dir: str, extra: list[str]) -> dict:
     results = {}
-    common = ["--config", config, "--max_steps", str(max_steps), "--save_strategy", "no", *extra]
+    # one log entry per step: the reward curve is read from it (GRPOConfig's default logs every 10 steps)
+    common = ["--config", config, "--max_steps", str(max_steps), "--save_strategy", "no", "--logging_steps", "1", *extra]
     for name in variants:
         out = os.path.join(output_dir, name)
         if name == TWO_STAGE:
