@@ -175,14 +175,14 @@ class BridgeConfig(GRPOConfig):
             self.gradient_checkpointing = has_cuda
         if self.bf16 is None and not self.fp16 and not has_cuda:
             self.bf16 = False
+        generation_batch_size_given = self.generation_batch_size is not None
         try:
             super().__post_init__()
         except ValueError as err:
             if "must be divisible by num_generations" not in str(err):
                 raise
             # GRPOConfig names the derived generation_batch_size; name what the user sets instead.
-            set_directly = self.generation_batch_size is not None and self.steps_per_generation is None
-            name = "generation_batch_size" if set_directly else "per_device_train_batch_size"
+            name = "generation_batch_size" if generation_batch_size_given else "per_device_train_batch_size"
             raise ValueError(
                 f"BridgeConfig.{name}={getattr(self, name)!r} is invalid: a generation batch (per_device_train_batch_size "
                 f"× processes × steps_per_generation = {self.generation_batch_size}) must hold whole groups of "

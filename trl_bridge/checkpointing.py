@@ -251,3 +251,28 @@ class StopOnSignal(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
         return control
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# `trl-bridge train`
+# ----------------------------------------------------------------------------------------------------------------------
+def check_run_start(args):
+    """Before the command line loads anything: resolve `resume_from_checkpoint` ("last" -> the folder, in place) and
+    refuse an `output_dir` that holds another run."""
+    args.resume_from_checkpoint = resolve_resume_from_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    check_output_dir(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
+
+
+def resume_arguments(argv: list[str]) -> str:
+    """`argv` of an interrupted `trl-bridge train` with `--resume_from_checkpoint last` in place of any earlier value."""
+    import shlex
+
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--resume_from_checkpoint":
+            skip = True
+        elif not arg.startswith("--resume_from_checkpoint="):
+            kept.append(arg)
+    return shlex.join([*kept, "--resume_from_checkpoint", "last"])
