@@ -1,10 +1,10 @@
 """`trl-bridge train` in a real process, for tests/test_reliability.py, with two test hooks set by environment variables so
 that the test's signals land at a known point of the run (the signals themselves are real, sent by the test):
 
-  BRIDGE_TEST_PAUSE_IN_STEP=N    during optimizer step N, between its two micro-batches, touch $BRIDGE_TEST_READY and
-                                 wait until a signal has arrived, then go on
+  BRIDGE_TEST_PAUSE_IN_STEP=N    during optimizer step N, between its two micro-batches, touch $BRIDGE_TEST_READY.pause
+                                 and wait until a signal has arrived, then go on
   BRIDGE_TEST_HANG_IN_SAVE_OF=N  while checkpoint-N is being written (BRIDGE's files are in the staging folder, the
-                                 folder is not published yet), touch $BRIDGE_TEST_READY and hang until killed
+                                 folder is not published yet), touch $BRIDGE_TEST_READY.save and hang until killed
 
     python -m tests.interrupt_worker <trl-bridge train arguments>
 """
@@ -45,7 +45,7 @@ def _install_hooks():
 
         def init_with_pause(self, *args, **kwargs):
             init(self, *args, **kwargs)
-            self.add_callback(_PauseForSignal(self, step, ready))
+            self.add_callback(_PauseForSignal(self, step, f"{ready}.pause"))
 
         BridgeTrainer.__init__ = init_with_pause
     if "BRIDGE_TEST_HANG_IN_SAVE_OF" in os.environ:
@@ -54,7 +54,7 @@ def _install_hooks():
         def save_then_hang(self, output_dir):
             save(self, output_dir)
             if self.state.global_step == step:
-                Path(ready).touch()
+                Path(f"{ready}.save").touch()
                 time.sleep(600)
 
         BridgeTrainer._save_optimizer_and_scheduler = save_then_hang

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from trl_bridge import BridgeConfig, BridgeTrainer
+from trl_bridge.checkpointing import TrainingInterrupted
 from trl_bridge.tiny import make_tiny_model, make_tiny_tokenizer
 from trl_bridge.train_cli import main as train_main
 
@@ -84,20 +85,22 @@ def cli_setup(tmp_path_factory, tok):
     return root, args
 
 
-def _run_until(tmp_path, argv, hook, step, name):
-    """Start `trl-bridge train` (tests/interrupt_worker.py) and return it once it reached the hook at `step`."""
-    ready = tmp_path / f"{name}.ready"
+def _start(tmp_path, argv, name, **hooks):
+    """`trl-bridge train` (through tests/interrupt_worker.py, with its test hooks) in a real process."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO),
-           hook: str(step), "BRIDGE_TEST_READY": str(ready)}
-    log = open(tmp_path / f"{name}.log", "w")
+           "BRIDGE_TEST_READY": str(tmp_path / name), **{k: str(v) for k, v in hooks.items()}}
+    log = tmp_path / f"{name}.log"
     proc = subprocess.Popen([sys.executable, "-m", "tests.interrupt_worker", *argv], cwd=REPO, env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    return proc, log
+
+
+def _wait_for(path, proc, log):
     deadline = time.monotonic() + 300
-    while not ready.exists():
-        assert proc.poll() is None, (tmp_path / f"{name}.log").read_text()[-3000:]
-        assert time.monotonic() < deadline, "the worker never reached its hook"
+    while not path.exists():
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"the worker never reached {path.name}"
         time.sleep(0.05)
-    return proc, tmp_path / f"{name}.log"
 
 
 def test_interrupted_runs_resume_to_the_uninterrupted_result(cli_setup, tmp_path):
@@ -105,40 +108,57 @@ def test_interrupted_runs_resume_to_the_uninterrupted_result(cli_setup, tmp_path
     reference, run = tmp_path / "reference", tmp_path / "run"
     assert train_main([*args, "--output_dir", str(reference)]) == 0
 
-    # SIGINT (Ctrl-C) during step 2: the step finishes, checkpoint-2 (inside a generation batch) is written, exit 130
-    proc, log = _run_until(tmp_path, [*args, "--output_dir", str(run)], "BRIDGE_TEST_PAUSE_IN_STEP", 2, "sigint")
+    # Ctrl-C (SIGINT) during step 2: the step finishes, checkpoint-2 (inside a generation batch) is written, exit 130
+    proc, log = _start(tmp_path, [*args, "--output_dir", str(run)], "first", BRIDGE_TEST_PAUSE_IN_STEP=2)
+    _wait_for(tmp_path / "first.pause", proc, log)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=300) == 130, log.read_text()[-3000:]
     text = log.read_text()
-    assert "SIGINT received" in text and f"checkpoint written to {run / 'checkpoint-2'}" in text
+    assert "SIGINT received" in text and f"stopped by SIGINT after step 2; checkpoint written to {run / 'checkpoint-2'}" in text
     assert "resume: trl-bridge train" in text and "--resume_from_checkpoint last" in text
     assert sorted(p.name for p in run.glob("*checkpoint-*")) == ["checkpoint-2"]
 
-    # `--resume_from_checkpoint last`, then SIGTERM during step 4: exit 143 with checkpoint-3 (save_steps) and -4
+    # `--resume_from_checkpoint last` picks it up; SIGTERM during step 4 starts the final checkpoint-4, and kill -9
+    # arrives while it is being written (a scheduler's grace period running out): it stays an unpublished tmp- folder
     resume = [*args, "--output_dir", str(run), "--resume_from_checkpoint", "last"]
-    proc, log = _run_until(tmp_path, resume, "BRIDGE_TEST_PAUSE_IN_STEP", 4, "sigterm")
+    proc, log = _start(tmp_path, resume, "second", BRIDGE_TEST_PAUSE_IN_STEP=4, BRIDGE_TEST_HANG_IN_SAVE_OF=4)
+    _wait_for(tmp_path / "second.pause", proc, log)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=300) == 143, log.read_text()[-3000:]
-    assert "SIGTERM received" in log.read_text() and f"checkpoint written to {run / 'checkpoint-4'}" in log.read_text()
-    assert sorted(p.name for p in run.glob("*checkpoint-*")) == ["checkpoint-2", "checkpoint-3", "checkpoint-4"]
-
-    # kill -9 while checkpoint-6 is being written: it stays a staging folder, nothing looks complete but is not
-    proc, log = _run_until(tmp_path, resume, "BRIDGE_TEST_HANG_IN_SAVE_OF", 6, "sigkill")
+    _wait_for(tmp_path / "second.save", proc, log)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=60) == -signal.SIGKILL
-    assert (run / "tmp-checkpoint-6" / "checkpoint-6" / "bridge_state.safetensors").is_file()  # written, unpublished
-    assert not (run / "checkpoint-6").exists()
+    assert "SIGTERM received" in log.read_text()
+    assert (run / "tmp-checkpoint-4" / "checkpoint-4" / "bridge_state.safetensors").is_file()  # written, unpublished
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
 
-    # the last complete checkpoint (4) resumes, and the run ends exactly where the uninterrupted one did
+    # `last` is the last complete checkpoint (3, written on the way by save_steps), and the run ends exactly where the
+    # uninterrupted one did: θ, θ̂, w and the exported π(θ+w)
     assert train_main(resume) == 0
-    assert not (run / "tmp-checkpoint-6").exists()
-    final, expected = load_file(run / "checkpoint-6" / "bridge_state.safetensors"), load_file(reference / "checkpoint-6" / "bridge_state.safetensors")
-    assert_identical(final, expected)
+    assert sorted(p.name for p in run.glob("*checkpoint-*")) == ["checkpoint-2", "checkpoint-3", "checkpoint-6"]
+    final = load_file(run / "checkpoint-6" / "bridge_state.safetensors")
+    assert_identical(final, load_file(reference / "checkpoint-6" / "bridge_state.safetensors"))
     assert any(not torch.equal(final[k], final["base." + k[len("shadow."):]]) for k in final if k.startswith("shadow."))
     exported, exported_reference = load_file(run / "model.safetensors"), load_file(reference / "model.safetensors")
     assert exported.keys() == exported_reference.keys()
-    for key, value in exported_reference.items():  # the exported π(θ+w) as well
+    for key, value in exported_reference.items():
         assert torch.equal(exported[key], value), key
+
+
+def test_sigterm_finishes_the_step_writes_a_checkpoint_and_raises_with_the_exit_code(tok, tmp_path):
+    class SendSigterm(TrainerCallback):  # a real SIGTERM to this process, in the middle of step 2
+        def on_substep_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    trainer = make_trainer(tok, tmp_path, max_steps=6, callbacks=[SendSigterm()], save_strategy="steps", save_steps=5,
+                           **MID_GENERATION)
+    with pytest.raises(TrainingInterrupted) as stop:
+        trainer.train()
+    assert trainer.state.global_step == 2 and stop.value.exit_code == 143
+    assert stop.value.checkpoint == str(tmp_path / "out" / "checkpoint-2")
+    assert sorted(p.name for p in (tmp_path / "out").glob("*checkpoint-*")) == ["checkpoint-2"]
+    assert signal.getsignal(signal.SIGTERM) is previous  # the handler was only installed around train()
 
 
 def test_output_dir_with_another_run_is_refused_unless_resumed_or_overwritten(cli_setup, tmp_path, capsys):
