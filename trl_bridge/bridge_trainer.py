@@ -99,10 +99,15 @@ class BridgeTrainer(GRPOTrainer):
       * `_calculate_rewards`, `_generate_and_score_completions`, `_get_per_token_logps_and_entropies`: keep each
         rollout's reward and the log-probs of both passes (for the cooperative-gain estimate), and the shadow's own
         sampling-time log-probs when GRPOTrainer keeps old log-probs or `shadow_off_policy="truncated_is"`.
-      * `train`: probes every reward function once on the first RL row, so a broken one fails before step 1.
+      * `train`: probes every reward function on the first RL rows (a broken, infinite or never-rewarding one fails
+        before step 1), resolves `resume_from_checkpoint="last"`, refuses an `output_dir` holding another run, and
+        turns SIGINT/SIGTERM into "finish the step, write a checkpoint, stop" (`TrainingInterrupted`).
       * `_save`, `_save_optimizer_and_scheduler`, `_load_from_checkpoint`, `_load_optimizer_and_scheduler`: the merged
         π(θ+w) export, and engine-independent checkpoints (full tensors) holding θ, θ̂, w, the three optimizers' and
-        schedules' states and the SFT stream position.
+        schedules' states, the SFT stream position and GRPOTrainer's buffered rollouts (exact resume anywhere).
+      * `_save_checkpoint`, `_get_output_dir`: checkpoints are written to a staging folder and renamed when complete.
+      * `_get_grad_norm`, `_log_mean`, `log`: a NaN/inf loss or gradient skips the step for θ, θ̂ and w together
+        (`_skip_if_non_finite`, logged as `bridge/skipped_steps`).
       * `create_model_card`: a card that names BRIDGE, the base model, data, hyper-parameters and final metrics.
     """
 
@@ -254,6 +259,8 @@ class BridgeTrainer(GRPOTrainer):
         if signum is not None and self.state.global_step < self.state.max_steps:
             checkpoint = os.path.join(self._get_output_dir(None), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             raise TrainingInterrupted(signum, self.state.global_step, checkpoint if os.path.isdir(checkpoint) else None)
+        if self._stop_on_signal.signum is not None:
+            logger.warning("A signal arrived after the last training step: training completed.")
         return output
 
     def _refuse_unsupported_engines(self):
@@ -305,8 +312,8 @@ class BridgeTrainer(GRPOTrainer):
                 )
 
     def _check_rewards_are_finite(self, num_rows: int = 8):
-        """Probe every reward function on the first RL rows before step 1: ±inf is refused (it turns the group's
-        advantages into NaN), and so is NaN on every row (TRL reads NaN like None, "no reward", so such a function never
+        """Probe every reward function on the first RL rows before step 1: ±inf is refused (TRL would zero the advantages
+        of the group), and so is NaN on every row (TRL reads NaN like None, "no reward", so such a function never
         gives one), as is every function giving no reward at all on any probed row."""
         if not isinstance(self.train_dataset, Dataset):
             return
@@ -331,8 +338,8 @@ class BridgeTrainer(GRPOTrainer):
                 raise TypeError(f"Reward function {name!r} returned {len(values)} rewards for {len(rows)} completions.")
             if any(math.isinf(v) for v in values):
                 raise ValueError(f"Reward function {name!r} returned an infinite reward ({values}) when probed, before "
-                                 "training, on the first RL rows: rewards must be finite (±inf turns the group's "
-                                 "advantages into NaN).")
+                                 "training, on the first RL rows: rewards must be finite (TRL turns the group's "
+                                 "advantages into NaN and then zeroes them: the group teaches nothing).")
             if all(math.isnan(v) for v in values) and any(v is not None for v in out):
                 raise ValueError(f"Reward function {name!r} returned NaN for every one of the first {len(rows)} RL rows "
                                  "when probed before training: TRL reads NaN as 'no reward', so it would never reward "
