@@ -197,13 +197,18 @@ class _Snapshots(TrainerCallback):
         self.after[state.global_step] = all_three(self.trainer)
 
 
-def faulty_trainer(tok, tmp_path, rl_nan_steps=(), shadow_inf_steps=(), sft_nan_steps=(), **overrides):
+def faulty_trainer(tok, tmp_path, rl_nan_steps=(), shadow_inf_steps=(), sft_nan_steps=(), reward_faults=None, **overrides):
     """A trainer whose step k (1-based) gets: a NaN GRPO loss (TRL's `_compute_loss`, so in passes A and B), an inf in
-    θ̂'s gradient only, or a NaN SFT loss."""
+    θ̂'s gradient only, a NaN SFT loss, or rewards replaced as `reward_faults[k]` says."""
+
+    def reward(completions, answer, trainer_state, **kwargs):
+        rewards = digit_reward(completions, answer)
+        return (reward_faults or {}).get(trainer_state.global_step + 1, lambda r: r)(rewards)
+
     snapshots = _Snapshots()
     args = BridgeConfig(output_dir=str(tmp_path / "out"), **{**COMMON, "learning_rate": 1e-2, "lora_r": 4,
                                                               "sft_per_device_train_batch_size": 2, **overrides})
-    trainer = BridgeTrainer(model=make_tiny_model(tok), reward_funcs=digit_reward, args=args, train_dataset=rl_dataset(),
+    trainer = BridgeTrainer(model=make_tiny_model(tok), reward_funcs=reward, args=args, train_dataset=rl_dataset(),
                             sft_dataset=sft_dataset(), processing_class=tok, callbacks=[snapshots])
     snapshots.trainer = trainer
     rl_loss, sft_loss, shadow_backward = trainer._compute_loss, trainer._sft_loss, trainer._shadow_backward
@@ -229,8 +234,10 @@ def faulty_trainer(tok, tmp_path, rl_nan_steps=(), shadow_inf_steps=(), sft_nan_
 
 
 def test_non_finite_loss_or_gradient_skips_theta_shadow_and_adapter_together(tok, tmp_path):
+    # steps 3 and 6: rewards of NaN (TRL's "no reward") and of inf (TRL zeroes the group's advantages) are no fault
+    reward_faults = {3: lambda r: [math.nan] * len(r), 6: lambda r: [math.inf] + r[1:]}
     trainer, snap = faulty_trainer(tok, tmp_path, rl_nan_steps=(2,), shadow_inf_steps=(4,), sft_nan_steps=(5,),
-                                   max_steps=6)
+                                   reward_faults=reward_faults, max_steps=6)
     trainer.train()
     skipped = {2, 4, 5}
     for step in range(1, 7):
