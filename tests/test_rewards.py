@@ -77,6 +77,20 @@ def test_noise_flips_at_expected_rate_and_is_deterministic():
     assert noisy_a(completions=batch) != a
 
 
+def test_noise_in_a_trainer_depends_on_the_step_not_on_the_history():
+    """What makes a resumed noisy run exact: the flips at global step k do not depend on the calls before it."""
+    from types import SimpleNamespace
+
+    batch = ["c"] * 200
+    at = [SimpleNamespace(global_step=k) for k in range(4)]
+    uninterrupted = with_reward_noise(_constant(1.0), flip_prob=0.3, seed=5)
+    flips = [uninterrupted(completions=batch, trainer_state=s) for s in at]
+    resumed = with_reward_noise(_constant(1.0), flip_prob=0.3, seed=5)  # a fresh process resuming at step 2
+    assert [resumed(completions=batch, trainer_state=s) for s in at[2:]] == flips[2:]
+    assert flips[2] != flips[3] and 0.2 < flips[2].count(0.0) / len(batch) < 0.4
+    assert uninterrupted(completions=batch, trainer_state=at[3]) != flips[3]  # a second call at one step differs
+
+
 def test_noise_edge_probabilities_and_name():
     base = math_correctness_reward
     never = with_reward_noise(base, 0.0, seed=0)

@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["BridgeConfig", "BridgeTrainer"]
+__all__ = ["BridgeConfig", "BridgeTrainer", "TrainingInterrupted"]
 
 
 def __getattr__(name):  # lazy: `import trl_bridge` stays cheap for the CLI and the evaluator
@@ -14,4 +14,8 @@ def __getattr__(name):  # lazy: `import trl_bridge` stays cheap for the CLI and 
         from .bridge_trainer import BridgeTrainer
 
         return BridgeTrainer
+    if name == "TrainingInterrupted":
+        from .checkpointing import TrainingInterrupted
+
+        return TrainingInterrupted
     raise AttributeError(f"module 'trl_bridge' has no attribute {name!r}")

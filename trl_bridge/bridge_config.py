@@ -62,6 +62,13 @@ class BridgeConfig(GRPOConfig):
         shadow_storage (`str`, defaults to `"full"`): `"lean"` trains θ̂ with momentum-free, factored Adafactor
             (half of θ̂'s memory; see README "Cost").
         bridge_meta_term (`bool`, defaults to `True`): `False` is the paper's "w/o J_meta" ablation (naive mixing).
+        max_consecutive_skipped_steps (`int`, defaults to `5`): a step with a NaN/inf loss or gradient is skipped for
+            θ, θ̂ and w together (logged as `bridge/skipped_steps`); more than this many in a row stop training.
+        overwrite_output_dir (`bool`, defaults to `False`): allow a new run in an `output_dir` that holds another one
+            (transformers 5 dropped the field; BRIDGE refuses such an `output_dir` without it or a resume).
+
+    Checkpoints are written atomically, also hold GRPOTrainer's buffered rollouts (resume is exact mid-generation), and
+    SIGINT/SIGTERM end training with a final checkpoint; `save_only_model=True` is refused.
 
     Precision and engines: θ and θ̂ always keep fp32 master weights (a half-precision model gets its trainable weights
     upcast; `bf16=True` then computes in bf16 under autocast). `fp16`, DeepSpeed and FSDP1 are refused; FSDP2 (through
@@ -171,6 +178,21 @@ class BridgeConfig(GRPOConfig):
     shadow_is_cap: float = field(
         default=2.0, metadata={"help": "Truncation cap C of the 'truncated_is' shadow importance weights."}
     )
+    max_consecutive_skipped_steps: int = field(
+        default=5,
+        metadata={
+            "help": "A step whose loss or gradient (of θ, θ̂ or w) holds NaN/inf is skipped for all three parameter "
+            "sets and counted in `bridge/skipped_steps`; more than this many such steps in a row stop training with an "
+            "error (0: stop at the first)."
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start a new run in an `output_dir` that already holds one (its checkpoints are removed). Without "
+            "it, such an `output_dir` is refused unless `resume_from_checkpoint` is given."
+        },
+    )
 
     def __post_init__(self):
         self._refuse_engines()
@@ -179,7 +201,20 @@ class BridgeConfig(GRPOConfig):
             self.gradient_checkpointing = has_cuda
         if self.bf16 is None and not self.fp16 and not has_cuda:
             self.bf16 = False
-        super().__post_init__()
+        generation_batch_size_given = self.generation_batch_size is not None
+        try:
+            super().__post_init__()
+        except ValueError as err:
+            if "must be divisible by num_generations" not in str(err):
+                raise
+            # GRPOConfig names the derived generation_batch_size; name what the user sets instead.
+            name = "generation_batch_size" if generation_batch_size_given else "per_device_train_batch_size"
+            raise ValueError(
+                f"BridgeConfig.{name}={getattr(self, name)!r} is invalid: a generation batch (per_device_train_batch_size "
+                f"× processes × steps_per_generation = {self.generation_batch_size}) must hold whole groups of "
+                f"num_generations={self.num_generations} completions of one prompt. Make it a multiple of "
+                f"{self.num_generations}."
+            ) from err
         if self.adapter_learning_rate is None:
             self.adapter_learning_rate = self.learning_rate
         if self.shadow_learning_rate is None:
@@ -244,6 +279,13 @@ class BridgeConfig(GRPOConfig):
         need(self.shadow_off_policy in SHADOW_OFF_POLICY_MODES, "shadow_off_policy", f"choose one of {SHADOW_OFF_POLICY_MODES}")
         need(self.shadow_is_cap >= 1.0, "shadow_is_cap", "must be >= 1")
         need(self.shadow_storage in ("full", "lean"), "shadow_storage", "choose 'full' or 'lean'")
+        need(self.max_consecutive_skipped_steps >= 0, "max_consecutive_skipped_steps", "must be >= 0")
+        need(
+            not self.save_only_model, "save_only_model",
+            "BRIDGE checkpoints must hold θ, θ̂, w, their optimizers and the buffered rollouts to resume; a model-only "
+            "checkpoint holds the merged policy π(θ+w) alone and could not resume BRIDGE. Leave it False (to keep only "
+            "the final model, use save_strategy='no' and `trainer.save_model()`, which trl-bridge train calls at the end)",
+        )
         fsdp_version = (self.fsdp_config or {}).get("version", (self.fsdp_config or {}).get("fsdp_version", 1))
         need(
             not self.fsdp or int(fsdp_version) == 2, "fsdp",

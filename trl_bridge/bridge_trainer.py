@@ -31,8 +31,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import copy
+import math
 import os
 import re
+import shutil
 import time
 import warnings
 from contextlib import contextmanager
@@ -52,11 +54,16 @@ from transformers import TrainerCallback, get_scheduler
 from transformers.optimization import Adafactor
 from transformers.utils import logging
 from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import GRPOConfig, GRPOTrainer
 from trl.data_utils import is_conversational
 from trl.trainer.utils import add_fused_lm_head, create_model_from_path, disable_dropout_in_model, is_async_callable
 
 from .bridge_config import BridgeConfig
+from .checkpointing import (
+    StopOnSignal, TrainingInterrupted, check_output_dir, latest_complete_checkpoint, publish_checkpoint,
+    remove_previous_run_checkpoints, remove_stale_staging, resolve_resume_from_checkpoint, staging_dir,
+)
 from .data import validate_rl_dataset, validate_sft_dataset
 from .export import check_exportable, merged_state_dict, plain_name, save_merged_model
 from .sft_stream import SFTStream, tokenize_sft_dataset
@@ -66,6 +73,11 @@ logger = logging.get_logger(__name__)
 BRIDGE_STATE_FILE = "bridge_state.safetensors"
 BRIDGE_OPTIM_FILE = "bridge_optimizers.pt"
 REF_MODEL_FILE = "bridge_ref_model.safetensors"  # the KL reference, written only when `sync_ref_model` moves it
+BRIDGE_ROLLOUTS_FILE = "bridge_rollouts_rank{}.pt"  # one per process: GRPOTrainer's buffered rollouts and step counter
+# A NaN/inf in any of these (on any rank) makes the step a numeric fault (see `_skip_if_non_finite`).
+CHECKED_LOSSES = ("bridge/sft_loss", "bridge/rl_loss", "bridge/rl_loss_shadow")
+# GRPOTrainer's adaptive-entropy controller state (saved with the rollouts so that it resumes too).
+ENTROPY_STATE = ("entropy_coef", "_entropy_window_stats", "_last_world_entropy")
 
 
 class BridgeCallback(TrainerCallback):
@@ -112,10 +124,15 @@ class BridgeTrainer(GRPOTrainer):
       * `_calculate_rewards`, `_generate_and_score_completions`, `_get_per_token_logps_and_entropies`: keep each
         rollout's reward and the log-probs of both passes (for the cooperative-gain estimate), and the shadow's own
         sampling-time log-probs when GRPOTrainer keeps old log-probs or `shadow_off_policy="truncated_is"`.
-      * `train`: probes every reward function once on the first RL row, so a broken one fails before step 1.
+      * `train`: probes every reward function on the first RL rows (a broken, infinite or never-rewarding one fails
+        before step 1), resolves `resume_from_checkpoint="last"`, refuses an `output_dir` holding another run, and
+        turns SIGINT/SIGTERM into "finish the step, write a checkpoint, stop" (`TrainingInterrupted`).
       * `_save`, `_save_optimizer_and_scheduler`, `_load_from_checkpoint`, `_load_optimizer_and_scheduler`: the merged
         π(θ+w) export, and engine-independent checkpoints (full tensors) holding θ, θ̂, w, the three optimizers' and
-        schedules' states and the SFT stream position.
+        schedules' states, the SFT stream position and GRPOTrainer's buffered rollouts (exact resume anywhere).
+      * `_save_checkpoint`, `_get_output_dir`: checkpoints are written to a staging folder and renamed when complete.
+      * `_get_grad_norm`, `_log_mean`, `log`: a NaN/inf loss or gradient skips the step for θ, θ̂ and w together
+        (`_skip_if_non_finite`, logged as `bridge/skipped_steps`).
       * `create_model_card`: a card that names BRIDGE, the base model, data, hyper-parameters and final metrics.
     """
 
@@ -184,6 +201,7 @@ class BridgeTrainer(GRPOTrainer):
         ref_model = copy.deepcopy(model).eval().requires_grad_(False) if args.beta != 0.0 else None
         if ref_model is not None and ref_weights is not None:
             ref_model.load_state_dict(ref_weights)
+        from_args = peft_config is None
         if self._grpo_only:
             if peft_config is not None:
                 warnings.warn(
@@ -204,6 +222,7 @@ class BridgeTrainer(GRPOTrainer):
             )
         if peft_config is not None:
             _check_adapter_config(peft_config)
+            _check_lora_targets(model, peft_config, field="lora_target_modules" if from_args else "peft_config.target_modules")
         # GRPOTrainer would load a second copy of the plain model as its reference, or refuse `sync_ref_model` for a
         # PEFT model; BRIDGE keeps its own frozen reference (above) and syncs it itself (`_sync_ref_model`).
         overrides = dict(beta=0.0, sync_ref_model=False) if args.beta != 0.0 else {}
@@ -261,6 +280,7 @@ class BridgeTrainer(GRPOTrainer):
         no_shadow = self._fsdp2 or self._grpo_only
         self.shadow_params = None if no_shadow else [torch.nn.Parameter(p.detach().clone()) for _, p in self.base_params]
 
+        self._check_chat_template(train_dataset, sft_dataset)
         self.sft_stream = None
         if not self._grpo_only:
             sft_tokenized = tokenize_sft_dataset(sft_dataset, self._tokenizer, args.sft_max_length)
@@ -293,6 +313,14 @@ class BridgeTrainer(GRPOTrainer):
         self.synchronize_phases = False
         if not self._grpo_only:
             self.add_callback(BridgeCallback(self))
+        # Reliability (see `train`, `_skip_if_non_finite`, `_save_checkpoint`): numeric-fault counters, the θ gradient
+        # norm of the step, the staging folder of the checkpoint being written, SIGINT/SIGTERM handling.
+        self._skipped_steps = self._consecutive_skipped = 0
+        self._non_finite_losses = set()
+        self._base_grad_norm = 0.0
+        self._staging_root = None
+        self._stop_on_signal = StopOnSignal(self.accelerator)
+        self.add_callback(self._stop_on_signal)
 
     @staticmethod
     def _adopt_peft_model(peft_model, peft_config, args):
@@ -334,9 +362,29 @@ class BridgeTrainer(GRPOTrainer):
             ref_weights = {k: v.detach().clone() for k, v in ref_weights.items()}
         return peft_model.unload(), config, weights, ref_weights
 
-    def train(self, *args, **kwargs):
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """Checks everything that can be checked before step 1 (the checkpoint to resume, `output_dir`, the reward
+        functions), then trains with SIGINT/SIGTERM turned into "finish the step, save a checkpoint, stop" (raising
+        `TrainingInterrupted` afterwards). `resume_from_checkpoint` also accepts "last" (= True: the newest complete
+        checkpoint in `output_dir`)."""
+        resume_from_checkpoint = resolve_resume_from_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        check_output_dir(self.args.output_dir, resume_from_checkpoint, self.args.overwrite_output_dir)
         self._check_reward_funcs()
-        return super().train(*args, **kwargs)
+        self._check_rewards_are_finite()
+        if self.args.should_save:
+            if resume_from_checkpoint is None and self.args.overwrite_output_dir:
+                remove_previous_run_checkpoints(self.args.output_dir)
+            remove_stale_staging(self.args.output_dir)
+        self.accelerator.wait_for_everyone()
+        with self._stop_on_signal.installed():
+            output = super().train(resume_from_checkpoint, *args, **kwargs)
+        signum = self._stop_on_signal.stopped_by
+        if signum is not None and self.state.global_step < self.state.max_steps:
+            checkpoint = os.path.join(self._get_output_dir(None), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            raise TrainingInterrupted(signum, self.state.global_step, checkpoint if os.path.isdir(checkpoint) else None)
+        if self._stop_on_signal.signum is not None:
+            logger.warning("A signal arrived after the last training step: training completed.")
+        return output
 
     def _refuse_unsupported_engines(self):
         """Engines BRIDGE cannot run correctly are refused here, before any step (an accelerate config sets them)."""
@@ -396,6 +444,59 @@ class BridgeTrainer(GRPOTrainer):
                 raise TypeError(
                     f"Reward function {name!r} must return a list with one float (or None) per completion; "
                     f"for one completion it returned {out!r}."
+                )
+
+    def _check_rewards_are_finite(self, num_rows: int = 8):
+        """Probe every reward function on the first RL rows before step 1: ±inf is refused (TRL would zero the advantages
+        of the group), and so is NaN on every row (TRL reads NaN like None, "no reward", so such a function never
+        gives one), as is every function giving no reward at all on any probed row."""
+        if not isinstance(self.train_dataset, Dataset):
+            return
+        rows = [self.train_dataset[i] for i in range(min(num_rows, len(self.train_dataset)))]
+        probe = "The answer is \\boxed{0}."
+        prompts = [row["prompt"] for row in rows]
+        completions = [[{"role": "assistant", "content": probe}] if is_conversational({"prompt": p}) else probe for p in prompts]
+        extra = {k: [row[k] for row in rows] for k in rows[0] if k not in ("prompt", "completion", "completion_ids")}
+        rewarded = [False] * len(rows)
+        for func, name in zip(self.reward_funcs, self.reward_func_names):
+            if isinstance(func, torch.nn.Module):  # a reward model always scores
+                rewarded = [True] * len(rows)
+                continue
+            try:
+                out = func(prompts=prompts, completions=completions, completion_ids=[[0]] * len(rows), trainer_state=self.state,
+                           log_extra=lambda *a: None, log_metric=lambda *a: None, **extra)
+                values = [math.nan if v is None else float(v) for v in out]
+            except Exception as err:
+                raise RuntimeError(f"Reward function {name!r} raised {type(err).__name__}: {err} when probed, before "
+                                   f"training, with the first {len(rows)} RL rows.") from err
+            if len(values) != len(rows):
+                raise TypeError(f"Reward function {name!r} returned {len(values)} rewards for {len(rows)} completions.")
+            if any(math.isinf(v) for v in values):
+                raise ValueError(f"Reward function {name!r} returned an infinite reward ({values}) when probed, before "
+                                 "training, on the first RL rows: rewards must be finite (TRL turns the group's "
+                                 "advantages into NaN and then zeroes them: the group teaches nothing).")
+            if all(math.isnan(v) for v in values) and any(v is not None for v in out):
+                raise ValueError(f"Reward function {name!r} returned NaN for every one of the first {len(rows)} RL rows "
+                                 "when probed before training: TRL reads NaN as 'no reward', so it would never reward "
+                                 "anything. Return a number, or None for the rows it does not apply to.")
+            rewarded = [r or not math.isnan(v) for r, v in zip(rewarded, values)]
+        if not any(rewarded):
+            raise ValueError(f"No reward function gave a reward (all returned None) for any of the first {len(rows)} "
+                             f"RL rows when probed before training ({self.reward_func_names}): the RL loss would be zero. "
+                             "Check that the reward functions apply to this dataset.")
+
+    def _check_chat_template(self, train_dataset, sft_dataset):
+        """Conversational rows need the tokenizer's chat template; without one they would fail at step 1 (RL prompts)
+        or inside the tokenizer with no word of which data or setting is at fault (expert traces)."""
+        if getattr(self.processing_class, "chat_template", None):
+            return
+        for name, dataset in (("train_dataset` (RL prompts", train_dataset), ("sft_dataset` (expert traces", sft_dataset)):
+            if isinstance(dataset, Dataset) and len(dataset) and is_conversational(dataset[0]):
+                raise ValueError(
+                    f"`{name}) is conversational (lists of {{role, content}} messages), but the tokenizer "
+                    "(`processing_class`) has no chat template to render it. Use the tokenizer of a chat/instruct model, "
+                    "set `processing_class.chat_template`, or give plain-text "
+                    "prompts (`prompt_style: plain` in trl-bridge train)."
                 )
 
     # ------------------------------------------------------------------------------------------------------------
@@ -516,6 +617,8 @@ class BridgeTrainer(GRPOTrainer):
         adapter_norm = _clip_grad_norm([p for _, p in self.adapter_params], max_norm)
         self._metrics["train"]["bridge/grad_norm_shadow"].append(shadow_norm)
         self._metrics["train"]["bridge/grad_norm_adapter"].append(adapter_norm)
+        if self._skip_if_non_finite(shadow_norm, adapter_norm):
+            return
         # ‖θ̂−θ‖/‖θ‖ at iterate k: ~0 means the shadow has not separated from θ, so the cooperative term vanishes and
         # BRIDGE has degenerated to naive mixing (e.g. half-precision updates rounding away).
         diff = _sum_of_squares(s - p for (_, p), s in zip(self.base_params, self.shadow_params))
@@ -540,7 +643,48 @@ class BridgeTrainer(GRPOTrainer):
         if grad_norm is None and not self._grpo_only:
             grad_norm = _grad_norm([p for _, p in self.base_params])
             self._metrics["train"]["bridge/grad_norm_base"].append(grad_norm)
+        self._base_grad_norm = float(grad_norm)  # for `_skip_if_non_finite`
         return super()._get_grad_norm(model, grad_norm)
+
+    def _skip_if_non_finite(self, shadow_norm: float, adapter_norm: float) -> bool:
+        """Numeric faults. A NaN/inf in any loss (pass A or B, any process, any micro-batch) or in the gradient of θ,
+        θ̂ or w skips the step for all three sets together: their gradients are dropped, so the Trainer's θ optimizer
+        has nothing to apply and θ̂'s and w's are not stepped (no set moves without the others, no optimizer state sees
+        the fault); the three learning-rate schedules still advance, staying in step with `global_step`. Counted in
+        `bridge/skipped_steps`; more than `max_consecutive_skipped_steps` in a row stops training with an error."""
+        faults = [f"loss {name}" for name in sorted(self._non_finite_losses)]
+        self._non_finite_losses = set()
+        for name, norm in (("θ gradient", self._base_grad_norm), ("θ̂ gradient", shadow_norm), ("w gradient", adapter_norm)):
+            if not math.isfinite(norm):
+                faults.append(f"{name} (norm {norm})")
+        if not faults:
+            self._consecutive_skipped = 0
+            return False
+        self._skipped_steps += 1
+        self._consecutive_skipped += 1
+        step, limit = self.state.global_step + 1, self.args.max_consecutive_skipped_steps
+        if self._consecutive_skipped > limit:
+            raise FloatingPointError(
+                f"Training stopped at step {step}: {self._consecutive_skipped} steps in a row had a non-finite loss or "
+                f"gradient (this one: {', '.join(faults)}), more than max_consecutive_skipped_steps={limit}. None of them "
+                f"updated θ, θ̂ or w, which hold the values of step {step - self._consecutive_skipped}; the last complete "
+                f"checkpoint is {latest_complete_checkpoint(self.args.output_dir)}. Look for a reward function returning "
+                "inf, a learning rate at which the loss overflows, or a corrupt batch, then resume from that checkpoint."
+            )
+        logger.warning(
+            "Step %d skipped for θ, θ̂ and w: non-finite %s (%d skipped so far, %d in a row; max_consecutive_skipped_steps"
+            "=%d).", step, ", ".join(faults), self._skipped_steps, self._consecutive_skipped, limit,
+        )
+        for p in [p for _, p in self.base_params] + list(self.shadow_params) + [p for _, p in self.adapter_params]:
+            p.grad = None
+        self.shadow_scheduler.step()
+        self.adapter_scheduler.step()
+        return True
+
+    def log(self, logs, start_time=None):
+        if "loss" in logs:  # a training-step log: the number of steps skipped for a numeric fault so far
+            logs["bridge/skipped_steps"] = self._skipped_steps
+        super().log(logs, start_time)
 
     def _log_cooperative_to_sft_ratio(self):
         """‖λ(∇w L_RL(θ,w) − ∇w L_RL(θ̂,w))‖ / ‖(1−λ)∇w L_SFT(θ,w)‖ on the step's first micro-batch: near 0, w is trained
@@ -793,7 +937,10 @@ class BridgeTrainer(GRPOTrainer):
 
     def _log_mean(self, name: str, value: torch.Tensor):
         value = torch.as_tensor(value, device=self.accelerator.device, dtype=torch.float32).reshape(1)
-        self._metrics["train"][name].append(self.accelerator.gather(value).nanmean().item())
+        values = self.accelerator.gather(value)
+        if name in CHECKED_LOSSES and not bool(torch.isfinite(values).all()):
+            self._non_finite_losses.add(name)  # a numeric fault of this step, on some process (`_skip_if_non_finite`)
+        self._metrics["train"][name].append(values.nanmean().item())
 
     # ------------------------------------------------------------------------------------------------------------
     # Export and checkpoints
@@ -884,6 +1031,7 @@ class BridgeTrainer(GRPOTrainer):
             return super()._save_optimizer_and_scheduler(output_dir)
         tensors = self._bridge_tensors()
         optimizers = {f"{k}_optimizer": _full_optimizer_state(opt) for k, opt in self._optimizers().items()}
+        self._save_rollout_buffer(output_dir)  # every process writes its own
         if not self.args.should_save:
             return
         save_file(tensors, os.path.join(output_dir, BRIDGE_STATE_FILE))
@@ -894,6 +1042,7 @@ class BridgeTrainer(GRPOTrainer):
                 "shadow_scheduler": self.shadow_scheduler.state_dict(),
                 "adapter_scheduler": self.adapter_scheduler.state_dict(),
                 "sft_stream": self.sft_stream.state_dict(),
+                "numeric_faults": {"skipped": self._skipped_steps, "consecutive": self._consecutive_skipped},
             },
             os.path.join(output_dir, BRIDGE_OPTIM_FILE),
         )
@@ -928,6 +1077,79 @@ class BridgeTrainer(GRPOTrainer):
         self.shadow_scheduler.load_state_dict(state["shadow_scheduler"])
         self.adapter_scheduler.load_state_dict(state["adapter_scheduler"])
         self.sft_stream.load_state_dict(state["sft_stream"])
+        faults = state.get("numeric_faults", {})
+        self._skipped_steps, self._consecutive_skipped = faults.get("skipped", 0), faults.get("consecutive", 0)
+        self._load_rollout_buffer(checkpoint)
+
+    def _save_rollout_buffer(self, output_dir):
+        """GRPOTrainer generates once every `steps_per_generation × num_iterations` micro-steps and buffers the rollouts
+        in between (`_buffered_inputs`, indexed by its micro-step counter `_step`). A checkpoint inside that window
+        carries both, or the resumed run would sample new rollouts where the uninterrupted one reuses the buffered ones."""
+        state = {
+            "step": self._step,
+            "world_size": self.accelerator.num_processes,
+            "buffered_inputs": _to_device(self._buffered_inputs, "cpu"),
+            **{k: _to_device(getattr(self, k), "cpu") for k in ENTROPY_STATE if hasattr(self, k)},
+        }
+        os.makedirs(output_dir, exist_ok=True)
+        torch.save(state, os.path.join(output_dir, BRIDGE_ROLLOUTS_FILE.format(self.accelerator.process_index)))
+
+    def _load_rollout_buffer(self, checkpoint):
+        path = os.path.join(checkpoint, BRIDGE_ROLLOUTS_FILE.format(self.accelerator.process_index))
+        state = torch.load(path, map_location="cpu", weights_only=False) if os.path.isfile(path) else None
+        if state is not None and state["world_size"] == self.accelerator.num_processes:
+            self._step = state["step"]
+            self._buffered_inputs = _to_device(state["buffered_inputs"], self.accelerator.device)
+            for k in ENTROPY_STATE:
+                if k in state:
+                    setattr(self, k, _to_device(state[k], self.accelerator.device))
+            return
+        # No buffer for this process (a checkpoint of an older version, or written by another number of processes).
+        self._step = state["step"] if state is not None else self.state.global_step * self.args.gradient_accumulation_steps
+        self._buffered_inputs = None  # GRPOTrainer generates anew on the next micro-step
+        if self._step % (self.args.steps_per_generation * self.num_iterations) != 0:
+            logger.warning(
+                "%s falls inside a generation batch, but its buffered rollouts cannot be used here (%s): new rollouts "
+                "are sampled, so this resumed run will differ from an uninterrupted one.", checkpoint,
+                "written by another number of processes" if state is not None else f"{os.path.basename(path)} missing",
+            )
+
+    def _save_checkpoint(self, model, trial):
+        """Atomic checkpoints. The Trainer (and GRPOTrainer) write `checkpoint-N` as usual, but inside the staging folder
+        `tmp-checkpoint-N` (`_get_output_dir` points there meanwhile); once every process has written its files they are
+        flushed to disk and the folder is renamed into place, so a process killed mid-write (kill -9, a node lost)
+        leaves a `tmp-` folder, never a `checkpoint-N` that looks complete but is not. The Hub upload and the rotation
+        (`save_total_limit`) run after the rename, on the published folder."""
+        run_dir = self._get_output_dir(trial=trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = staging_dir(run_dir, self.state.global_step)
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)  # left by a process killed while writing this very step
+        self.accelerator.wait_for_everyone()
+        push = self.args.push_to_hub
+        self._staging_root, self.args.push_to_hub = staging, False
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_root, self.args.push_to_hub = None, push
+        written, final = os.path.join(staging, name), os.path.join(run_dir, name)
+        if self.state.best_model_checkpoint == written:  # this step is the best so far: point at where it will be
+            self.state.best_model_checkpoint = final
+            if self.args.should_save:
+                self.state.save_to_json(os.path.join(written, "trainer_state.json"))
+        self.accelerator.wait_for_everyone()  # every process's files (RNG states, rollouts) are in
+        if self.args.should_save:
+            publish_checkpoint(written, final)
+            shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        if push:
+            self._push_from_checkpoint(final)
+        if self.args.should_save:
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
+    def _get_output_dir(self, trial):
+        return self._staging_root if getattr(self, "_staging_root", None) else super()._get_output_dir(trial)
 
 
 CARD_HYPERPARAMETERS = (
@@ -1040,6 +1262,44 @@ def _factored_state_placements(p: DTensor, key: str):
         else:
             out.append(Replicate())
     return out
+
+
+def _to_device(obj, device):
+    """`obj` with every tensor in it (nested dicts, lists, tuples) moved to `device`."""
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj
+
+
+def _check_lora_targets(model, peft_config, field: str):
+    """Every entry of LoRA's `target_modules` must match a module of the model: PEFT fails only when none matches and
+    silently drops an entry that matches nothing (a typo would leave those layers without adapter)."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    targets = getattr(peft_config, "target_modules", None)
+    if targets is None or targets in ("all-linear", ["all-linear"]):
+        return
+    names = [n for n, _ in model.named_modules() if n]
+
+    def matches(entry):
+        probe = copy.copy(peft_config)
+        probe.target_modules = entry if isinstance(targets, str) else {entry}
+        found = (check_target_module_exists(probe, n) for n in names)
+        return any(f and type(f).__name__ != "_ExcludedModule" for f in found)
+
+    unmatched = [t for t in ([targets] if isinstance(targets, str) else sorted(targets)) if not matches(t)]
+    if unmatched:
+        layers = getattr(peft_config, "layers_to_transform", None)
+        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ValueError(
+            f"`{field}`={sorted(targets) if not isinstance(targets, str) else targets!r}: {unmatched} match no module of "
+            f"the model{f' in layers_to_transform={layers}' if layers is not None else ''}, so they would get no adapter. "
+            f"The model's linear modules are named {leaves}."
+        )
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

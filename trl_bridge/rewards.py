@@ -83,7 +83,9 @@ def with_reward_noise(reward_func: Callable, flip_prob: float, seed: int = 0) ->
     """Wrap a binary (0/1) reward function so each reward flips 1<->0 with probability `flip_prob`.
 
     One random draw is made per completion from a `random.Random(seed)` owned by the wrapper, so the noise is
-    deterministic given the seed and the order of calls. ``None`` rewards (TRL's "not applicable") pass through
+    deterministic given the seed and the order of calls. Inside a Trainer (TRL passes `trainer_state`) the stream is
+    instead keyed by (seed, global step, call number at that step), so that a run resumed from a checkpoint flips the
+    same rewards as the uninterrupted run. ``None`` rewards (TRL's "not applicable") pass through
     unchanged; non-binary rewards raise ``ValueError``. The wrapper is named ``noisy_<name>`` so TRL logs it apart.
     """
     if not callable(reward_func):
@@ -91,14 +93,20 @@ def with_reward_noise(reward_func: Callable, flip_prob: float, seed: int = 0) ->
     if isinstance(flip_prob, bool) or not isinstance(flip_prob, (int, float)) or not 0.0 <= flip_prob <= 1.0:
         raise ValueError(f"flip_prob must be a number in [0, 1], got {flip_prob!r}")
     rng = random.Random(seed)
+    calls_at_step: dict[int, int] = {}
     base_name = getattr(reward_func, "__name__", type(reward_func).__name__)
 
     @functools.wraps(reward_func)
     def noisy_reward(*args, **kwargs):
         rewards = reward_func(*args, **kwargs)
+        draw, state = rng.random, kwargs.get("trainer_state")
+        if state is not None:
+            step = state.global_step
+            calls_at_step[step] = calls_at_step.get(step, -1) + 1
+            draw = random.Random(f"{seed}:{step}:{calls_at_step[step]}").random
         noisy = []
         for reward in rewards:
-            flip = rng.random() < flip_prob
+            flip = draw() < flip_prob
             if reward is None:
                 noisy.append(None)
                 continue

@@ -28,13 +28,19 @@ def tokenize_sft_dataset(dataset: Dataset, tokenizer, max_length: int | None, nu
         shuffle_dataset=False,
         seed=0,
     )
+    row = "__bridge_row__"  # to name the rows that TRL drops after truncation
     tokenized = SFTTrainer._prepare_dataset(
-        trainer_shim, dataset, tokenizer, args_shim, packing=False, formatting_func=None, dataset_name="sft"
+        trainer_shim, dataset.add_column(row, list(range(len(dataset)))), tokenizer, args_shim, packing=False,
+        formatting_func=None, dataset_name="sft",
     )
-    if len(tokenized) == 0:
+    if len(tokenized) < len(dataset):
+        # TRL silently drops a trace whose prompt alone fills max_length (nothing left to learn from): refuse instead.
+        kept = set(tokenized[row])
+        dropped = [i for i in range(len(dataset)) if i not in kept]
         raise ValueError(
-            f"`sft_dataset`: every trace was dropped by truncation to sft_max_length={max_length} "
-            "(no completion token left); raise `sft_max_length`."
+            f"`sft_dataset`: {len(dropped)} of {len(dataset)} traces (rows {dropped[:5]}{' ...' if len(dropped) > 5 else ''}) "
+            f"have no completion token left after truncation to sft_max_length={max_length}: their prompt alone fills "
+            "it. Raise `sft_max_length` or remove those rows."
         )
     return tokenized.select_columns(["input_ids", "labels"])
 

@@ -222,7 +222,21 @@ def main(argv=None) -> int:
     except (ValueError, TypeError, OSError, yaml.YAMLError) as err:  # unknown key, invalid value, bad/missing YAML
         print(f"trl-bridge train: error: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
-    run(script_args, training_args, model_args)
+    from .checkpointing import TrainingInterrupted, check_run_start, resume_arguments
+
+    try:  # the checkpoint to resume exists and is complete; output_dir holds no other run (before loading anything)
+        check_run_start(training_args)
+    except ValueError as err:
+        print(f"trl-bridge train: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        run(script_args, training_args, model_args)
+    except TrainingInterrupted as stop:  # SIGINT/SIGTERM: the step finished and its checkpoint is written
+        from accelerate import PartialState
+
+        if PartialState().is_main_process:
+            print(f"trl-bridge train: {stop}\n  resume: trl-bridge train {resume_arguments(argv)}", file=sys.stderr)
+        return stop.exit_code
     return 0
 
 
