@@ -431,10 +431,7 @@ class BridgeTrainer(GRPOTrainer):
             kwargs = dict(prompts=[prompt], completions=[completion], completion_ids=[[0]], trainer_state=self.state,
                           log_extra=lambda *a: None, log_metric=lambda *a: None, **extra)
             try:
-                if is_async_callable(func):
-                    out = asyncio.run_coroutine_threadsafe(func(**kwargs), self.async_loop).result()
-                else:
-                    out = func(**kwargs)
+                out = self._call_reward_func(func, kwargs)
             except Exception as err:
                 raise RuntimeError(
                     f"Reward function {name!r} raised {type(err).__name__}: {err} when probed, before training, with the "
@@ -446,11 +443,17 @@ class BridgeTrainer(GRPOTrainer):
                     f"for one completion it returned {out!r}."
                 )
 
+    def _call_reward_func(self, func, kwargs):
+        """A reward function called as in training: async ones are awaited on GRPOTrainer's event loop."""
+        if is_async_callable(func):
+            return asyncio.run_coroutine_threadsafe(func(**kwargs), self.async_loop).result()
+        return func(**kwargs)
+
     def _check_rewards_are_finite(self, num_rows: int = 8):
         """Probe every reward function on the first RL rows before step 1: ±inf is refused (TRL would zero the advantages
         of the group), and so is NaN on every row (TRL reads NaN like None, "no reward", so such a function never
         gives one), as is every function giving no reward at all on any probed row."""
-        if not isinstance(self.train_dataset, Dataset):
+        if not isinstance(self.train_dataset, Dataset) or not self._probe_reward_funcs:
             return
         rows = [self.train_dataset[i] for i in range(min(num_rows, len(self.train_dataset)))]
         probe = "The answer is \\boxed{0}."
@@ -463,8 +466,9 @@ class BridgeTrainer(GRPOTrainer):
                 rewarded = [True] * len(rows)
                 continue
             try:
-                out = func(prompts=prompts, completions=completions, completion_ids=[[0]] * len(rows), trainer_state=self.state,
-                           log_extra=lambda *a: None, log_metric=lambda *a: None, **extra)
+                out = self._call_reward_func(func, dict(
+                    prompts=prompts, completions=completions, completion_ids=[[0]] * len(rows), trainer_state=self.state,
+                    log_extra=lambda *a: None, log_metric=lambda *a: None, **extra))
                 values = [math.nan if v is None else float(v) for v in out]
             except Exception as err:
                 raise RuntimeError(f"Reward function {name!r} raised {type(err).__name__}: {err} when probed, before "
@@ -640,7 +644,9 @@ class BridgeTrainer(GRPOTrainer):
         return norm
 
     def _get_grad_norm(self, model, grad_norm=None):
-        if grad_norm is None and not self._grpo_only:
+        if self._grpo_only:
+            return super()._get_grad_norm(model, grad_norm)
+        if grad_norm is None:
             grad_norm = _grad_norm([p for _, p in self.base_params])
             self._metrics["train"]["bridge/grad_norm_base"].append(grad_norm)
         self._base_grad_norm = float(grad_norm)  # for `_skip_if_non_finite`
@@ -1027,7 +1033,8 @@ class BridgeTrainer(GRPOTrainer):
         """All three optimizers and schedules in one engine-independent file (full tensors), so a checkpoint written
         under FSDP2 resumes under FSDP2 or in one process, and vice versa."""
         self._save_synced_ref_model(output_dir)
-        if self._grpo_only:  # θ alone, in the Trainer's optimizer: its own files
+        if self._grpo_only:  # θ alone, in the Trainer's optimizer: its own files (and GRPOTrainer's rollout buffer)
+            self._save_rollout_buffer(output_dir)
             return super()._save_optimizer_and_scheduler(output_dir)
         tensors = self._bridge_tensors()
         optimizers = {f"{k}_optimizer": _full_optimizer_state(opt) for k, opt in self._optimizers().items()}
@@ -1069,6 +1076,7 @@ class BridgeTrainer(GRPOTrainer):
             return
         self._load_synced_ref_model(checkpoint)
         if self._grpo_only:
+            self._load_rollout_buffer(checkpoint)
             return super()._load_optimizer_and_scheduler(checkpoint)
         state = torch.load(os.path.join(checkpoint, BRIDGE_OPTIM_FILE), map_location="cpu", weights_only=False)
         for key, opt in self._optimizers().items():

@@ -88,8 +88,17 @@ def publish_checkpoint(written: str, final: str):
         shutil.rmtree(old, ignore_errors=True)
 
 
+# A run with bridge_lambda = 1 throughout is GRPO alone: its checkpoint is the Trainer's own (optimizer.pt / .bin).
+GRPO_ONLY_FILES = (("trainer_state.json", "optimizer.pt"), ("trainer_state.json", "optimizer.bin"))
+
+
 def missing_files(checkpoint: str) -> list[str]:
-    return [f for f in REQUIRED_FILES if not os.path.isfile(os.path.join(checkpoint, f))]
+    def missing(files):
+        return [f for f in files if not os.path.isfile(os.path.join(checkpoint, f))]
+
+    if any(not missing(files) for files in GRPO_ONLY_FILES) and not os.path.isfile(os.path.join(checkpoint, REQUIRED_FILES[1])):
+        return []
+    return missing(REQUIRED_FILES)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
