@@ -97,7 +97,9 @@ class BridgeTrainer(GRPOTrainer):
     _tag_names = ["trl", "bridge", "grpo"]
     card_base_model: str | None = None  # what the model card names as base model / datasets / results (set by the CLI)
     card_datasets: list[str] | None = None
-    card_eval_results: dict | None = None
+    card_eval_results: dict | None = None  # benchmark results ({benchmark: accuracy}); filed in the card's model-index
+    card_heldout: dict | None = None  # {"heldout_accuracy_before", "heldout_accuracy_after", "num_problems"}
+    card_task: str | None = None  # one sentence describing the task
     _name = "BRIDGE"
     _paper = {"title": "Beyond Two-Stage Training: Cooperative SFT and RL for LLM Reasoning", "id": "2509.06948"}
 
@@ -116,6 +118,7 @@ class BridgeTrainer(GRPOTrainer):
         peft_config=None,
         **kwargs,
     ):
+        self._given_model_name = model if isinstance(model, str) else None  # the model card names it
         if args is None:
             name = model if isinstance(model, str) else model.config._name_or_path
             args = BridgeConfig(f"{str(name).split('/')[-1]}-BRIDGE")
@@ -131,10 +134,7 @@ class BridgeTrainer(GRPOTrainer):
             raise ValueError("`sft_dataset` is required: BRIDGE needs expert reasoning traces for L_SFT.")
         validate_sft_dataset(sft_dataset, name="`sft_dataset` (expert traces)")
         if isinstance(model, str):
-            init_kwargs = dict(args.model_init_kwargs or {})
-            init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
-            model = create_model_from_path(model, **init_kwargs)
-            args.model_init_kwargs = None  # consumed here; GRPOTrainer would warn that an instance ignores them
+            model = self._load_model(model, args)
         if is_peft_model(model):
             raise ValueError(
                 "Pass a plain (non-PEFT) model: BRIDGE trains the base weights and creates the adapter w itself "
@@ -178,6 +178,7 @@ class BridgeTrainer(GRPOTrainer):
             self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
 
         self._refuse_unsupported_engines()
+        self._check_one_generation_batch(train_dataset)
         check_exportable(self.model)  # an adapter option the final export could not merge fails now, not after training
         # θ: PEFT froze the base; unfreeze the selected weights.  w: the LoRA parameters.
         self.base_params = _select_base_params(self.model, args.trainable_base_parameters)
@@ -214,6 +215,36 @@ class BridgeTrainer(GRPOTrainer):
     def train(self, *args, **kwargs):
         self._check_reward_funcs()
         return super().train(*args, **kwargs)
+
+    @staticmethod
+    def _load_model(name: str, args: BridgeConfig):
+        """`model` given by name: the offline alias resolves as on the command line (`trl_bridge.models`), and a local
+        folder that does not exist or a name the Hub cannot serve fails with one line naming it."""
+        from .models import explain_model_load_errors, resolve_model_path
+
+        init_kwargs = dict(args.model_init_kwargs or {})
+        init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+        with explain_model_load_errors(name):
+            model = create_model_from_path(resolve_model_path(name), **init_kwargs)
+        args.model_init_kwargs = None  # consumed here; GRPOTrainer would warn that an instance ignores them
+        return model
+
+    def _check_one_generation_batch(self, train_dataset):
+        """TRL's sampler only yields whole generation batches: with fewer distinct prompts than one batch needs, the
+        epoch is empty and training stops at step 0, saving an untrained model. Refuse that before any step."""
+        if not isinstance(train_dataset, Dataset):
+            return
+        args = self.args
+        needed = args.generation_batch_size // self.num_generations
+        if len(train_dataset) < needed:
+            raise ValueError(
+                f"`train_dataset` has {len(train_dataset)} prompts, but one generation batch needs {needed} distinct "
+                f"prompts (generation_batch_size {args.generation_batch_size} = per_device_train_batch_size "
+                f"{args.per_device_train_batch_size} x {self.accelerator.num_processes} process(es) x "
+                f"steps_per_generation {args.steps_per_generation}, divided by num_generations {self.num_generations}); "
+                "with fewer, no batch is ever drawn and nothing trains. Add prompts, or lower "
+                "per_device_train_batch_size / steps_per_generation."
+            )
 
     def _refuse_unsupported_engines(self):
         """Engines BRIDGE cannot run correctly are refused here, before any step (an accelerate config sets them)."""
@@ -586,23 +617,29 @@ class BridgeTrainer(GRPOTrainer):
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None, **kwargs):
-        """The model card names BRIDGE (with the citation), the base model, data, hyper-parameters and final metrics."""
+        """The model card names BRIDGE (with the citation), the base model, the task, data, hyper-parameters, a summary
+        (held-out accuracy before → after when measured, mean reward over the last quarter of training) and usage."""
         if not self.is_world_process_zero():
             return
-        from .reporting import write_model_card
+        from .reporting import training_summary, write_model_card
 
         hparams = {k: getattr(self.args, k) for k in CARD_HYPERPARAMETERS}
-        logs = [h for h in self.state.log_history if "bridge/sft_loss" in h]
-        final = {k: v for k, v in (logs[-1] if logs else {}).items() if k in CARD_METRICS}
+        summary = training_summary(self.state.log_history, fraction=0.25, keys=CARD_METRICS)
         datasets = self.card_datasets or ([dataset_name] if isinstance(dataset_name, str) else list(dataset_name or []))
+        pushed = self.args.push_to_hub and self.args.hub_model_id
         write_model_card(
             self.args.output_dir,
-            base_model=self.card_base_model or _model_name(self.accelerator.unwrap_model(self.model)),
+            base_model=self.card_base_model or getattr(self, "_given_model_name", None)
+            or _model_name(self.accelerator.unwrap_model(self.model)),
             datasets=datasets,
             hyperparameters=hparams,
-            final_metrics=final,
+            final_metrics=summary["last"],
             eval_results=self.card_eval_results,
             model_name=model_name,
+            summary=summary,
+            heldout=self.card_heldout,
+            task=self.card_task,
+            usage_model=self.args.hub_model_id if pushed else None,
         )
 
     def _bridge_tensors(self) -> dict[str, torch.Tensor]:
