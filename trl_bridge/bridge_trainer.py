@@ -130,6 +130,7 @@ class BridgeTrainer(GRPOTrainer):
             raise ValueError("`train_dataset` (the RL prompts) is required.")
         if isinstance(train_dataset, Dataset):
             validate_rl_dataset(train_dataset, name="`train_dataset` (RL prompts)")
+            _check_one_generation_batch(train_dataset, args)
         if sft_dataset is None:
             raise ValueError("`sft_dataset` is required: BRIDGE needs expert reasoning traces for L_SFT.")
         validate_sft_dataset(sft_dataset, name="`sft_dataset` (expert traces)")
@@ -178,7 +179,6 @@ class BridgeTrainer(GRPOTrainer):
             self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
 
         self._refuse_unsupported_engines()
-        self._check_one_generation_batch(train_dataset)
         check_exportable(self.model)  # an adapter option the final export could not merge fails now, not after training
         # θ: PEFT froze the base; unfreeze the selected weights.  w: the LoRA parameters.
         self.base_params = _select_base_params(self.model, args.trainable_base_parameters)
@@ -228,23 +228,6 @@ class BridgeTrainer(GRPOTrainer):
             model = create_model_from_path(resolve_model_path(name), **init_kwargs)
         args.model_init_kwargs = None  # consumed here; GRPOTrainer would warn that an instance ignores them
         return model
-
-    def _check_one_generation_batch(self, train_dataset):
-        """TRL's sampler only yields whole generation batches: with fewer distinct prompts than one batch needs, the
-        epoch is empty and training stops at step 0, saving an untrained model. Refuse that before any step."""
-        if not isinstance(train_dataset, Dataset):
-            return
-        args = self.args
-        needed = args.generation_batch_size // self.num_generations
-        if len(train_dataset) < needed:
-            raise ValueError(
-                f"`train_dataset` has {len(train_dataset)} prompts, but one generation batch needs {needed} distinct "
-                f"prompts (generation_batch_size {args.generation_batch_size} = per_device_train_batch_size "
-                f"{args.per_device_train_batch_size} x {self.accelerator.num_processes} process(es) x "
-                f"steps_per_generation {args.steps_per_generation}, divided by num_generations {self.num_generations}); "
-                "with fewer, no batch is ever drawn and nothing trains. Add prompts, or lower "
-                "per_device_train_batch_size / steps_per_generation."
-            )
 
     def _refuse_unsupported_engines(self):
         """Engines BRIDGE cannot run correctly are refused here, before any step (an accelerate config sets them)."""
@@ -705,6 +688,20 @@ CARD_HYPERPARAMETERS = (
     "sft_per_device_train_batch_size", "sft_max_length", "max_steps", "seed",
 )
 CARD_METRICS = ("reward", "bridge/sft_loss", "bridge/rl_loss", "bridge/rl_loss_shadow", "bridge/cooperative_gain", "bridge/lambda")
+
+
+def _check_one_generation_batch(train_dataset: Dataset, args: BridgeConfig):
+    """TRL's sampler only yields whole generation batches: with fewer distinct prompts than one batch needs, the epoch
+    is empty and training stops at step 0, saving an untrained model. Refuse that before anything is built."""
+    needed = args.generation_batch_size // args.num_generations
+    if len(train_dataset) < needed:
+        raise ValueError(
+            f"`train_dataset` has {len(train_dataset)} prompts, but one generation batch needs {needed} distinct prompts "
+            f"(generation_batch_size {args.generation_batch_size} = per_device_train_batch_size "
+            f"{args.per_device_train_batch_size} x {args.world_size} process(es) x steps_per_generation "
+            f"{args.steps_per_generation}, divided by num_generations {args.num_generations}); with fewer, no batch is "
+            "ever drawn and nothing trains. Add prompts, or lower per_device_train_batch_size / steps_per_generation."
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------------

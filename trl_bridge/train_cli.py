@@ -25,6 +25,7 @@ import copy
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -344,8 +345,13 @@ def format_help(full: bool = False) -> str:
     by_dest: dict[str, list[argparse.Action]] = {}
     for action in parser._actions:
         by_dest.setdefault(action.dest, []).append(action)
+    columns = shutil.get_terminal_size((120, 24)).columns if sys.stdout.isatty() else 120
+
+    def formatter(prog):
+        return argparse.RawDescriptionHelpFormatter(prog, max_help_position=44, width=max(100, min(columns, 160)))
+
     help_parser = argparse.ArgumentParser(prog="trl-bridge train", usage=USAGE, description=DESCRIPTION, add_help=False,
-                                          formatter_class=argparse.RawDescriptionHelpFormatter)
+                                          formatter_class=formatter)
     config = help_parser.add_argument_group("config and help")
     config.add_argument("--config", metavar="FILE.yaml",
                         help="YAML file whose keys are any of the options below (flags given on the command line win)")
@@ -360,6 +366,11 @@ def format_help(full: bool = False) -> str:
                     continue  # the --no_x twin of a boolean flag
                 compact = copy.copy(action)
                 compact.option_strings = action.option_strings[:1]
+                if action.nargs != 0 and not action.choices:
+                    compact.metavar = _metavar(action)
+                if not full and isinstance(action.help, str) and len(action.help) > 240:
+                    cut = action.help.find(". ", 60)  # first sentence; the whole text is in --help-all
+                    compact.help = action.help[: cut + 1] + " (more: --help-all)" if cut > 0 else action.help
                 group._group_actions.append(compact)
                 shown += 1
     total = sum(1 for a in parser._actions if a.option_strings and a.dest != "help")
@@ -368,6 +379,11 @@ def format_help(full: bool = False) -> str:
         text += (f"\n{total - shown} more options (the rest of TRL's GRPOConfig, transformers' TrainingArguments and "
                  "TRL's ModelConfig): trl-bridge train --help-all\n")
     return text
+
+
+def _metavar(action: argparse.Action) -> str:
+    kind = getattr(action.type, "__name__", "")
+    return {"int": "INT", "float": "FLOAT", "string_to_bool": "BOOL"}.get(kind, "VALUE")
 
 
 def _one_line(err: BaseException) -> str:
@@ -394,6 +410,9 @@ def main(argv=None) -> int:
     # transformers deprecates `is_gradient_checkpointing`, which PEFT still reads when it wraps the model: not something
     # a trl-bridge user can act on.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
+    import datasets
+
+    datasets.disable_progress_bars()  # "Generating train split", "Tokenizing sft dataset", ...: noise around the log lines
     try:
         trainer, tokenizer, test = prepare(script_args, training_args, model_args)
     except USER_ERRORS as err:
