@@ -22,6 +22,9 @@ SHARED_BENCHMARKS = Path(os.environ.get("TRL_BRIDGE_DATA_DIR", REPO.parent / "sh
 
 @pytest.fixture(scope="session")
 def benchmarks_dir():
+    """The local benchmark files (tests that grade real rows use them through --data_dir; the Hub path is tested at
+    the `datasets.load_dataset` boundary in test_benchmark_sources.py). The skip reason shows in the summary (-rs)."""
     if not SHARED_BENCHMARKS.is_dir():
-        pytest.skip(f"benchmark data not found at {SHARED_BENCHMARKS}")
+        pytest.skip(f"needs the local benchmark files, not found at {SHARED_BENCHMARKS}; set TRL_BRIDGE_DATA_DIR to a "
+                    "copy (tests never download from the Hub)")
     return SHARED_BENCHMARKS
