@@ -91,6 +91,17 @@ def check_local_model_path(name_or_path: str) -> None:
         raise FileNotFoundError(f"model {name_or_path!r}: no such folder{where}; {MODEL_CHOICES_HINT}")
 
 
+def same_type(err: BaseException, message: str) -> BaseException:
+    """An exception of `err`'s type with `message`, or of its nearest built-in base when that type needs other
+    arguments (e.g. `json.JSONDecodeError`, huggingface_hub's HTTP errors)."""
+    for cls in type(err).__mro__:
+        try:
+            return cls(message)
+        except Exception:
+            continue
+    return RuntimeError(message)
+
+
 @contextmanager
 def explain_model_load_errors(name_or_path: str):
     """Turn the `OSError` transformers raises for a model it cannot find (a missing folder that looks like a Hub id, an
@@ -102,10 +113,8 @@ def explain_model_load_errors(name_or_path: str):
             raise
         first = " ".join(str(err).split())[:300]
         where = ("not a local folder (relative to " + os.getcwd() + ")") if not Path(name_or_path).exists() else "a local path"
-        raise type(err)(
-            f"model {name_or_path!r} is {where} and could not be loaded from the Hugging Face Hub ({first}); "
-            f"{MODEL_CHOICES_HINT}"
-        ) from err
+        raise same_type(err, f"model {name_or_path!r} is {where} and could not be loaded from the Hugging Face Hub "
+                             f"({first}); {MODEL_CHOICES_HINT}") from err
 
 
 def resolve_model_path(name_or_path: str, cache_dir: str | os.PathLike | None = None) -> str:

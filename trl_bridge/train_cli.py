@@ -107,7 +107,8 @@ class BridgeScriptArguments:
     benchmark_eval_limit: int = field(default=32, metadata={"help": "Problems per benchmark for `benchmark_eval`."})
     benchmark_eval_steps: int = field(default=100, metadata={"help": "Run `benchmark_eval` every this many steps."})
     benchmark_eval_data_dir: str | None = field(
-        default=None, metadata={"help": "Folder of the benchmark files (default: TRL_BRIDGE_DATA_DIR or ../shared/benchmarks)."}
+        default=None, metadata={"help": "Folder of local benchmark files (default: TRL_BRIDGE_DATA_DIR, else each "
+                                "benchmark's Hugging Face Hub dataset; see `trl-bridge eval --help`)."}
     )
 
 
@@ -168,7 +169,9 @@ class _naming:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         if message.startswith(f"{self.option}:"):
             return False
-        raise type(exc)(f"{self.option}: {message}") from exc
+        from .models import same_type
+
+        raise same_type(exc, f"{self.option}: {message}") from exc
 
 
 def heldout_accuracy(model, tokenizer, dataset, max_new_tokens: int, batch_size: int) -> float:
