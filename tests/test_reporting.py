@@ -78,7 +78,7 @@ def test_figure_panels_plot_logged_metrics_and_flag_missing_ones():
 
 def test_smoothing_is_an_exponential_moving_average():
     assert ema([1.0, 0.0, 0.0], 3) == [1.0, 0.5, 0.25]  # alpha = 2 / (3 + 1)
-    assert smoothing_span(4) == 2 and smoothing_span(200) == 20 and smoothing_span(10_000) == 50
+    assert smoothing_span(4) == 3 and smoothing_span(20) == 5 and smoothing_span(120) == 30 and smoothing_span(10_000) == 50
 
 
 def test_heldout_panel_shows_accuracy_measured_during_training():

@@ -110,8 +110,8 @@ def ema(values: Sequence[float], span: int) -> list[float]:
 
 
 def smoothing_span(n_points: int) -> int:
-    """EMA span for a curve of `n_points`: about a tenth of the run, at least 2 and at most 50 steps."""
-    return max(2, min(50, round(n_points / 10)))
+    """EMA span for a curve of `n_points`: about a quarter of the run, at least 3 and at most 50 steps."""
+    return max(3, min(50, round(n_points / 4)))
 
 
 def _heldout_series(entries: list[dict], heldout: Mapping | None, last_step) -> dict[str, tuple[list, list]]:
@@ -165,7 +165,7 @@ def make_training_figure(log_history: Sequence[Mapping], title: str | None = Non
         if key is None:
             plotted = False
             for label, (steps, values) in _heldout_series(entries, heldout, last_step).items():
-                ax.plot(steps, values, "o-", label=label, markersize=5)
+                ax.plot(steps, values, "o--", label=label, markersize=5)  # dashed: measured only at the dots
                 for x, y in zip(steps, values):
                     ax.annotate(f"{y:.2f}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
                 plotted = True
