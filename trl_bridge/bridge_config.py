@@ -28,6 +28,11 @@ SUPPORTED_SCHEDULERS = (
 )
 
 
+def _accelerator_available() -> bool:
+    accelerator = getattr(torch, "accelerator", None)
+    return bool(accelerator.is_available()) if accelerator is not None else torch.cuda.is_available()
+
+
 @dataclass
 class BridgeConfig(GRPOConfig):
     r"""
@@ -76,14 +81,20 @@ class BridgeConfig(GRPOConfig):
     `SUPPORTED_SCHEDULERS`; an absolute `min_lr` in `lr_scheduler_kwargs` becomes the relative `min_lr_rate`, so each
     of the three schedules ends at the same fraction of its own peak.
 
-    CPU-friendly defaults: `gradient_checkpointing` and `bf16` default to on only when CUDA is available (TRL turns both
-    on unconditionally; on CPU they are slow or unsupported).
+    CPU-friendly defaults: activation (gradient) checkpointing and `bf16` default to on only when CUDA is available (TRL
+    turns both on unconditionally; on CPU they are slow or unsupported), and `dataloader_pin_memory` only when an
+    accelerator is present (pinning on a CPU-only machine only produces a warning).
     """
 
     # Defaults that differ from GRPOConfig: resolved in __post_init__ by the hardware present.
     gradient_checkpointing: bool | None = field(
         default=None,
-        metadata={"help": "Enable gradient checkpointing. Defaults to True on CUDA and False on CPU."},
+        metadata={"help": "Deprecated alias of `activation_checkpointing` (transformers). Unset: `activation_checkpointing` "
+                  "defaults to True on CUDA and False on CPU."},
+    )
+    dataloader_pin_memory: bool | None = field(
+        default=None,
+        metadata={"help": "Pin host memory in the data loaders. Defaults to True when an accelerator is present, else False."},
     )
 
     bridge_lambda: float = field(
@@ -197,8 +208,12 @@ class BridgeConfig(GRPOConfig):
     def __post_init__(self):
         self._refuse_engines()
         has_cuda = torch.cuda.is_available()
-        if self.gradient_checkpointing is None:
-            self.gradient_checkpointing = has_cuda
+        # Resolve the CPU-friendly default through the current name: setting the deprecated `gradient_checkpointing`
+        # here would make transformers print its deprecation warning on every run.
+        if self.gradient_checkpointing is None and self.activation_checkpointing is None:
+            self.activation_checkpointing = has_cuda
+        if self.dataloader_pin_memory is None:
+            self.dataloader_pin_memory = _accelerator_available()
         if self.bf16 is None and not self.fp16 and not has_cuda:
             self.bf16 = False
         generation_batch_size_given = self.generation_batch_size is not None

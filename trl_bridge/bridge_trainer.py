@@ -139,7 +139,9 @@ class BridgeTrainer(GRPOTrainer):
     _tag_names = ["trl", "bridge", "grpo"]
     card_base_model: str | None = None  # what the model card names as base model / datasets / results (set by the CLI)
     card_datasets: list[str] | None = None
-    card_eval_results: dict | None = None
+    card_eval_results: dict | None = None  # benchmark results ({benchmark: accuracy}); filed in the card's model-index
+    card_heldout: dict | None = None  # {"heldout_accuracy_before", "heldout_accuracy_after", "num_problems"}
+    card_task: str | None = None  # one sentence describing the task
     _name = "BRIDGE"
     _paper = {"title": "Beyond Two-Stage Training: Cooperative SFT and RL for LLM Reasoning", "id": "2509.06948"}
 
@@ -163,6 +165,7 @@ class BridgeTrainer(GRPOTrainer):
         sft_dataset: Dataset | None = None,
     ):
         # GRPOTrainer's parameters in GRPOTrainer's order, so positional calls mean the same; `sft_dataset` is keyword-only.
+        self._given_model_name = model if isinstance(model, str) else None  # the model card names it
         if args is None:
             name = model if isinstance(model, str) else model.config._name_or_path
             args = BridgeConfig(f"{str(name).split('/')[-1]}-BRIDGE")
@@ -176,6 +179,7 @@ class BridgeTrainer(GRPOTrainer):
             raise ValueError("`train_dataset` is required unless an `environment_factory` is provided.")  # GRPOTrainer's
         if isinstance(train_dataset, Dataset):
             validate_rl_dataset(train_dataset, name="`train_dataset` (RL prompts)")
+            _check_one_generation_batch(train_dataset, args)
         # λ = 1 for the whole run is GRPO exactly (no SFT term; θ̂ stays θ; w's gradient is zero): run GRPO alone.
         self._grpo_only = args.lambda_is_always_one()
         if sft_dataset is None and not self._grpo_only:
@@ -186,13 +190,8 @@ class BridgeTrainer(GRPOTrainer):
         if sft_dataset is not None:
             validate_sft_dataset(sft_dataset, name="`sft_dataset` (expert traces)")
         if isinstance(model, str):
-            init_kwargs = dict(args.model_init_kwargs or {})
-            if quantization_config is not None:
-                init_kwargs["quantization_config"] = quantization_config
-                quantization_config = None  # consumed here, as GRPOTrainer does
-            init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
-            model = create_model_from_path(model, **init_kwargs)
-            args.model_init_kwargs = None  # consumed here; GRPOTrainer would warn that an instance ignores them
+            model = self._load_model(model, args, quantization_config)
+            quantization_config = None  # consumed here, as GRPOTrainer does
         adapter_weights = ref_weights = None
         if is_peft_model(model):  # the user's adapter becomes w (its base weights are θ); see `_adopt_peft_model`
             model, peft_config, adapter_weights, ref_weights = self._adopt_peft_model(model, peft_config, args)
@@ -385,6 +384,21 @@ class BridgeTrainer(GRPOTrainer):
         if self._stop_on_signal.signum is not None:
             logger.warning("A signal arrived after the last training step: training completed.")
         return output
+
+    @staticmethod
+    def _load_model(name: str, args: BridgeConfig, quantization_config=None):
+        """`model` given by name: the offline alias resolves as on the command line (`trl_bridge.models`), and a local
+        folder that does not exist or a name the Hub cannot serve fails with one line naming it."""
+        from .models import explain_model_load_errors, resolve_model_path
+
+        init_kwargs = dict(args.model_init_kwargs or {})
+        init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+        if quantization_config is not None:
+            init_kwargs["quantization_config"] = quantization_config
+        with explain_model_load_errors(name):
+            model = create_model_from_path(resolve_model_path(name), **init_kwargs)
+        args.model_init_kwargs = None  # consumed here; GRPOTrainer would warn that an instance ignores them
+        return model
 
     def _refuse_unsupported_engines(self):
         """Engines BRIDGE cannot run correctly are refused here, before any step (an accelerate config sets them)."""
@@ -1000,23 +1014,29 @@ class BridgeTrainer(GRPOTrainer):
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None, **kwargs):
-        """The model card names BRIDGE (with the citation), the base model, data, hyper-parameters and final metrics."""
+        """The model card names BRIDGE (with the citation), the base model, the task, data, hyper-parameters, a summary
+        (held-out accuracy before → after when measured, mean reward over the last quarter of training) and usage."""
         if not self.is_world_process_zero():
             return
-        from .reporting import write_model_card
+        from .reporting import training_summary, write_model_card
 
         hparams = {k: getattr(self.args, k) for k in CARD_HYPERPARAMETERS}
-        logs = [h for h in self.state.log_history if any(k in h for k in CARD_METRICS)]
-        final = {k: v for k, v in (logs[-1] if logs else {}).items() if k in CARD_METRICS}
+        summary = training_summary(self.state.log_history, fraction=0.25, keys=CARD_METRICS)
         datasets = self.card_datasets or ([dataset_name] if isinstance(dataset_name, str) else list(dataset_name or []))
+        pushed = self.args.push_to_hub and self.args.hub_model_id
         write_model_card(
             self.args.output_dir,
-            base_model=self.card_base_model or _model_name(self.accelerator.unwrap_model(self.model)),
+            base_model=self.card_base_model or getattr(self, "_given_model_name", None)
+            or _model_name(self.accelerator.unwrap_model(self.model)),
             datasets=datasets,
             hyperparameters=hparams,
-            final_metrics=final,
+            final_metrics=summary["last"],
             eval_results=self.card_eval_results,
             model_name=model_name,
+            summary=summary,
+            heldout=self.card_heldout,
+            task=self.card_task,
+            usage_model=self.args.hub_model_id if pushed else None,
         )
 
     def _bridge_tensors(self) -> dict[str, torch.Tensor]:
@@ -1167,6 +1187,20 @@ CARD_HYPERPARAMETERS = (
     "sft_per_device_train_batch_size", "sft_max_length", "max_steps", "seed",
 )
 CARD_METRICS = ("reward", "bridge/sft_loss", "bridge/rl_loss", "bridge/rl_loss_shadow", "bridge/cooperative_gain", "bridge/lambda")
+
+
+def _check_one_generation_batch(train_dataset: Dataset, args: BridgeConfig):
+    """TRL's sampler only yields whole generation batches: with fewer distinct prompts than one batch needs, the epoch
+    is empty and training stops at step 0, saving an untrained model. Refuse that before anything is built."""
+    needed = args.generation_batch_size // args.num_generations
+    if len(train_dataset) < needed:
+        raise ValueError(
+            f"`train_dataset` has {len(train_dataset)} prompts, but one generation batch needs {needed} distinct prompts "
+            f"(generation_batch_size {args.generation_batch_size} = per_device_train_batch_size "
+            f"{args.per_device_train_batch_size} x {args.world_size} process(es) x steps_per_generation "
+            f"{args.steps_per_generation}, divided by num_generations {args.num_generations}); with fewer, no batch is "
+            "ever drawn and nothing trains. Add prompts, or lower per_device_train_batch_size / steps_per_generation."
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ import sys
 USAGE = """usage: trl-bridge <command> [options]
 
 commands:
-  train   Train a model with BRIDGE (cooperative SFT + RL). `trl-bridge train --help` lists every option.
+  train   Train a model with BRIDGE (cooperative SFT + RL). `trl-bridge train --help`: BRIDGE's and the common
+          options; `trl-bridge train --help-all`: every option.
   eval    Evaluate a model on math / out-of-domain benchmarks. `trl-bridge eval --help` lists every option.
   bench   Time and memory of BRIDGE against GRPO and naive mixing, per phase. `trl-bridge bench --help`.
 """

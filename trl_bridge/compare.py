@@ -1,7 +1,6 @@
 """Compare BRIDGE with its baselines on one config, same seed, same data, same budget of optimizer steps.
 
-    python -m trl_bridge.compare --config configs/quickstart.yaml --variants bridge,grpo,mix,sft_then_rl,bridge_truncated_is \
-        --max_steps 10 --output_dir outputs/compare
+    python -m trl_bridge.compare --config configs/quickstart.yaml --max_steps 10 --output_dir outputs/compare
 
 Variants (each is the config plus a few overrides):
   bridge               the config as is
@@ -9,7 +8,7 @@ Variants (each is the config plus a few overrides):
   sft                  λ = 0 (SFT of π(θ+w))
   mix                  the paper's "w/o J_meta": naive (1−λ)·SFT + λ·RL mixing, no shadow
   sft_then_rl          two-stage: SFT (λ = 0) for half the steps, then GRPO (λ = 1) from that model for the other half
-  bridge_truncated_is  BRIDGE with the shadow's truncated importance weights (BRIDGE.md §5)
+  bridge_truncated_is  BRIDGE with the shadow's truncated importance weights (`shadow_off_policy: truncated_is`)
 
 Writes `results.json`, `results.md` (held-out accuracy before/after, mean reward over the last half of training, its
 step-to-step standard deviation, wall time) and `reward_curves.png` to `--output_dir`.

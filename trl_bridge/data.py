@@ -45,6 +45,7 @@ SFT_FORMATS = "'prompt' + 'completion', 'messages', or 'text'"
 
 __all__ = [
     "REASONING_INSTRUCTION",
+    "MissingColumnsError",
     "benchmarks_dir",
     "format_completion",
     "format_prompt",
@@ -258,10 +259,14 @@ def _limit(ds: Dataset, limit: int | None) -> Dataset:
     return ds.select(range(min(limit, len(ds))))
 
 
+class MissingColumnsError(ValueError):
+    """A dataset lacks columns the RL or SFT format needs (a `ValueError`)."""
+
+
 def _require_columns(ds: Dataset, columns: Sequence[str], what: str) -> None:
     missing = [c for c in columns if c not in ds.column_names]
     if missing:
-        raise ValueError(f"{what} is missing column(s) {missing}; found columns {ds.column_names}")
+        raise MissingColumnsError(f"{what} is missing column(s) {missing}; found columns {ds.column_names}")
 
 
 _CALCULATOR_RE = re.compile(r"<<[^<>]*>>")
@@ -411,7 +416,11 @@ def _load_raw(path_or_name: str | os.PathLike, split: str = "train", **hub_kwarg
                 return load_dataset(str(path), split=split)
             except ValueError as exc:
                 raise ValueError(f"cannot read split {split!r} from folder {path}: {exc}") from exc
-        raise FileNotFoundError(f"data file or folder not found: {path}")
+        where = "" if path.is_absolute() else f" (relative to {os.getcwd()})"
+        raise FileNotFoundError(
+            f"data file or folder not found: {path}{where}; give an existing .jsonl/.json/.parquet/.csv file or folder, "
+            f"one of {[f'builtin:{n}' for n in BUILTIN_DATASETS]}, or a Hub dataset name"
+        )
     try:
         return load_dataset(os.fspath(path_or_name), split=split, **hub_kwargs)
     except Exception as exc:  # offline mode, unknown repo, missing split... all surface as different types
@@ -522,6 +531,7 @@ def load_dataset_spec(
     limit: int | None = None,
     instruction: str | None = REASONING_INSTRUCTION,
     required: Sequence[str] | None = None,
+    column_map_option: str = "column_map",
     **task_kwargs,
 ) -> Dataset:
     """Load and validate an RL (``kind="rl"``) or SFT (``kind="sft"``) dataset from a spec string.
@@ -537,7 +547,9 @@ def load_dataset_spec(
     For files and Hub data, `column_map` renames non-standard columns (``"question->prompt,answer->answer"``;
     dotted sources reach into nested columns), and with `prompt_style` set, string prompts (and string completions)
     are wrapped in the chat/plain format with `instruction` appended. The result is checked with
-    `validate_rl_dataset` (``required`` columns; default ``("prompt",)``) or `validate_sft_dataset`.
+    `validate_rl_dataset` (``required`` columns; default ``("prompt",)``) or `validate_sft_dataset`; a missing column
+    raises `MissingColumnsError` (a `ValueError`) whose message points to `column_map_option` (the name of the option
+    that renames columns where the caller takes it, e.g. the CLI's ``dataset_column_map``).
     """
     if not isinstance(spec, (str, os.PathLike)) or not os.fspath(spec).strip():
         raise ValueError(f"dataset spec must be a non-empty string, got {spec!r}")
@@ -556,9 +568,16 @@ def load_dataset_spec(
         if prompt_style is not None:
             ds = _format_string_columns(ds, prompt_style, instruction)
         ds = _limit(ds, limit)
-    if kind == "sft":
-        return validate_sft_dataset(ds, name=f"SFT dataset {spec!r}")
-    return validate_rl_dataset(ds, required=required or ("prompt",), name=f"RL dataset {spec!r}")
+    example = "question->prompt,solution->completion" if kind == "sft" else "question->prompt,final->answer"
+    try:
+        if kind == "sft":
+            return validate_sft_dataset(ds, name=f"SFT dataset {spec!r}")
+        return validate_rl_dataset(ds, required=required or ("prompt",), name=f"RL dataset {spec!r}")
+    except MissingColumnsError as err:
+        if spec.startswith("builtin:"):
+            raise
+        raise MissingColumnsError(f"{err}; map your columns onto these names with {column_map_option}, e.g. "
+                                  f"{column_map_option}: \"{example}\"") from err
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -638,5 +657,5 @@ def validate_sft_dataset(ds: Dataset, name: str = "SFT dataset") -> Dataset:
         if not isinstance(row["text"], str):
             raise ValueError(f"{name}: column 'text' must hold strings, got {_describe(row['text'])}")
     else:
-        raise ValueError(f"{name} must be in a TRL SFT format: {SFT_FORMATS}; found columns {columns}")
+        raise MissingColumnsError(f"{name} must be in a TRL SFT format: {SFT_FORMATS}; found columns {columns}")
     return ds

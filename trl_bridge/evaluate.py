@@ -343,7 +343,7 @@ def evaluate(
     names, n_by, t_by = sampling_plan(benchmarks, samples_per_problem, temperature)
     data_path = resolve_data_dir(data_dir)
     log = log or (lambda message: None)
-    metrics, records, timing = {}, [], {}
+    metrics, records, timing, sources = {}, [], {}, {}
     start_all = time.perf_counter()
     tokens_before = getattr(generator, "generated_tokens", None)
     for name in names:
@@ -355,8 +355,9 @@ def evaluate(
             rows = bench.load(data_path, limit)
             if rows_cache is not None:
                 rows_cache[cache_key] = rows
+        sources[name] = bench.source(data_path)
         prompts = [build_prompt(bench, row, prompt_template, tokenizer, chat_template) for row in rows]
-        log(f"[eval] {name}: {len(rows)} problems x {n_by[name]} samples (temperature {t_by[name]})")
+        log(f"[eval] {name}: {len(rows)} problems x {n_by[name]} samples (temperature {t_by[name]}) from {sources[name]}")
         t0 = time.perf_counter()
         completions = generator(prompts, n_by[name], t_by[name])
         gen_seconds = time.perf_counter() - t0
@@ -389,9 +390,14 @@ def evaluate(
         throughput["generated_tokens"] = tokens
         throughput["tokens_per_second"] = round(tokens / gen_total, 2) if gen_total > 0 else None
     summary = {"benchmarks": metrics, **_summarise(metrics), "throughput": throughput,
-               "settings": {"data_dir": str(data_path), "limit": limit, "samples_per_problem": n_by,
+               "settings": {"data_dir": _data_setting(data_path), "sources": sources, "limit": limit,
+                            "samples_per_problem": n_by,
                             "temperature": t_by, "prompt_template": prompt_template, "chat_template": chat_template}}
     return EvalResult(metrics=metrics, summary=summary, samples=records)
+
+
+def _data_setting(data_path: Path | None) -> str:
+    return str(data_path) if data_path is not None else "Hugging Face Hub (pinned revisions, see trl_bridge.benchmarks)"
 
 
 def _read_completions(path: Path) -> list[dict]:
@@ -453,7 +459,7 @@ def grade_completions_file(
         records.extend(bench_records)
     summary = {"benchmarks": metrics, **_summarise(metrics),
                "throughput": {"grading_seconds": round(time.perf_counter() - t0, 3)},
-               "settings": {"data_dir": str(data_path), "completions": str(path), "limit": limit}}
+               "settings": {"data_dir": _data_setting(data_path), "completions": str(path), "limit": limit}}
     return EvalResult(metrics=metrics, summary=summary, samples=records)
 
 
@@ -482,7 +488,7 @@ def oracle_result(
         raise ValueError(f"oracle: none of {', '.join(names)} has {kind} completions")
     summary = {"benchmarks": metrics, **_summarise(metrics),
                "throughput": {"grading_seconds": round(time.perf_counter() - t0, 3)},
-               "settings": {"data_dir": str(data_path), "oracle": kind, "limit": limit}}
+               "settings": {"data_dir": _data_setting(data_path), "oracle": kind, "limit": limit}}
     return EvalResult(metrics=metrics, summary=summary, samples=records)
 
 
@@ -546,8 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated benchmark names (default: {DEFAULT_BENCHMARKS}; with --completions: those "
                    f"in the file); valid: {', '.join(available_benchmarks())}")
     p.add_argument("--data_dir", default=None,
-                   help="folder holding the benchmark files (math500/test.jsonl, ...); default: $TRL_BRIDGE_DATA_DIR, "
-                   "else <repo>/../shared/benchmarks, else ./shared/benchmarks")
+                   help="folder holding local copies of the benchmark files (math500/test.jsonl, ...); default: "
+                   "$TRL_BRIDGE_DATA_DIR, else each benchmark's Hugging Face Hub dataset at a pinned revision")
     p.add_argument("--samples_per_problem", default="1",
                    help="samples per problem, with optional per-benchmark overrides, e.g. '1,aime24=8'")
     p.add_argument("--temperature", default="0",
@@ -564,8 +570,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(HumanEval, Knights-and-Knaves) are never wrapped")
     p.add_argument("--batch_size", type=int, default=8, help="generated sequences per generate() call (hf backend)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems of each benchmark")
-    p.add_argument("--output_dir", default="eval_results",
-                   help="where summary.json, results.md and samples.jsonl are written")
+    p.add_argument("--output_dir", default=None,
+                   help="where summary.json, results.md and samples.jsonl are written (default: "
+                   "outputs/eval/<model folder or name>, or outputs/eval/oracle-<kind> / outputs/eval/completions)")
     p.add_argument("--seed", type=int, default=42, help="random seed for sampling")
     p.add_argument("--backend", default="hf", choices=["hf", "vllm"],
                    help="hf: transformers generate (CPU/GPU); vllm: vLLM (GPU, needs the vllm package)")
@@ -580,6 +587,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="grade this JSONL file instead of generating: one {benchmark, id, completion} object per "
                    "problem and sample (id = the benchmark's row id)")
     return p
+
+
+def default_output_dir(args: argparse.Namespace) -> Path:
+    """``outputs/eval/<what was evaluated>`` (``outputs/`` is git-ignored), not the working directory itself."""
+    if args.oracle:
+        name = f"oracle-{args.oracle}"
+    elif args.completions:
+        name = f"completions-{Path(args.completions).stem}"
+    else:
+        from .models import display_name
+
+        name = display_name(args.model).replace("/", "--")
+    return Path("outputs") / "eval" / name
 
 
 def _positive_int(value, option):
@@ -632,7 +652,7 @@ def run(args: argparse.Namespace) -> EvalResult:
         result.summary["settings"].update(model=args.model, backend=args.backend, device=device, dtype=dtype,
                                           max_new_tokens=args.max_new_tokens, top_p=args.top_p, seed=args.seed,
                                           batch_size=args.batch_size)
-    paths = write_outputs(result, args.output_dir)
+    paths = write_outputs(result, args.output_dir or default_output_dir(args))
     print(format_table(result.summary))
     log(f"[eval] wrote {', '.join(str(p) for p in paths.values())}")
     return result
@@ -645,7 +665,7 @@ def main(argv: list[str] | None = None) -> int:
         run(args)
     except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        print(f"trl-bridge eval: error: {message}", file=sys.stderr)
+        print(f"trl-bridge eval: error: {' '.join(str(message).split())}", file=sys.stderr)
         return 2
     return 0
 

@@ -218,3 +218,15 @@ def save_merged_model(
     merged.save_pretrained(output_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(output_dir)
+    _respect_umask(output_dir)
+
+
+def _respect_umask(folder: str) -> None:
+    """transformers writes the weights through a private temporary file (mode 0600) and renames it; give the folder's
+    files the mode any other new file gets (0666 minus the umask, e.g. 0644), as `cp` or `save_file` would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    mode = 0o666 & ~umask
+    for entry in os.scandir(folder):
+        if entry.is_file(follow_symlinks=False) and (entry.stat().st_mode & 0o777) == 0o600 and mode != 0o600:
+            os.chmod(entry.path, mode)

