@@ -104,7 +104,7 @@ def test_too_few_prompts_for_one_generation_batch_is_refused_before_step_one(tok
 # ----------------------------------------------------------------------------------------------------------------------
 TINY = ["--per_device_train_batch_size", "4", "--num_generations", "4", "--max_completion_length", "4",
         "--max_steps", "1", "--lora_r", "4", "--sft_per_device_train_batch_size", "2", "--task_num_train", "8",
-        "--task_num_test", "2", "--eval_samples", "2", "--eval_max_new_tokens", "4", "--report_to", "none"]
+        "--task_num_test", "2", "--eval_samples", "2", "--eval_max_new_tokens", "4", "--report_to", "none", "--logging_steps", "1"]
 
 
 def _cli_error(capsys, argv):
