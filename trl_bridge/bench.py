@@ -312,7 +312,8 @@ def format_table(summary: dict) -> str:
     lines = ["\n".join(rows), ""]
     for name, t in summary.get("targets", {}).items():
         for key, r in t.items():
-            lines.append(f"{name}: {key} = {r['value']:.2f} (target <= {r['limit']}): {'met' if r['met'] else 'NOT met'}")
+            note = " [target set for the generation-heavy setting]" if key == "step_vs_grpo" else ""
+            lines.append(f"{name}: {key} = {r['value']:.2f} (target <= {r['limit']}{note}): {'met' if r['met'] else 'NOT met'}")
     return "\n".join(lines)
 
 
