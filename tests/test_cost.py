@@ -150,3 +150,15 @@ def test_no_sharing_when_a_bottom_weight_trains(tok, tmp_path):
     assert make_trainer(tok, tmp_path, max_steps=1)._frozen_prefix == 0  # all weights, the embedding included
     both = make_trainer(tok, tmp_path, max_steps=1, trainable_base_parameters=[r"layers\.1\."], lora_layers_to_transform=[0])
     assert both._frozen_prefix == 0  # w in layer 0
+
+
+def test_naive_mixing_holds_no_shadow_and_resumes_bit_identically(tok, tmp_path):
+    """bridge_meta_term=False never uses θ̂, so none is kept (no copy of θ, no optimizer state); checkpoints still resume."""
+    opts = dict(bridge_meta_term=False, max_steps=4, learning_rate=3e-3, save_strategy="steps", save_steps=2)
+    full = make_trainer(tok, tmp_path / "full", **opts)
+    full.train()
+    assert full.shadow_params == [] and full.shadow_optimizer is None and full.shadow_state_dict() == {}
+    resumed = make_trainer(tok, tmp_path / "resumed", **opts)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "out" / "checkpoint-2"))
+    for (name, a), (_, b) in zip(full.base_params + full.adapter_params, resumed.base_params + resumed.adapter_params):
+        assert torch.equal(a, b), name

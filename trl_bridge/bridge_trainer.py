@@ -275,9 +275,13 @@ class BridgeTrainer(GRPOTrainer):
             # One reduce-scatter per backward: FSDP2's no_sync accumulates unsharded gradients inside FSDP, where the
             # θ/θ̂ swap of pass B cannot separate them.
             self.accelerator.gradient_state.plugin_kwargs["sync_each_batch"] = True
-        # θ̂ ← θ⁰: a persistent fp32 copy of the trainable base weights only (none at λ = 1 throughout: θ̂ would be θ).
-        no_shadow = self._fsdp2 or self._grpo_only
-        self.shadow_params = None if no_shadow else [torch.nn.Parameter(p.detach().clone()) for _, p in self.base_params]
+        # θ̂ ← θ⁰: a persistent fp32 copy of the trainable base weights only (none at λ = 1 throughout: θ̂ would be θ;
+        # empty without the meta term, which never uses it). Under FSDP2 it is created sharded, in `_bind_sharded_params`.
+        self._bound_sharded = False
+        if self._fsdp2 or self._grpo_only:
+            self.shadow_params = None
+        else:
+            self.shadow_params = [torch.nn.Parameter(p.detach().clone()) for _, p in self.base_params] if args.bridge_meta_term else []
 
         self._check_chat_template(train_dataset, sft_dataset)
         self.sft_stream = None
@@ -637,17 +641,19 @@ class BridgeTrainer(GRPOTrainer):
         self._metrics["train"]["bridge/grad_norm_adapter"].append(adapter_norm)
         if self._skip_if_non_finite(shadow_norm, adapter_norm):
             return
+        self.adapter_optimizer.step()  # w ← w − β [cooperative-gain gradient]
+        self.adapter_scheduler.step()
+        self.adapter_optimizer.zero_grad(set_to_none=True)
+        if self.shadow_optimizer is None:  # bridge_meta_term=False: no shadow
+            return
         # ‖θ̂−θ‖/‖θ‖ at iterate k: ~0 means the shadow has not separated from θ, so the cooperative term vanishes and
         # BRIDGE has degenerated to naive mixing (e.g. half-precision updates rounding away).
         diff = _sum_of_squares(s - p for (_, p), s in zip(self.base_params, self.shadow_params))
         norm = _sum_of_squares(p for _, p in self.base_params)
         self._metrics["train"]["bridge/shadow_divergence"].append((diff / max(norm, 1e-30)) ** 0.5)
         self.shadow_optimizer.step()  # θ̂ ← θ̂ − α ∇θ̂ L_RL(θ̂,w)
-        self.adapter_optimizer.step()  # w ← w − β [cooperative-gain gradient]
         self.shadow_scheduler.step()
-        self.adapter_scheduler.step()
         self.shadow_optimizer.zero_grad(set_to_none=True)
-        self.adapter_optimizer.zero_grad(set_to_none=True)
 
     def _clip_grad_norm(self, model):
         """The Trainer's clipping (and its logged `grad_norm`) covers θ alone; θ̂ and w are clipped separately."""
@@ -697,8 +703,9 @@ class BridgeTrainer(GRPOTrainer):
         )
         for p in [p for _, p in self.base_params] + list(self.shadow_params) + [p for _, p in self.adapter_params]:
             p.grad = None
-        self.shadow_scheduler.step()
-        self.adapter_scheduler.step()
+        for scheduler in (self.shadow_scheduler, self.adapter_scheduler):
+            if scheduler is not None:
+                scheduler.step()
         return True
 
     def log(self, logs, start_time=None):
@@ -761,14 +768,15 @@ class BridgeTrainer(GRPOTrainer):
         if self.lr_scheduler is None:
             self.lr_scheduler = self._make_scheduler(self.optimizer if optimizer is None else optimizer, num_training_steps)
             self._created_lr_scheduler = True
-        if self.shadow_optimizer is not None:
+        if self.adapter_optimizer is not None:
             return self.lr_scheduler
         self._bind_sharded_params()  # called after accelerate prepared (and, under FSDP2, sharded) the model
-        shadow_named = list(zip([n for n, _ in self._peft_named(self.base_params)], self.shadow_params))
-        self.shadow_optimizer = self._make_optimizer(shadow_named, self.args.shadow_learning_rate,
-                                                     lean=self.args.shadow_storage == "lean")
+        if self.shadow_params:
+            shadow_named = list(zip([n for n, _ in self._peft_named(self.base_params)], self.shadow_params))
+            self.shadow_optimizer = self._make_optimizer(shadow_named, self.args.shadow_learning_rate,
+                                                         lean=self.args.shadow_storage == "lean")
+            self.shadow_scheduler = self._make_scheduler(self.shadow_optimizer, num_training_steps)
         self.adapter_optimizer = self._make_optimizer(self.adapter_params, self.args.adapter_learning_rate)
-        self.shadow_scheduler = self._make_scheduler(self.shadow_optimizer, num_training_steps)
         self.adapter_scheduler = self._make_scheduler(self.adapter_optimizer, num_training_steps)
         return self.lr_scheduler
 
@@ -776,13 +784,15 @@ class BridgeTrainer(GRPOTrainer):
         """FSDP2: `fully_shard` replaced every parameter by a DTensor one. Re-bind θ and w by name, create θ̂ sharded
         exactly like θ (same mesh and placements: each rank holds its shard of θ̂ and of θ̂'s optimizer state), and
         make TRL's fused LM head, which reads `lm_head.weight` without calling `lm_head`, see the gathered weight."""
-        if not self._fsdp2 or self.shadow_params is not None:
+        if not self._fsdp2 or self._bound_sharded:
             return
+        self._bound_sharded = True
         named = dict(self.model.named_parameters())
         by_plain = {plain_name(n): p for n, p in named.items() if "lora_" not in n}
         self.base_params = [(n, by_plain[n]) for n, _ in self.base_params]
         self.adapter_params = [(n, named[n]) for n, _ in self.adapter_params]
-        self.shadow_params = [torch.nn.Parameter(p.detach().clone()) for _, p in self.base_params]  # θ̂ ← θ⁰, sharded
+        self.shadow_params = [torch.nn.Parameter(p.detach().clone()) for _, p in self.base_params] \
+            if self.args.bridge_meta_term else []  # θ̂ ← θ⁰, sharded
         base = self.accelerator.unwrap_model(self.model).get_base_model()
         head = base.get_output_embeddings()
         if isinstance(head, FSDPModule):
@@ -1047,7 +1057,8 @@ class BridgeTrainer(GRPOTrainer):
         return tensors
 
     def _optimizers(self):
-        return {"base": self.optimizer, "shadow": self.shadow_optimizer, "adapter": self.adapter_optimizer}
+        optimizers = {"base": self.optimizer, "shadow": self.shadow_optimizer, "adapter": self.adapter_optimizer}
+        return {k: v for k, v in optimizers.items() if v is not None}
 
     def _save_optimizer_and_scheduler(self, output_dir):
         """All three optimizers and schedules in one engine-independent file (full tensors), so a checkpoint written
@@ -1066,7 +1077,7 @@ class BridgeTrainer(GRPOTrainer):
             {
                 **optimizers,
                 "base_scheduler": self.lr_scheduler.state_dict(),
-                "shadow_scheduler": self.shadow_scheduler.state_dict(),
+                "shadow_scheduler": None if self.shadow_scheduler is None else self.shadow_scheduler.state_dict(),
                 "adapter_scheduler": self.adapter_scheduler.state_dict(),
                 "sft_stream": self.sft_stream.state_dict(),
                 "numeric_faults": {"skipped": self._skipped_steps, "consecutive": self._consecutive_skipped},
@@ -1085,8 +1096,9 @@ class BridgeTrainer(GRPOTrainer):
         missing = sorted(set(expected) - set(saved))
         if missing:
             raise ValueError(f"{path} does not match this model/config; missing e.g. {missing[:3]}")
-        for (n, p), s in zip(self.base_params, self.shadow_params):
+        for n, p in self.base_params:
             _assign(p, saved[f"base.{n}"])
+        for (n, _), s in zip(self.base_params, self.shadow_params):
             _assign(s, saved[f"shadow.{n}"])
         for n, p in self.adapter_params:
             _assign(p, saved[f"adapter.{n}"])
@@ -1102,7 +1114,8 @@ class BridgeTrainer(GRPOTrainer):
         for key, opt in self._optimizers().items():
             _load_full_optimizer_state(opt, state[f"{key}_optimizer"])
         self.lr_scheduler.load_state_dict(state["base_scheduler"])
-        self.shadow_scheduler.load_state_dict(state["shadow_scheduler"])
+        if self.shadow_scheduler is not None:
+            self.shadow_scheduler.load_state_dict(state["shadow_scheduler"])
         self.adapter_scheduler.load_state_dict(state["adapter_scheduler"])
         self.sft_stream.load_state_dict(state["sft_stream"])
         faults = state.get("numeric_faults", {})
