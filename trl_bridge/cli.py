@@ -1,4 +1,4 @@
-"""`trl-bridge` console script: dispatches to the `train` and `eval` subcommands."""
+"""`trl-bridge` console script: dispatches to the `train`, `eval` and `compare` subcommands."""
 
 import sys
 
@@ -7,6 +7,7 @@ USAGE = """usage: trl-bridge <command> [options]
 commands:
   train   Train a model with BRIDGE (cooperative SFT + RL). `trl-bridge train --help` lists every option.
   eval    Evaluate a model on math / out-of-domain benchmarks. `trl-bridge eval --help` lists every option.
+  compare Compare BRIDGE with its baselines over seeds (results table and plots). `trl-bridge compare --help`.
 """
 
 
@@ -20,6 +21,10 @@ def main(argv=None):
         from .train_cli import main as train_main
 
         return train_main(rest)
+    if command == "compare":
+        from .compare import main as compare_main
+
+        return compare_main(rest)
     if command == "eval":
         from .evaluate import main as eval_main
 

@@ -84,7 +84,9 @@ def with_reward_noise(reward_func: Callable, flip_prob: float, seed: int = 0) ->
 
     One random draw is made per completion from a `random.Random(seed)` owned by the wrapper, so the noise is
     deterministic given the seed and the order of calls. ``None`` rewards (TRL's "not applicable") pass through
-    unchanged; non-binary rewards raise ``ValueError``. The wrapper is named ``noisy_<name>`` so TRL logs it apart.
+    unchanged; non-binary rewards raise ``ValueError``. The wrapper is named ``noisy_<name>`` so TRL logs it apart;
+    called by a TRL trainer (with its ``log_metric`` hook), it also logs the batch's mean reward before the flips as
+    ``rewards/<name>/clean_mean``.
     """
     if not callable(reward_func):
         raise TypeError(f"reward_func must be callable, got {type(reward_func).__name__}")
@@ -96,6 +98,9 @@ def with_reward_noise(reward_func: Callable, flip_prob: float, seed: int = 0) ->
     @functools.wraps(reward_func)
     def noisy_reward(*args, **kwargs):
         rewards = reward_func(*args, **kwargs)
+        clean = [r for r in rewards if r is not None]
+        if clean and callable(kwargs.get("log_metric")):  # TRL's per-batch metric hook: the reward before the flips
+            kwargs["log_metric"](f"rewards/{base_name}/clean_mean", sum(clean) / len(clean))
         noisy = []
         for reward in rewards:
             flip = rng.random() < flip_prob
