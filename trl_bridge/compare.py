@@ -494,13 +494,15 @@ def make_parser() -> argparse.ArgumentParser:
                         help=f"comma-separated, from: {','.join(METHODS)}")
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds, e.g. 0,1,2")
     parser.add_argument("--max_steps", type=int, default=None, help="optimizer steps per run (default: the config's)")
-    parser.add_argument("--reward_noise", type=float, default=0.0, help="flip each reward 1<->0 with this probability (seeded)")
+    parser.add_argument("--reward_noise", type=float, default=None,
+                        help="flip each reward 1<->0 with this probability, seeded (default: the config's, else 0)")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel, one process each")
     parser.add_argument("--in_process", action="store_true",
                         help="train in this process, one run after another (tests, debugging); peak memory is then "
                         "the process's resident memory sampled during each run")
     parser.add_argument("--cold_start_fraction", type=float, default=0.5, help="cold_start: share of the steps spent on SFT")
-    parser.add_argument("--heldout_eval_steps", type=int, default=5, help="held-out accuracy every this many steps")
+    parser.add_argument("--heldout_eval_steps", type=int, default=None,
+                        help="held-out accuracy every this many steps (default: the config's, else 5)")
     parser.add_argument("--target_accuracy", type=float, default=0.5, help="held-out accuracy for 'steps to target'")
     parser.add_argument("--smooth", type=int, default=5, help="trailing-mean window of the reward plot")
     parser.add_argument("--output_dir", default="outputs/compare")
@@ -510,6 +512,8 @@ def make_parser() -> argparse.ArgumentParser:
 def parse_args(argv):
     parser = make_parser()
     args, extra = parser.parse_known_args(argv)
+    if not os.path.isfile(args.config):
+        parser.error(f"--config: file not found: {args.config}")
     args.methods = _csv(args.methods)
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown or not args.methods:
@@ -520,6 +524,17 @@ def parse_args(argv):
         parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
     if not args.seeds or len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds must list distinct integers, got {args.seeds}")
+    try:
+        with open(args.config) as f:
+            base_yaml = yaml.safe_load(f) or {}
+    except yaml.YAMLError as err:
+        parser.error(f"--config: {args.config} is not valid YAML: {err}")
+    if not isinstance(base_yaml, dict):
+        parser.error(f"--config: {args.config} must be a YAML mapping")
+    if args.reward_noise is None:
+        args.reward_noise = float(base_yaml.get("reward_noise") or 0.0)
+    if args.heldout_eval_steps is None:
+        args.heldout_eval_steps = int(base_yaml.get("heldout_eval_steps") or 5)
     if not 0.0 <= args.reward_noise <= 1.0:
         parser.error(f"--reward_noise must lie in [0, 1], got {args.reward_noise}")
     if args.jobs < 1:
@@ -528,12 +543,6 @@ def parse_args(argv):
         parser.error(f"--cold_start_fraction must lie in (0, 1), got {args.cold_start_fraction}")
     if args.heldout_eval_steps < 1:
         parser.error(f"--heldout_eval_steps must be >= 1, got {args.heldout_eval_steps}")
-    if not os.path.isfile(args.config):
-        parser.error(f"--config: file not found: {args.config}")
-    with open(args.config) as f:
-        base_yaml = yaml.safe_load(f) or {}
-    if not isinstance(base_yaml, dict):
-        parser.error(f"--config: {args.config} must be a YAML mapping")
     for key in ("output_dir", "seed"):
         if any(a == f"--{key}" or a.startswith(f"--{key}=") for a in extra):
             parser.error(f"--{key} is set by compare for each run (use --output_dir / --seeds of compare)")
