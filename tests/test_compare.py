@@ -64,6 +64,7 @@ def test_compare_runs_every_method_and_writes_results_and_plots(tiny_model_dir, 
         assert set(runs[method]["diagnostics"]) >= {"bridge/shadow_divergence", "bridge/cooperative_gain"}
     for method in ("grpo", "sft", "naive_mixing", "alternating", "bridge_no_meta"):
         assert not logged(method, "bridge/rl_loss_shadow"), method  # no shadow pass
+        assert runs[method]["diagnostics"] == {}, method  # so no meta-term diagnostics to plot
     def argv_of(method, stage=""):
         return json.loads((out / "runs" / method / "seed3" / stage / "spec.json").read_text())
 

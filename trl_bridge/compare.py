@@ -276,8 +276,9 @@ def collect_run(run: dict) -> dict:
         reward += _reward_series(entries, offset)
         curve = _series(entries, "heldout/accuracy", offset)
         heldout += [p for p in curve if not heldout or p[0] > heldout[-1][0]]  # stage 2's step 0 = stage 1's end
-        for k in DIAGNOSTICS:
-            diag[k] += _series(entries, k, offset)
+        if any("bridge/rl_loss_shadow" in e for e in entries):  # the meta term's diagnostics mean nothing without it
+            for k in DIAGNOSTICS:
+                diag[k] += _series(entries, k, offset)
         offset += done["optimizer_steps"]
     record.update(
         done=True,
