@@ -12,9 +12,10 @@ from trl_bridge import BridgeConfig
 from trl_bridge.bridge_trainer import cooperative_gain_estimate
 from trl_bridge.data import make_arithmetic_task
 from trl_bridge.rewards import with_reward_noise
+from trl_bridge.tiny import make_tiny_tokenizer
 from trl_bridge.train_cli import main as train_main
 
-from .test_bridge_trainer import adapter_state, base_state, make_trainer, make_tiny_tokenizer, rel_err
+from .test_bridge_trainer import adapter_state, base_state, make_trainer, rel_err
 from .test_train_cli import TINY_RUN, tiny_model_dir  # noqa: F401  (fixture)
 
 
