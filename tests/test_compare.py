@@ -88,7 +88,7 @@ def test_compare_runs_every_method_and_writes_results_and_plots(tiny_model_dir, 
     table = (out / "results.md").read_text()
     for method in METHODS:
         assert f"| {method} |" in table
-    assert "p = 0.3" in table and "(n = 1)" in table
+    assert "p = 0.3" in table and "(n = 1)" in table and "Command: `trl-bridge compare --config" in table
     for name in ("reward_curves.png", "heldout_curves.png", "diagnostics.png"):
         assert (out / name).read_bytes()[:8] == PNG, name
     assert "| bridge |" in capsys.readouterr().out

@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -362,6 +363,8 @@ def _fmt(v, digits=3):
 def results_markdown(summary: dict, args, failed: dict) -> str:
     noise = f", rewards flipped with p = {args.reward_noise}" if args.reward_noise else ""
     lines = [
+        f"Command: `{args.command}`",
+        "",
         f"Config `{args.config}`, {args.max_steps} optimizer steps per run, seeds {','.join(map(str, args.seeds))}{noise}. "
         f"Held-out accuracy: greedy, after training (mean ± std over seeds); Δ vs bridge: paired by seed, mean "
         f"[95% t interval]; reward: the rollouts' {'clean ' if args.reward_noise else ''}mean reward over the last half "
@@ -556,6 +559,7 @@ def parse_args(argv):
 
 def compare(argv) -> int:
     args, extra, base_yaml = parse_args(argv)
+    args.command = shlex.join(["trl-bridge", "compare", *argv])
     runs = build_runs(args, extra, base_yaml)
     for run in runs:  # a changed spec is refused before anything trains
         for stage in run["stages"]:
