@@ -1,23 +1,180 @@
-"""`python -m trl_bridge.compare`: every variant runs on the same config and the outputs are written."""
+"""`trl-bridge compare`: every method on one tiny config, results and plots, reuse of completed runs, parallel runs,
+and the statistics in the table."""
 
 import json
 
-from trl_bridge.compare import main
+import pytest
+
+import trl_bridge.compare as compare_mod
+from trl_bridge.cli import main as cli_main
+from trl_bridge.compare import METHODS, aggregate
 
 from .test_train_cli import TINY_RUN, tiny_model_dir  # noqa: F401  (fixture)
 
+PNG = b"\x89PNG\r\n\x1a\n"
 
-def test_compare_runs_baselines_and_writes_results(tiny_model_dir, tmp_path):  # noqa: F811
+
+def _config(tmp_path, model_dir):
     config = tmp_path / "c.yaml"
-    config.write_text(f"model_name_or_path: {tiny_model_dir}\n")
+    config.write_text(f"model_name_or_path: {model_dir}\nbridge_lambda: 0.5\nbridge_lambda_end: 0.6\n"
+                      "bridge_lambda_warmup_steps: 2\nadapter_learning_rate: 1.0e-2\n")
+    return config
+
+
+def _metrics(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_compare_runs_every_method_and_writes_results_and_plots(tiny_model_dir, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "cmp"
-    run = [a for a in TINY_RUN]
-    run[run.index("--max_steps") + 1] = "2"
-    assert main(["--config", str(config), "--variants", "grpo,mix,sft_then_rl", "--max_steps", "2", "--output_dir", str(out), *run]) == 0
+    argv = ["compare", "--config", str(_config(tmp_path, tiny_model_dir)), "--methods", ",".join(METHODS),
+            "--seeds", "3", "--max_steps", "2", "--heldout_eval_steps", "1", "--reward_noise", "0.3",
+            "--target_accuracy", "0.0", "--in_process", "--output_dir", str(out), *TINY_RUN]
+    assert cli_main(argv) == 0
     results = json.loads((out / "results.json").read_text())
-    assert list(results) == ["grpo", "mix", "sft_then_rl"]
-    for r in results.values():
-        assert len(r["reward_curve"]) == 2 and r["heldout_accuracy_after"] is not None
-    assert (out / "sft_then_rl" / "rl" / "model.safetensors").is_file()  # stage 2 trained from stage 1's export
-    assert (out / "reward_curves.png").read_bytes()[:4] == b"\x89PNG"
-    assert "sft_then_rl" in (out / "results.md").read_text()
+    assert set(results["methods"]) == set(METHODS) and not results["failed"]
+    for record in results["runs"]:
+        assert record["done"] and record["seed"] == 3 and record["optimizer_steps"] == 2, record["method"]
+        assert [s for s, _ in record["reward_curve"]] == [1, 2], record["method"]
+        assert [s for s, _ in record["heldout_curve"]] == [0, 1, 2], record["method"]  # step 0, every step
+        assert record["heldout_accuracy_after"] is not None and record["peak_rss_mb"] > 0 and record["seconds"] > 0
+    runs = {r["method"]: r for r in results["runs"]}
+    summary = results["methods"]
+    assert summary["bridge"]["diff_to_reference"] is None
+    for method in set(METHODS) - {"bridge"}:
+        diff = summary[method]["diff_to_reference"]
+        assert diff["n"] == 1 and diff["mean"] == pytest.approx(
+            runs[method]["heldout_accuracy_after"] - runs["bridge"]["heldout_accuracy_after"])
+        assert summary[method]["steps_to_target"] == [0]  # target 0.0 is reached at the first evaluation
+
+    def metrics(method, stage=""):
+        return _metrics(out / "runs" / method / "seed3" / stage / "metrics.jsonl")
+
+    def logged(method, key, stage=""):
+        return [m[key] for m in metrics(method, stage) if key in m]
+
+    # each method is the configuration it claims to be
+    assert logged("grpo", "bridge/lambda") == [1.0, 1.0] and logged("sft", "bridge/lambda") == [0.0, 0.0]
+    assert logged("alternating", "bridge/lambda") == [1.0, 0.0]  # an RL step, then an SFT step
+    assert logged("bridge", "bridge/lambda") == pytest.approx([0.5, 0.55])  # the config's schedule
+    assert logged("naive_mixing", "bridge/lambda") == pytest.approx([0.5, 0.55])
+    for method in ("bridge", "bridge_truncated_is"):
+        for key in ("bridge/rl_loss_shadow", "bridge/shadow_divergence", "bridge/cooperative_gain"):
+            assert len(logged(method, key)) == 2, (method, key)
+        assert set(runs[method]["diagnostics"]) >= {"bridge/shadow_divergence", "bridge/cooperative_gain"}
+    for method in ("grpo", "sft", "naive_mixing", "alternating", "bridge_no_meta"):
+        assert not logged(method, "bridge/rl_loss_shadow"), method  # no shadow pass
+        assert runs[method]["diagnostics"] == {}, method  # so no meta-term diagnostics to plot
+    def argv_of(method, stage=""):
+        return json.loads((out / "runs" / method / "seed3" / stage / "spec.json").read_text())
+
+    def flag(argv, name):  # the last value given wins (method overrides come after the shared flags)
+        return argv[len(argv) - 1 - argv[::-1].index(name) + 1]
+
+    for method in ("grpo", "sft", "naive_mixing", "alternating"):  # no adapter (its lr 0: w stays exactly 0)
+        assert flag(argv_of(method)["argv"], "--adapter_learning_rate") == "0.0", method
+    assert "--adapter_learning_rate" not in argv_of("bridge_no_meta")["argv"]  # keeps the adapter
+    assert "bridge_lambda_end" not in argv_of("alternating")["config"]  # removed: alternation replaces the schedule
+    assert flag(argv_of("bridge_truncated_is")["argv"], "--shadow_off_policy") == "truncated_is"
+    # cold start: SFT for one step, then GRPO for one step from the SFT stage's export
+    assert logged("cold_start", "bridge/lambda", "sft") == [0.0] and logged("cold_start", "bridge/lambda", "rl") == [1.0]
+    assert flag(argv_of("cold_start", "rl")["argv"], "--model_name_or_path") == str(out / "runs" / "cold_start" / "seed3" / "sft")
+    # noisy rewards: the curves are the clean reward, logged next to the flipped one
+    bridge_metrics = [m for m in metrics("bridge") if "reward" in m]
+    clean = [m["rewards/math_correctness_reward/clean_mean"] for m in bridge_metrics]
+    assert [v for _, v in runs["bridge"]["reward_curve"]] == pytest.approx(clean)
+    assert "rewards/noisy_math_correctness_reward/mean" in bridge_metrics[0]
+    # the table and the plots
+    table = (out / "results.md").read_text()
+    for method in METHODS:
+        assert f"| {method} |" in table
+    assert "p = 0.3" in table and "(n = 1)" in table and "Command: `trl-bridge compare --config" in table
+    for name in ("reward_curves.png", "heldout_curves.png", "diagnostics.png"):
+        assert (out / name).read_bytes()[:8] == PNG, name
+    assert "| bridge |" in capsys.readouterr().out
+
+
+def test_completed_runs_are_reused_and_changed_settings_refused(tiny_model_dir, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """Two runs in parallel processes (--jobs 2); a second invocation trains nothing; changed settings are refused."""
+    out = tmp_path / "cmp"
+    argv = ["--config", str(_config(tmp_path, tiny_model_dir)), "--methods", "grpo,sft", "--seeds", "0",
+            "--max_steps", "2", "--jobs", "2", "--output_dir", str(out), *TINY_RUN]
+    assert compare_mod.main(argv) == 0
+    first = json.loads((out / "results.json").read_text())
+    assert all(r["done"] for r in first["runs"])
+    assert all(r["peak_rss_mb"] > 100 for r in first["runs"])  # each process's own peak (torch alone is > 100 MB)
+    done_before = {m: (out / "runs" / m / "seed0" / "done.json").read_text() for m in ("grpo", "sft")}
+
+    def must_not_train(*a, **k):
+        raise AssertionError("a completed run was trained again")
+
+    monkeypatch.setattr(compare_mod, "run_stage", must_not_train)
+    monkeypatch.setattr(compare_mod.subprocess, "run", must_not_train)
+    assert compare_mod.main(argv) == 0
+    assert "2 reused, 0 to train" in capsys.readouterr().out
+    second = json.loads((out / "results.json").read_text())
+    assert second["methods"] == first["methods"]
+    # changed settings: refused before anything trains, and nothing is deleted
+    assert compare_mod.main([*argv, "--learning_rate", "5e-3"]) == 2
+    assert "different settings" in capsys.readouterr().err
+    assert {m: (out / "runs" / m / "seed0" / "done.json").read_text() for m in ("grpo", "sft")} == done_before
+
+
+def test_stopped_grid_trains_only_the_missing_runs(tiny_model_dir, tmp_path, monkeypatch):  # noqa: F811
+    out = tmp_path / "cmp"
+    base = ["--config", str(_config(tmp_path, tiny_model_dir)), "--seeds", "0", "--max_steps", "2", "--in_process",
+            "--output_dir", str(out), *TINY_RUN]
+    assert compare_mod.main([*base, "--methods", "sft"]) == 0
+    trained = []
+    real = compare_mod.run_stage
+    monkeypatch.setattr(compare_mod, "run_stage", lambda stage, in_process=False: trained.append(stage["dir"]) or real(stage, in_process))
+    assert compare_mod.main([*base, "--methods", "sft,naive_mixing"]) == 0
+    assert trained == [str(out / "runs" / "naive_mixing" / "seed0")]
+    assert set(json.loads((out / "results.json").read_text())["methods"]) == {"sft", "naive_mixing"}
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--methods", "bridge,ppo"], "--methods"),
+    (["--seeds", "0,x"], "--seeds"),
+    (["--reward_noise", "1.5"], "--reward_noise"),
+    (["--jobs", "0"], "--jobs"),
+    (["--max_steps", "1"], "--max_steps"),
+    (["--seed", "4"], "--seed"),
+])
+def test_bad_arguments_are_errors_naming_the_option(tmp_path, capsys, flags, message):
+    config = tmp_path / "c.yaml"
+    config.write_text("model_name_or_path: m\nmax_steps: 5\n")
+    with pytest.raises(SystemExit) as exc:
+        compare_mod.main(["--config", str(config), "--output_dir", str(tmp_path / "o"), *flags])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_invalid_train_flag_fails_before_any_run(tmp_path, capsys, monkeypatch):
+    config = tmp_path / "c.yaml"
+    config.write_text("model_name_or_path: m\nmax_steps: 5\n")
+    monkeypatch.setattr(compare_mod, "run_stage", lambda *a, **k: pytest.fail("trained despite a bad flag"))
+    assert compare_mod.main(["--config", str(config), "--methods", "bridge", "--in_process", "--output_dir",
+                             str(tmp_path / "o"), "--bridge_lambda", "2.0"]) == 2
+    assert "bridge_lambda" in capsys.readouterr().err
+
+
+def test_aggregate_paired_difference_interval_and_steps_to_target():
+    def rec(method, seed, acc, curve):
+        return {"method": method, "seed": seed, "done": True, "heldout_accuracy_after": acc,
+                "heldout_accuracy_before": 0.1, "reward_curve": [(1, 0.0), (2, 1.0), (3, 0.5), (4, 0.5)],
+                "heldout_curve": curve, "seconds": 10.0, "optimizer_steps": 4, "peak_rss_mb": 1.0, "peak_cuda_mb": None}
+
+    records = [rec("bridge", s, a, [(0, 0.1), (2, 0.6), (4, a)]) for s, a in ((0, 0.6), (1, 0.7), (2, 0.8))]
+    records += [rec("grpo", s, a, [(0, 0.1), (2, 0.3), (4, a)]) for s, a in ((0, 0.5), (1, 0.5), (2, 0.8))]
+    s = aggregate(records, target=0.55)
+    assert s["bridge"]["heldout_accuracy_after_mean"] == pytest.approx(0.7)
+    assert s["bridge"]["heldout_accuracy_after_std"] == pytest.approx(0.1)
+    d = s["grpo"]["diff_to_reference"]  # differences -0.1, -0.2, 0.0: mean -0.1, sd 0.1, t(2) = 4.303
+    assert d["mean"] == pytest.approx(-0.1) and d["n"] == 3
+    assert d["ci95"] == pytest.approx([-0.1 - 4.303 * 0.1 / 3**0.5, -0.1 + 4.303 * 0.1 / 3**0.5])
+    assert s["bridge"]["steps_to_target"] == [2, 2, 2] and s["grpo"]["steps_to_target"] == [None, None, 4]
+    assert s["grpo"]["steps_to_target_mean"] == 4
+    assert s["bridge"]["heldout_max_drop_mean"] == pytest.approx(0.0)
+    assert s["grpo"]["heldout_max_drop_mean"] == pytest.approx(0.0)
+    assert s["bridge"]["reward_last_half_mean"] == pytest.approx(0.5) and s["bridge"]["reward_last_half_std"] == 0.0

@@ -51,6 +51,8 @@ class BridgeConfig(GRPOConfig):
         bridge_lambda_end (`float` or `None`): if set, λ moves linearly from `bridge_lambda` to this value over
             `bridge_lambda_warmup_steps` optimizer steps (the paper suggests small-to-large λ).
         bridge_lambda_warmup_steps (`int`, defaults to `0`): length of the λ schedule.
+        bridge_lambda_alternate (`bool`, defaults to `False`): λ = 1 on even optimizer steps and 0 on odd ones (an RL
+            step, then an SFT step): the paper's naive alternating baseline (Algorithm 1). For comparisons only.
         adapter_learning_rate (`float` or `None`): β, the adapter's learning rate; defaults to `learning_rate`.
         shadow_learning_rate (`float` or `None`): learning rate of θ̂; defaults to `learning_rate` (α, as in the paper).
         lora_r / lora_alpha / lora_dropout / lora_target_modules / lora_layers_to_transform: the adapter w (paper:
@@ -113,6 +115,13 @@ class BridgeConfig(GRPOConfig):
     )
     bridge_lambda_warmup_steps: int = field(
         default=0, metadata={"help": "Number of optimizer steps of the λ schedule (0: no schedule)."}
+    )
+    bridge_lambda_alternate: bool = field(
+        default=False,
+        metadata={
+            "help": "Alternate λ = 1 (an RL step) and λ = 0 (an SFT step) on successive optimizer steps, starting with "
+            "RL: the paper's naive alternating baseline (Algorithm 1). Replaces `bridge_lambda`. For comparisons only."
+        },
     )
     adapter_learning_rate: float | None = field(
         default=None,
@@ -284,6 +293,10 @@ class BridgeConfig(GRPOConfig):
         need(0.0 <= self.bridge_lambda <= 1.0, "bridge_lambda", "must lie in [0, 1]")
         need(self.bridge_lambda_end is None or 0.0 <= self.bridge_lambda_end <= 1.0, "bridge_lambda_end", "must lie in [0, 1]")
         need(self.bridge_lambda_warmup_steps >= 0, "bridge_lambda_warmup_steps", "must be >= 0")
+        need(
+            not (self.bridge_lambda_alternate and self.bridge_lambda_end is not None), "bridge_lambda_end",
+            "cannot be combined with bridge_lambda_alternate=True (λ alternates between 1 and 0); unset one of them",
+        )
         need(self.adapter_learning_rate >= 0, "adapter_learning_rate", "must be >= 0")
         need(self.shadow_learning_rate >= 0, "shadow_learning_rate", "must be >= 0")
         need(self.lora_r > 0, "lora_r", "must be a positive integer")
@@ -336,7 +349,10 @@ class BridgeConfig(GRPOConfig):
         return bridge_args
 
     def lambda_at(self, step: int) -> float:
-        """λ at optimizer step `step` (constant, or linear from `bridge_lambda` to `bridge_lambda_end`)."""
+        """λ at optimizer step `step`: constant, linear from `bridge_lambda` to `bridge_lambda_end`, or alternating
+        1 (RL) / 0 (SFT) with `bridge_lambda_alternate`."""
+        if self.bridge_lambda_alternate:
+            return 1.0 if step % 2 == 0 else 0.0
         if self.bridge_lambda_end is None or self.bridge_lambda_warmup_steps <= 0:
             return self.bridge_lambda
         frac = min(1.0, step / self.bridge_lambda_warmup_steps)

@@ -618,16 +618,15 @@ class BridgeTrainer(GRPOTrainer):
 
     @torch.no_grad()
     def _cooperative_gain(self, inputs, base_logps, shadow_logps):
-        """Estimate of J_RL(θ,w) − J_RL(θ̂,w) on the shared rollouts.
-
-        J_RL(θ,w) is the mean reward of the rollouts (sampled from π(θ+w)); J_RL(θ̂,w) is its self-normalised
-        importance-sampling estimate with sequence weights π(θ̂+w)(y)/π(θ+w)(y) from the two passes' log-probs.
-        """
-        mask = inputs["completion_mask"]
-        rewards = torch.nan_to_num(inputs["bridge_rewards"].float(), nan=0.0)
-        seq_log_ratio = ((shadow_logps - base_logps) * mask).sum(-1).clamp(-20.0, 20.0)
-        weights = torch.softmax(seq_log_ratio.float(), dim=0)
-        return rewards.mean() - (weights * rewards).sum()
+        """Estimate of J_RL(θ,w) − J_RL(θ̂,w) on the shared rollouts (`cooperative_gain_estimate`). The proposal is
+        the sampling policy: its log-probs as TRL keeps them (vLLM's `sampling_per_token_logps`, else
+        `old_per_token_logps`), else π(θ+w) from pass A (θ and w have not moved since sampling)."""
+        proposal = inputs.get("sampling_per_token_logps")
+        proposal = inputs.get("old_per_token_logps") if proposal is None else proposal
+        return cooperative_gain_estimate(
+            inputs["bridge_rewards"], inputs["completion_mask"], inputs.get("bridge_group_ids"),
+            base_logps if proposal is None else proposal, base_logps, shadow_logps,
+        )
 
     # ------------------------------------------------------------------------------------------------------------
     # §3.3 and §3.4 updates (called by BridgeCallback before the Trainer's θ step)
@@ -822,6 +821,9 @@ class BridgeTrainer(GRPOTrainer):
         weights = self.reward_weights.to(self._last_rewards_per_func.device)
         rewards = (self._last_rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
         output["bridge_rewards"] = rewards[start : start + n_local]
+        # each row's prompt group (rollouts of one prompt are consecutive in the global batch), kept through TRL's shuffle
+        rows = torch.arange(start, start + n_local, device=rewards.device)
+        output["bridge_group_ids"] = rows // self.num_generations
         # θ̂'s own log-probs at sampling time, only when GRPOTrainer keeps θ's (θ moves before these rollouts are used)
         if self.model.training and output.get("old_per_token_logps") is not None and self.args.bridge_meta_term:
             with self._timed("shadow_logps"), self._shadow_in_place(keep_grads=True):
@@ -1191,6 +1193,32 @@ class BridgeTrainer(GRPOTrainer):
 
     def _get_output_dir(self, trial):
         return self._staging_root if getattr(self, "_staging_root", None) else super()._get_output_dir(trial)
+
+
+def cooperative_gain_estimate(rewards, mask, group_ids, proposal_logps, base_logps, shadow_logps) -> torch.Tensor:
+    """Ĵ(θ,w) − Ĵ(θ̂,w): each policy's mean reward estimated by self-normalised importance sampling from rollouts
+    drawn from the proposal q, with sequence weights π(y)/q(y) (per-token log-probs summed over `mask`, log-ratios
+    clamped to ±20) normalised *within each prompt's group*: one estimate of E_{y~π(·|x)}[r] per prompt x, averaged
+    over the groups weighted by their number of rollouts. (Normalising over the whole micro-batch would also move
+    weight between prompts, i.e. change the prompt distribution.) A group with one rollout in the micro-batch
+    contributes its reward to both terms, so nothing to the gain. `group_ids` None: one group."""
+    rewards = torch.nan_to_num(rewards.float(), nan=0.0)
+    mask = mask.float()
+    if group_ids is None:
+        group_ids = torch.zeros_like(rewards, dtype=torch.long)
+    _, group = torch.unique(group_ids, return_inverse=True)
+    n_groups = int(group.max()) + 1
+    sizes = torch.bincount(group, minlength=n_groups).float()
+
+    def snis(logps):
+        log_w = ((logps.float() - proposal_logps.float()) * mask).sum(-1).clamp(-20.0, 20.0)
+        peak = torch.full((n_groups,), -torch.inf, device=log_w.device).scatter_reduce(0, group, log_w, "amax")
+        unnormalised = torch.exp(log_w - peak[group])
+        weights = unnormalised / torch.zeros(n_groups, device=log_w.device).index_add_(0, group, unnormalised)[group]
+        per_group = torch.zeros(n_groups, device=log_w.device).index_add_(0, group, weights * rewards)
+        return (per_group * sizes).sum() / sizes.sum()
+
+    return snis(base_logps) - snis(shadow_logps)
 
 
 CARD_HYPERPARAMETERS = (

@@ -1,4 +1,4 @@
-"""`trl-bridge` console script: dispatches to the `train` and `eval` subcommands."""
+"""`trl-bridge` console script: dispatches to the `train`, `eval`, `compare` and `bench` subcommands."""
 
 import sys
 
@@ -8,6 +8,7 @@ commands:
   train   Train a model with BRIDGE (cooperative SFT + RL). `trl-bridge train --help`: BRIDGE's and the common
           options; `trl-bridge train --help-all`: every option.
   eval    Evaluate a model on math / out-of-domain benchmarks. `trl-bridge eval --help` lists every option.
+  compare Compare BRIDGE with its baselines over seeds (results table and plots). `trl-bridge compare --help`.
   bench   Time and memory of BRIDGE against GRPO and naive mixing, per phase. `trl-bridge bench --help`.
 """
 
@@ -22,6 +23,10 @@ def main(argv=None):
         from .train_cli import main as train_main
 
         return train_main(rest)
+    if command == "compare":
+        from .compare import main as compare_main
+
+        return compare_main(rest)
     if command == "eval":
         from .evaluate import main as eval_main
 

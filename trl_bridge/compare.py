@@ -1,126 +1,617 @@
-"""Compare BRIDGE with its baselines on one config, same seed, same data, same budget of optimizer steps.
+"""`trl-bridge compare`: BRIDGE against its baselines on one config — same data, model, hyper-parameters and budget of
+optimizer steps — over several seeds, optionally with noisy rewards.
 
-    python -m trl_bridge.compare --config configs/quickstart.yaml --max_steps 10 --output_dir outputs/compare
+    trl-bridge compare --config configs/compare_cpu.yaml --methods bridge,grpo,sft,cold_start,naive_mixing,bridge_no_meta \\
+        --seeds 0,1,2 --output_dir outputs/compare/clean [--reward_noise 0.2] [--jobs 2] [any `trl-bridge train` flag]
 
-Variants (each is the config plus a few overrides):
-  bridge               the config as is
-  grpo                 λ = 1 (BridgeTrainer at λ = 1 is GRPO step for step)
-  sft                  λ = 0 (SFT of π(θ+w))
-  mix                  the paper's "w/o J_meta": naive (1−λ)·SFT + λ·RL mixing, no shadow
-  sft_then_rl          two-stage: SFT (λ = 0) for half the steps, then GRPO (λ = 1) from that model for the other half
-  bridge_truncated_is  BRIDGE with the shadow's truncated importance weights (`shadow_off_policy: truncated_is`)
+Every method is the config plus the overrides in `METHODS` (printed by `--help`); flags not listed below go to every
+run (`trl-bridge train --help` lists them), and a method's own overrides come after them. Each (method, seed) trains
+in its own process (`--jobs` at a time; peak memory is that process's) under `<output_dir>/runs/<method>/seed<k>/`,
+which keeps the run's exact settings (`config.yaml`, `spec.json`), its log, metrics.jsonl and merged model. A run
+whose `done.json` matches its spec is reused, so a grid that was stopped continues where it was; one whose settings
+changed is refused (use another `--output_dir`); nothing already written is deleted.
 
-Writes `results.json`, `results.md` (held-out accuracy before/after, mean reward over the last half of training, its
-step-to-step standard deviation, wall time) and `reward_curves.png` to `--output_dir`.
+Writes to `--output_dir`: `results.json` (every run and the per-method aggregates), `results.md` (table: held-out
+accuracy mean ± std over seeds, the paired difference to BRIDGE with a 95% t confidence interval, reward stability,
+steps to `--target_accuracy`, wall time, peak memory) and plots, mean over seeds with a ±1 std band:
+`reward_curves.png` (the rollouts' reward per step; the clean reward when `--reward_noise` flips them),
+`heldout_curves.png` (held-out accuracy every `--heldout_eval_steps`) and `diagnostics.png` (BRIDGE's
+`bridge/shadow_divergence`, `bridge/cooperative_to_sft_grad_ratio`, `bridge/cooperative_gain`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import shlex
 import statistics
+import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
-VARIANTS = {
-    "bridge": [],
-    "grpo": ["--bridge_lambda", "1.0", "--bridge_lambda_end", "1.0"],
-    "sft": ["--bridge_lambda", "0.0", "--bridge_lambda_end", "0.0"],
-    "mix": ["--bridge_meta_term", "false"],
-    "bridge_truncated_is": ["--shadow_off_policy", "truncated_is"],
+import yaml
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Methods: each is the config plus these `trl-bridge train` overrides ("unset" keys are removed from the config).
+# "No adapter" = adapter_learning_rate 0: LoRA B starts at zero and never moves, so the policy is exactly π(θ).
+# ----------------------------------------------------------------------------------------------------------------------
+NO_ADAPTER = {"adapter_learning_rate": 0.0, "bridge_meta_term": False}
+METHODS: dict[str, tuple[str, dict, tuple[str, ...]]] = {
+    "bridge": ("BRIDGE as configured: fused θ, RL-only shadow θ̂, adapter w on the cooperative gain", {}, ()),
+    "grpo": ("RL-zero: GRPO on θ (λ = 1, no adapter, no shadow)",
+             {"bridge_lambda": 1.0, "bridge_lambda_warmup_steps": 0, **NO_ADAPTER}, ("bridge_lambda_end",)),
+    "sft": ("SFT of θ on the expert traces (λ = 0, no adapter, no shadow)",
+            {"bridge_lambda": 0.0, "bridge_lambda_warmup_steps": 0, **NO_ADAPTER}, ("bridge_lambda_end",)),
+    "cold_start": ("two-stage: `sft` for --cold_start_fraction of the steps, then `grpo` from that model", {}, ()),
+    "naive_mixing": ("one model, one loss (1−λ)·L_SFT + λ·L_RL on θ (no adapter, no shadow), λ as configured",
+                     dict(NO_ADAPTER), ()),
+    "alternating": ("the paper's Algorithm 1 on θ: an RL step (λ = 1), then an SFT step (λ = 0), ... (no adapter)",
+                    {"bridge_lambda_alternate": True, "bridge_lambda_warmup_steps": 0, **NO_ADAPTER},
+                    ("bridge_lambda_end",)),
+    "bridge_no_meta": ("BRIDGE minus the −λ∇w L_RL(θ̂,w) term: θ and w both on the mixed loss (no shadow pass)",
+                       {"bridge_meta_term": False}, ()),
+    "bridge_truncated_is": ("BRIDGE with the shadow's truncated importance weights (shadow_off_policy: truncated_is)",
+                            {"shadow_off_policy": "truncated_is"}, ()),
 }
-TWO_STAGE = "sft_then_rl"
+DIAGNOSTICS = ("bridge/shadow_divergence", "bridge/cooperative_to_sft_grad_ratio", "bridge/cooperative_gain")
+# two-sided 95% Student t quantiles by degrees of freedom (no scipy dependency); above 30: the normal 1.96
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042}
 
 
-def _run(argv: list[str]):
+def _t975(df: int) -> float:
+    return _T975[max(k for k in _T975 if k <= df)] if df <= 30 else 1.96
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Run specifications
+# ----------------------------------------------------------------------------------------------------------------------
+def _flags(overrides: dict) -> list[str]:
+    return [x for k, v in overrides.items() for x in (f"--{k}", str(v).lower() if isinstance(v, bool) else str(v))]
+
+
+def _stage(name, run_dir, base_yaml, unset, argv_tail):
+    config = {k: v for k, v in base_yaml.items() if k not in unset}
+    return {"name": name, "dir": run_dir, "config": config, "argv": ["--config", os.path.join(run_dir, "config.yaml"), *argv_tail]}
+
+
+def build_runs(args, extra: list[str], base_yaml: dict) -> list[dict]:
+    """One entry per (method, seed): its folder and stages (cold_start has two), each an exact `trl-bridge train` argv."""
+    runs = []
+    common = {"max_steps": args.max_steps, "save_strategy": "no", "reward_noise": args.reward_noise,
+              "heldout_eval_steps": args.heldout_eval_steps}
+    if "logging_steps" not in base_yaml:  # one log entry per step: the curves are read from them (GRPOConfig logs every 10)
+        common["logging_steps"] = 1
+    for method in args.methods:
+        for seed in args.seeds:
+            run_dir = os.path.join(args.output_dir, "runs", method, f"seed{seed}")
+            tail = [*extra]
+            if method == "cold_start":
+                n_sft = max(1, min(args.max_steps - 1, round(args.cold_start_fraction * args.max_steps)))
+                _, sft, sft_unset = METHODS["sft"]
+                _, grpo, grpo_unset = METHODS["grpo"]
+                stage1_dir = os.path.join(run_dir, "sft")
+                stages = [
+                    _stage("sft", stage1_dir, base_yaml, sft_unset,
+                           [*tail, *_flags({**common, **sft, "max_steps": n_sft, "seed": seed, "output_dir": stage1_dir})]),
+                    _stage("grpo", os.path.join(run_dir, "rl"), base_yaml, grpo_unset,
+                           [*tail, *_flags({**common, **grpo, "max_steps": args.max_steps - n_sft, "seed": seed,
+                                             "output_dir": os.path.join(run_dir, "rl"), "model_name_or_path": stage1_dir,
+                                             "eval_before": False})]),
+                ]
+            else:
+                _, overrides, unset = METHODS[method]
+                stages = [_stage(method, run_dir, base_yaml, unset,
+                                 [*tail, *_flags({**common, **overrides, "seed": seed, "output_dir": run_dir})])]
+            runs.append({"method": method, "seed": seed, "dir": run_dir, "stages": stages})
+    return runs
+
+
+def _spec(stage) -> dict:
+    return {"config": stage["config"], "argv": stage["argv"]}
+
+
+def _done(stage) -> dict | None:
+    """The stage's done.json when it exists and was produced by exactly this spec; raises when the spec changed."""
+    path = os.path.join(stage["dir"], "done.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        done = json.load(f)
+    if done.get("spec") != _spec(stage):
+        raise ValueError(
+            f"{stage['dir']} holds a completed run with different settings (its done.json spec differs from this "
+            "invocation's config, method overrides or flags). Use another --output_dir to compare new settings; "
+            "nothing was deleted."
+        )
+    return done
+
+
+def _check_settings(runs) -> None:
+    """Parse every stage's settings (config + flags) before any training, so a bad value fails first, naming the field."""
+    from .train_cli import make_parser
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for run in runs:
+            for stage in run["stages"]:
+                path = os.path.join(tmp, "config.yaml")
+                with open(path, "w") as f:
+                    yaml.safe_dump(stage["config"], f)
+                try:
+                    make_parser().parse_args_and_config(["--config", path, *stage["argv"][2:]])
+                except SystemExit as err:  # argparse already printed the message naming the flag
+                    raise ValueError(f"invalid settings for {run['method']} (seed {run['seed']}); see above") from err
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Executing runs: a subprocess per (method, seed) (`python -m trl_bridge.compare _run <spec>`), or in this process
+# ----------------------------------------------------------------------------------------------------------------------
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: kilobytes
+
+
+class _RssSampler:
+    """Peak resident memory of this process while a run is in flight (for in-process runs, which share the process)."""
+
+    def __init__(self):
+        import psutil
+
+        self.process, self.peak, self._stop = psutil.Process(), 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            self._stop.wait(0.05)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def run_stage(stage: dict, in_process: bool = False) -> dict:
+    """Train one stage (its settings are written to its folder first) and write its done.json."""
+    import torch
+
     from .train_cli import make_parser, run
 
-    script_args, training_args, model_args = make_parser().parse_args_and_config(argv)
+    os.makedirs(stage["dir"], exist_ok=True)
+    with open(os.path.join(stage["dir"], "config.yaml"), "w") as f:
+        yaml.safe_dump(stage["config"], f)
+    with open(os.path.join(stage["dir"], "spec.json"), "w") as f:
+        json.dump(_spec(stage), f, indent=2)
+    script_args, training_args, model_args = make_parser().parse_args_and_config(stage["argv"])
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    heldout = run(script_args, training_args, model_args)
-    rewards = [h["reward"] for h in _reward_history(training_args.output_dir)]
-    return heldout, rewards, time.perf_counter() - start
+    with _RssSampler() as sampler:
+        heldout = run(script_args, training_args, model_args)
+    seconds = time.perf_counter() - start
+    done = {
+        "spec": _spec(stage),
+        "heldout": heldout,
+        "seconds": seconds,
+        "optimizer_steps": training_args.max_steps,
+        "peak_rss_mb": sampler.peak / 2**20 if in_process else max(_peak_rss_mb(), sampler.peak / 2**20),
+        "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+    }
+    with open(os.path.join(stage["dir"], "done.json"), "w") as f:
+        json.dump(done, f, indent=2)
+    return done
 
 
-def _reward_history(output_dir: str) -> list[dict]:
+def _execute(run: dict, in_process: bool) -> str | None:
+    """Run the stages of one (method, seed) that are not done yet; returns an error message or None."""
+    todo = [s for s in run["stages"] if _done(s) is None]
+    if not todo:
+        return None
+    if in_process:
+        try:
+            for stage in todo:
+                run_stage(stage, in_process=True)
+        except Exception as err:  # noqa: BLE001 - reported per run; the grid goes on
+            return f"{type(err).__name__}: {err}"
+        return None
+    os.makedirs(run["dir"], exist_ok=True)
+    spec_path = os.path.join(run["dir"], "stages.json")
+    with open(spec_path, "w") as f:
+        json.dump(todo, f)
+    log_path = os.path.join(run["dir"], "train.log")
+    env = {**os.environ}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                      env.get("PYTHONPATH")]))
+    with open(log_path, "a") as log:
+        proc = subprocess.run([sys.executable, "-m", "trl_bridge.compare", "_run", spec_path], stdout=log,
+                              stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0:
+        return f"exit code {proc.returncode}; see {log_path}"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Results: per-run records, per-method aggregates, results.md / results.json, plots
+# ----------------------------------------------------------------------------------------------------------------------
+def _series(entries, key, offset=0) -> list[tuple[int, float]]:
+    out = []
+    for e in entries:
+        v = e.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and "step" in e:
+            out.append((int(e["step"]) + offset, float(v)))
+    return out
+
+
+def _reward_series(entries, offset=0) -> list[tuple[int, float]]:
+    """The clean reward per step: the mean of `rewards/<f>/clean_mean` when rewards were flipped, else `reward`."""
+    clean_keys = sorted({k for e in entries for k in e if k.startswith("rewards/") and k.endswith("/clean_mean")})
+    if not clean_keys:
+        return _series(entries, "reward", offset)
+    steps: dict[int, list[float]] = {}
+    for key in clean_keys:
+        for s, v in _series(entries, key, offset):
+            steps.setdefault(s, []).append(v)
+    return sorted((s, statistics.fmean(v)) for s, v in steps.items())
+
+
+def collect_run(run: dict) -> dict:
+    """One (method, seed)'s record from its stages' done.json and metrics.jsonl (None fields when not done)."""
     from .reporting import read_metrics_jsonl
 
-    return [h for h in read_metrics_jsonl(os.path.join(output_dir, "metrics.jsonl")) if "reward" in h]
+    record = {"method": run["method"], "seed": run["seed"], "dir": run["dir"], "done": False}
+    dones = [_done(s) for s in run["stages"]]
+    if any(d is None for d in dones):
+        return record
+    reward, heldout, diag, offset = [], [], {k: [] for k in DIAGNOSTICS}, 0
+    for stage, done in zip(run["stages"], dones):
+        entries = read_metrics_jsonl(os.path.join(stage["dir"], "metrics.jsonl"))
+        reward += _reward_series(entries, offset)
+        curve = _series(entries, "heldout/accuracy", offset)
+        heldout += [p for p in curve if not heldout or p[0] > heldout[-1][0]]  # stage 2's step 0 = stage 1's end
+        if any("bridge/rl_loss_shadow" in e for e in entries):  # the meta term's diagnostics mean nothing without it
+            for k in DIAGNOSTICS:
+                diag[k] += _series(entries, k, offset)
+        offset += done["optimizer_steps"]
+    record.update(
+        done=True,
+        heldout_accuracy_before=dones[0]["heldout"].get("heldout_accuracy_before"),
+        heldout_accuracy_after=dones[-1]["heldout"].get("heldout_accuracy_after"),
+        optimizer_steps=offset,
+        seconds=sum(d["seconds"] for d in dones),
+        peak_rss_mb=max(d["peak_rss_mb"] for d in dones),
+        peak_cuda_mb=None if dones[0]["peak_cuda_mb"] is None else max(d["peak_cuda_mb"] for d in dones),
+        reward_curve=reward,
+        heldout_curve=heldout,
+        diagnostics={k: v for k, v in diag.items() if v},
+    )
+    return record
 
 
-def compare(config: str, variants: list[str], max_steps: int, output_dir: str, extra: list[str]) -> dict:
-    results = {}
-    # one log entry per step: the reward curve is read from it (GRPOConfig's default logs every 10 steps)
-    common = ["--config", config, "--max_steps", str(max_steps), "--save_strategy", "no", "--logging_steps", "1", *extra]
-    for name in variants:
-        out = os.path.join(output_dir, name)
-        if name == TWO_STAGE:
-            half = max(1, max_steps // 2)
-            stage1 = os.path.join(out, "sft")
-            h1, r1, t1 = _run([*common, *VARIANTS["sft"], "--max_steps", str(half), "--output_dir", stage1])
-            h2, r2, t2 = _run([*common, *VARIANTS["grpo"], "--max_steps", str(max_steps - half), "--output_dir",
-                               os.path.join(out, "rl"), "--model_name_or_path", stage1, "--eval_before", "false"])
-            heldout = {"heldout_accuracy_before": h1.get("heldout_accuracy_before"),
-                       "heldout_accuracy_after": h2.get("heldout_accuracy_after")}
-            rewards, seconds = r1 + r2, t1 + t2
-        elif name in VARIANTS:
-            heldout, rewards, seconds = _run([*common, *VARIANTS[name], "--output_dir", out])
-        else:
-            raise ValueError(f"unknown variant {name!r}; choose from {sorted([*VARIANTS, TWO_STAGE])}")
-        last_half = rewards[len(rewards) // 2 :] or rewards
-        results[name] = {
-            **heldout,
-            "reward_curve": rewards,
-            "reward_last_half_mean": statistics.fmean(last_half) if last_half else None,
-            "reward_last_half_std": statistics.pstdev(last_half) if len(last_half) > 1 else 0.0,
-            "seconds": seconds,
+def _mean_std(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _steps_to_target(curve, target):
+    return next((s for s, v in curve if v >= target), None)
+
+
+def _max_drop(curve):
+    """Largest fall of the held-out curve below its best value so far (0: it never went down)."""
+    best, drop = -math.inf, 0.0
+    for _, v in curve:
+        best = max(best, v)
+        drop = max(drop, best - v)
+    return drop
+
+
+def aggregate(records: list[dict], target: float, reference: str = "bridge") -> dict:
+    """Per-method summaries over seeds; the difference to `reference` is paired by seed."""
+    by_method: dict[str, list[dict]] = {}
+    for r in records:
+        if r["done"]:
+            by_method.setdefault(r["method"], []).append(r)
+    ref = {r["seed"]: r["heldout_accuracy_after"] for r in by_method.get(reference, [])}
+    summary = {}
+    for method, runs in by_method.items():
+        acc_mean, acc_std = _mean_std([r["heldout_accuracy_after"] for r in runs])
+        before_mean, _ = _mean_std([r["heldout_accuracy_before"] for r in runs])
+        diffs = [r["heldout_accuracy_after"] - ref[r["seed"]] for r in runs
+                 if r["seed"] in ref and r["heldout_accuracy_after"] is not None and ref[r["seed"]] is not None]
+        diff = None
+        if diffs and method != reference:
+            mean = statistics.fmean(diffs)
+            half = _t975(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
+            diff = {"mean": mean, "ci95": None if half is None else [mean - half, mean + half], "n": len(diffs)}
+        last_half = [[v for _, v in r["reward_curve"][len(r["reward_curve"]) // 2:]] for r in runs]
+        reached = [_steps_to_target(r["heldout_curve"], target) for r in runs]
+        summary[method] = {
+            "seeds": [r["seed"] for r in runs],
+            "heldout_accuracy_before_mean": before_mean,
+            "heldout_accuracy_after_mean": acc_mean,
+            "heldout_accuracy_after_std": acc_std,
+            "diff_to_reference": diff,
+            "reward_last_half_mean": _mean_std([statistics.fmean(v) for v in last_half if v])[0],
+            # stability: the step-to-step spread of the reward over the last half of training, averaged over seeds
+            "reward_last_half_std": _mean_std([statistics.pstdev(v) for v in last_half if len(v) > 1])[0],
+            "heldout_max_drop_mean": _mean_std([_max_drop(r["heldout_curve"]) for r in runs if r["heldout_curve"]])[0],
+            "steps_to_target": reached,
+            "steps_to_target_mean": _mean_std([s for s in reached if s is not None])[0],
+            "seconds_mean": _mean_std([r["seconds"] for r in runs])[0],
+            "optimizer_steps": runs[0]["optimizer_steps"],
+            "peak_rss_mb_max": max(r["peak_rss_mb"] for r in runs),
+            "peak_cuda_mb_max": max((r["peak_cuda_mb"] for r in runs if r["peak_cuda_mb"] is not None), default=None),
         }
-        _write(results, output_dir)
-    return results
+    return summary
 
 
-def _write(results: dict, output_dir: str) -> None:
-    import matplotlib
+def _fmt(v, digits=3):
+    return "–" if v is None else f"{v:.{digits}f}"
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    lines = ["| variant | held-out acc. before | after | reward (last half, mean ± std) | wall time (s) |", "|---|---|---|---|---|"]
-    for name, r in results.items():
-        fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
-        lines.append(f"| {name} | {fmt(r.get('heldout_accuracy_before'))} | {fmt(r.get('heldout_accuracy_after'))} | "
-                     f"{fmt(r['reward_last_half_mean'])} ± {fmt(r['reward_last_half_std'])} | {r['seconds']:.0f} |")
-    with open(os.path.join(output_dir, "results.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, r in results.items():
-        ax.plot(range(1, len(r["reward_curve"]) + 1), r["reward_curve"], marker="o", label=name)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("mean reward of the step's rollouts")
-    ax.set_title("BRIDGE vs baselines")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(output_dir, "reward_curves.png"), dpi=100)
-    plt.close(fig)
+def results_markdown(summary: dict, args, failed: dict) -> str:
+    noise = f", rewards flipped with p = {args.reward_noise}" if args.reward_noise else ""
+    lines = [
+        f"Command: `{args.command}`",
+        "",
+        f"Config `{args.config}`, {args.max_steps} optimizer steps per run, seeds {','.join(map(str, args.seeds))}{noise}. "
+        f"Held-out accuracy: greedy, after training (mean ± std over seeds); Δ vs bridge: paired by seed, mean "
+        f"[95% t interval]; reward: the rollouts' {'clean ' if args.reward_noise else ''}mean reward over the last half "
+        f"of training, mean ± its step-to-step std (stability); max drop: the held-out curve's largest fall below "
+        f"its best so far; steps to {args.target_accuracy}: first held-out evaluation at or above it "
+        f"(mean over the seeds that reached it, reached/total).",
+        "",
+        "| method | held-out acc. before | after | Δ vs bridge [95% CI] | reward (last half) | max drop | "
+        f"steps to {args.target_accuracy} | wall time (s) | peak mem (MB) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method in [m for m in args.methods if m in summary]:
+        s = summary[method]
+        d = s["diff_to_reference"]
+        if d is None:
+            delta = "–"
+        elif d["ci95"] is None:
+            delta = f"{d['mean']:+.3f} (n = 1)"
+        else:
+            delta = f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+        reached = [x for x in s["steps_to_target"] if x is not None]
+        mem = s["peak_rss_mb_max"] if s["peak_cuda_mb_max"] is None else s["peak_cuda_mb_max"]
+        lines.append(
+            f"| {method} | {_fmt(s['heldout_accuracy_before_mean'])} | {_fmt(s['heldout_accuracy_after_mean'])} ± "
+            f"{_fmt(s['heldout_accuracy_after_std'])} | {delta} | {_fmt(s['reward_last_half_mean'])} ± "
+            f"{_fmt(s['reward_last_half_std'])} | {_fmt(s['heldout_max_drop_mean'])} | "
+            f"{_fmt(s['steps_to_target_mean'], 1)} ({len(reached)}/{len(s['steps_to_target'])}) | "
+            f"{_fmt(s['seconds_mean'], 0)} | {_fmt(mem, 0)}{'' if s['peak_cuda_mb_max'] is None else ' (GPU)'} |"
+        )
+    pending = [m for m in args.methods if m not in summary]
+    if pending:
+        lines += ["", f"Not completed yet: {', '.join(pending)}."]
+    for name, why in failed.items():
+        lines.append(f"- failed: {name}: {why}")
+    return "\n".join(lines) + "\n"
+
+
+def _band(curves, smooth: int):
+    """(steps, mean, std) over seeds of per-seed curves [(step, value)], each smoothed by a trailing mean."""
+    import numpy as np
+
+    per_seed = []
+    for curve in curves:
+        steps = [s for s, _ in curve]
+        values = np.array([v for _, v in curve], dtype=float)
+        if smooth > 1 and len(values):
+            values = np.array([values[max(0, i - smooth + 1): i + 1].mean() for i in range(len(values))])
+        per_seed.append(dict(zip(steps, values)))
+    steps = sorted(set.intersection(*(set(d) for d in per_seed))) if per_seed else []
+    stacked = np.array([[d[s] for s in steps] for d in per_seed])
+    return steps, stacked.mean(0) if len(steps) else [], stacked.std(0) if len(steps) else []
+
+
+def plot_results(records: list[dict], methods: list[str], output_dir: str, smooth: int, title: str) -> list[str]:
+    from matplotlib.figure import Figure
+
+    done = [r for r in records if r["done"]]
+    written = []
+
+    def panel(ax, key_fn, ylabel, smooth_n, only=None):
+        plotted = False
+        for method in methods:
+            curves = [key_fn(r) for r in done if r["method"] == method]
+            curves = [c for c in curves if c]
+            if not curves or (only and method not in only):
+                continue
+            steps, mean, std = _band(curves, smooth_n)
+            if not len(steps):
+                continue
+            line, = ax.plot(steps, mean, label=f"{method} (n={len(curves)})", linewidth=1.5)
+            ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+            plotted = True
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if plotted:
+            ax.legend(fontsize="small")
+        else:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="gray")
+        return plotted
+
+    for name, key_fn, ylabel, smooth_n in (
+        ("reward_curves.png", lambda r: r["reward_curve"], f"rollout reward (trailing mean of {smooth} steps)", smooth),
+        ("heldout_curves.png", lambda r: r["heldout_curve"], "held-out accuracy (greedy)", 1),
+    ):
+        fig = Figure(figsize=(8, 4.5), layout="constrained")
+        ax = fig.subplots()
+        panel(ax, key_fn, ylabel, smooth_n)
+        ax.set_title(f"{title}: mean over seeds ± 1 std")
+        fig.savefig(os.path.join(output_dir, name), dpi=110)
+        written.append(name)
+    fig = Figure(figsize=(14, 4), layout="constrained")
+    for ax, key in zip(fig.subplots(1, 3), DIAGNOSTICS):
+        panel(ax, lambda r, k=key: r["diagnostics"].get(k, []), key, 1)
+        ax.set_title(key)
+    fig.suptitle(f"{title}: BRIDGE mechanism diagnostics (mean over seeds ± 1 std)")
+    fig.savefig(os.path.join(output_dir, "diagnostics.png"), dpi=110)
+    written.append("diagnostics.png")
+    return written
+
+
+def write_results(args, runs: list[dict], failed: dict) -> dict:
+    records = [collect_run(r) for r in runs]
+    summary = aggregate(records, args.target_accuracy)
+    os.makedirs(args.output_dir, exist_ok=True)
+    settings = {k: v for k, v in vars(args).items()}
+    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+        json.dump({"settings": settings, "methods": summary, "runs": records, "failed": failed}, f, indent=2)
+    with open(os.path.join(args.output_dir, "results.md"), "w") as f:
+        f.write(results_markdown(summary, args, failed))
+    title = f"{os.path.basename(args.config)}" + (f", reward noise {args.reward_noise}" if args.reward_noise else "")
+    plot_results(records, args.methods, args.output_dir, args.smooth, title)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------------
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def make_parser() -> argparse.ArgumentParser:
+    methods = "\n".join(f"  {name:<20} {desc}" for name, (desc, _, _) in METHODS.items())
+    parser = argparse.ArgumentParser(
+        prog="trl-bridge compare", formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
+        description=__doc__, epilog=f"methods:\n{methods}",
+    )
+    parser.add_argument("--config", required=True, help="`trl-bridge train` YAML shared by every method")
+    parser.add_argument("--methods", default="bridge,grpo,sft,cold_start,naive_mixing,bridge_no_meta",
+                        help=f"comma-separated, from: {','.join(METHODS)}")
+    parser.add_argument("--seeds", default="0", help="comma-separated training seeds, e.g. 0,1,2")
+    parser.add_argument("--max_steps", type=int, default=None, help="optimizer steps per run (default: the config's)")
+    parser.add_argument("--reward_noise", type=float, default=None,
+                        help="flip each reward 1<->0 with this probability, seeded (default: the config's, else 0)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel, one process each")
+    parser.add_argument("--in_process", action="store_true",
+                        help="train in this process, one run after another (tests, debugging); peak memory is then "
+                        "the process's resident memory sampled during each run")
+    parser.add_argument("--cold_start_fraction", type=float, default=0.5, help="cold_start: share of the steps spent on SFT")
+    parser.add_argument("--heldout_eval_steps", type=int, default=None,
+                        help="held-out accuracy every this many steps (default: the config's, else 5)")
+    parser.add_argument("--target_accuracy", type=float, default=0.5, help="held-out accuracy for 'steps to target'")
+    parser.add_argument("--smooth", type=int, default=5, help="trailing-mean window of the reward plot")
+    parser.add_argument("--output_dir", default="outputs/compare")
+    return parser
+
+
+def parse_args(argv):
+    parser = make_parser()
+    args, extra = parser.parse_known_args(argv)
+    if not os.path.isfile(args.config):
+        parser.error(f"--config: file not found: {args.config}")
+    args.methods = _csv(args.methods)
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown or not args.methods:
+        parser.error(f"--methods: unknown {unknown or 'none given'}; choose from {','.join(METHODS)}")
+    try:
+        args.seeds = [int(s) for s in _csv(args.seeds)]
+    except ValueError:
+        parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+    if not args.seeds or len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds must list distinct integers, got {args.seeds}")
+    try:
+        with open(args.config) as f:
+            base_yaml = yaml.safe_load(f) or {}
+    except yaml.YAMLError as err:
+        parser.error(f"--config: {args.config} is not valid YAML: {err}")
+    if not isinstance(base_yaml, dict):
+        parser.error(f"--config: {args.config} must be a YAML mapping")
+    if args.reward_noise is None:
+        args.reward_noise = float(base_yaml.get("reward_noise") or 0.0)
+    if args.heldout_eval_steps is None:
+        args.heldout_eval_steps = int(base_yaml.get("heldout_eval_steps") or 5)
+    if not 0.0 <= args.reward_noise <= 1.0:
+        parser.error(f"--reward_noise must lie in [0, 1], got {args.reward_noise}")
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    if not 0.0 < args.cold_start_fraction < 1.0:
+        parser.error(f"--cold_start_fraction must lie in (0, 1), got {args.cold_start_fraction}")
+    if args.heldout_eval_steps < 1:
+        parser.error(f"--heldout_eval_steps must be >= 1, got {args.heldout_eval_steps}")
+    for key in ("output_dir", "seed"):
+        if any(a == f"--{key}" or a.startswith(f"--{key}=") for a in extra):
+            parser.error(f"--{key} is set by compare for each run (use --output_dir / --seeds of compare)")
+    if args.max_steps is None:
+        args.max_steps = int(base_yaml.get("max_steps", 0))
+    if args.max_steps < 2:
+        parser.error(f"--max_steps must be >= 2 (the config's max_steps or --max_steps), got {args.max_steps}")
+    return args, extra, base_yaml
+
+
+def compare(argv) -> int:
+    args, extra, base_yaml = parse_args(argv)
+    args.command = shlex.join(["trl-bridge", "compare", *argv])
+    runs = build_runs(args, extra, base_yaml)
+    for run in runs:  # a changed spec is refused before anything trains
+        for stage in run["stages"]:
+            _done(stage)
+    _check_settings(runs)
+    todo = [r for r in runs if any(_done(s) is None for s in r["stages"])]
+    print(f"[trl-bridge compare] {len(runs)} runs, {len(runs) - len(todo)} reused, {len(todo)} to train "
+          f"({args.jobs} at a time) under {args.output_dir}/runs", flush=True)
+    failed: dict[str, str] = {}
+    lock = threading.Lock()
+
+    def job(run):
+        name = f"{run['method']}/seed{run['seed']}"
+        start = time.perf_counter()
+        error = _execute(run, args.in_process)
+        with lock:
+            if error:
+                failed[name] = error
+            print(f"[trl-bridge compare] {name}: {'FAILED: ' + error if error else 'done'} "
+                  f"({time.perf_counter() - start:.0f}s)", flush=True)
+            write_results(args, runs, failed)  # partial results survive an interruption
+
+    if args.in_process:
+        for run in todo:
+            job(run)
+    else:
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            list(pool.map(job, todo))
+    write_results(args, runs, failed)
+    print(open(os.path.join(args.output_dir, "results.md")).read())
+    return 1 if failed else 0
+
+
+def _worker(spec_path: str) -> int:
+    with open(spec_path) as f:
+        stages = json.load(f)
+    for stage in stages:
+        run_stage(stage)
+    return 0
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trl_bridge.compare", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="trl-bridge train YAML config shared by every variant")
-    parser.add_argument("--variants", default="bridge,grpo,mix,sft_then_rl,bridge_truncated_is",
-                        help="comma-separated variants (see above)")
-    parser.add_argument("--max_steps", type=int, default=10, help="optimizer steps per variant")
-    parser.add_argument("--output_dir", default="outputs/compare")
-    args, extra = parser.parse_known_args(argv)
-    results = compare(args.config, [v.strip() for v in args.variants.split(",") if v.strip()], args.max_steps,
-                      args.output_dir, extra)
-    print(open(os.path.join(args.output_dir, "results.md")).read())
-    return 0 if results else 1
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["_run"]:
+        return _worker(argv[1])
+    try:
+        return compare(argv)
+    except ValueError as err:
+        print(f"trl-bridge compare: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -166,6 +166,7 @@ def make_arithmetic_task(
     seed: int = 0,
     prompt_style: str = "chat",
     instruction: str | None = REASONING_INSTRUCTION,
+    num_validation: int = 0,
 ) -> DatasetDict:
     """Seeded multi-step arithmetic word problems with verifiable integer answers.
 
@@ -180,10 +181,13 @@ def make_arithmetic_task(
     Returns a `DatasetDict` with ``"rl"`` (train prompts + gold ``answer``), ``"sft"`` (the same train prompts with
     the step-by-step trace as ``completion``, row-aligned with ``"rl"``) and ``"test"`` (held-out prompts + gold
     ``answer``). Each problem's arithmetic (start value and steps) is unique, so no test problem repeats a train one.
+    With `num_validation` > 0 there is also ``"validation"`` (prompts + gold ``answer``, for choosing
+    hyper-parameters without touching ``"test"``), drawn after train and test, so they are unchanged by it.
     """
     _check_prompt_style(prompt_style)
-    for name, value in (("num_train", num_train), ("num_test", num_test), ("max_operand", max_operand)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name != "num_test" else 0):
+    counts = (("num_train", num_train), ("num_test", num_test), ("num_validation", num_validation), ("max_operand", max_operand))
+    for name, value in counts:
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name in ("num_test", "num_validation") else 1):
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if isinstance(num_steps, int):
         num_steps = (num_steps, num_steps)
@@ -200,7 +204,7 @@ def make_arithmetic_task(
         raise ValueError(f"max_multiplier must be >= 2 when '*' is used, got {max_multiplier}")
 
     rng = random.Random(seed)
-    wanted = num_train + num_test
+    wanted = num_train + num_test + num_validation
     seen: set = set()
     questions, traces, answers = [], [], []
     for _ in range(50 * wanted + 1000):
@@ -217,12 +221,16 @@ def make_arithmetic_task(
     if len(questions) < wanted:
         raise ValueError(
             f"cannot generate {wanted} distinct problems with num_steps={num_steps}, max_operand={max_operand}, "
-            f"operations={operations}; lower num_train/num_test or widen the knobs"
+            f"operations={operations}; lower num_train/num_test/num_validation or widen the knobs"
         )
 
     train = _rl_and_sft(questions[:num_train], answers[:num_train], traces[:num_train], prompt_style, instruction)
-    test = _rl_and_sft(questions[num_train:], answers[num_train:], None, prompt_style, instruction)
-    return DatasetDict({"rl": train["rl"], "sft": train["sft"], "test": test["rl"]})
+    end = num_train + num_test
+    test = _rl_and_sft(questions[num_train:end], answers[num_train:end], None, prompt_style, instruction)
+    parts = {"rl": train["rl"], "sft": train["sft"], "test": test["rl"]}
+    if num_validation:
+        parts["validation"] = _rl_and_sft(questions[end:], answers[end:], None, prompt_style, instruction)["rl"]
+    return DatasetDict(parts)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -502,11 +510,13 @@ def _load_builtin(name, split, kind, prompt_style, limit, instruction, **task_kw
     style = prompt_style or "chat"
     if name == "arithmetic":
         task = make_arithmetic_task(prompt_style=style, instruction=instruction, **task_kwargs)
-        if split not in ("train", "test"):
-            raise ValueError(f"builtin:arithmetic has splits 'train' and 'test', got {split!r}")
-        if split == "test" and kind == "sft":
+        if split not in ("train", "test", "validation"):
+            raise ValueError(f"builtin:arithmetic has splits 'train', 'test' and 'validation', got {split!r}")
+        if split != "train" and kind == "sft":
             raise ValueError("builtin:arithmetic has SFT traces only for split 'train'")
-        return _limit(task["test"] if split == "test" else task[kind], limit)
+        if split == "validation" and "validation" not in task:
+            raise ValueError("builtin:arithmetic has a 'validation' split only with num_validation > 0 (task_num_validation)")
+        return _limit(task[split] if split != "train" else task[kind], limit)
     unexpected = sorted(set(task_kwargs) - {"path"})
     if unexpected:
         raise ValueError(f"builtin:{name} does not take {unexpected}")

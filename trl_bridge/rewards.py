@@ -86,7 +86,9 @@ def with_reward_noise(reward_func: Callable, flip_prob: float, seed: int = 0) ->
     deterministic given the seed and the order of calls. Inside a Trainer (TRL passes `trainer_state`) the stream is
     instead keyed by (seed, global step, call number at that step), so that a run resumed from a checkpoint flips the
     same rewards as the uninterrupted run. ``None`` rewards (TRL's "not applicable") pass through
-    unchanged; non-binary rewards raise ``ValueError``. The wrapper is named ``noisy_<name>`` so TRL logs it apart.
+    unchanged; non-binary rewards raise ``ValueError``. The wrapper is named ``noisy_<name>`` so TRL logs it apart;
+    called by a TRL trainer (with its ``log_metric`` hook), it also logs the batch's mean reward before the flips as
+    ``rewards/<name>/clean_mean``.
     """
     if not callable(reward_func):
         raise TypeError(f"reward_func must be callable, got {type(reward_func).__name__}")
@@ -104,6 +106,9 @@ def with_reward_noise(reward_func: Callable, flip_prob: float, seed: int = 0) ->
             step = state.global_step
             calls_at_step[step] = calls_at_step.get(step, -1) + 1
             draw = random.Random(f"{seed}:{step}:{calls_at_step[step]}").random
+        clean = [r for r in rewards if r is not None]
+        if clean and callable(kwargs.get("log_metric")):  # TRL's per-batch metric hook: the reward before the flips
+            kwargs["log_metric"](f"rewards/{base_name}/clean_mean", sum(clean) / len(clean))
         noisy = []
         for reward in rewards:
             flip = draw() < flip_prob

@@ -32,6 +32,7 @@ import warnings
 from dataclasses import dataclass, field
 
 import yaml
+from transformers import TrainerCallback
 from trl import ModelConfig, TrlParser
 
 from .bridge_config import BridgeConfig
@@ -87,6 +88,14 @@ class BridgeScriptArguments:
     )
     task_num_train: int = field(default=1000, metadata={"help": "builtin:arithmetic: number of training problems."})
     task_num_test: int = field(default=100, metadata={"help": "builtin:arithmetic: number of held-out problems."})
+    task_num_validation: int = field(
+        default=0,
+        metadata={"help": "builtin:arithmetic: number of validation problems (split 'validation', disjoint from train "
+                  "and test; for tuning: set dataset_test_split: validation)."},
+    )
+    task_seed: int | None = field(
+        default=None, metadata={"help": "builtin:arithmetic: seed of the generated problems (None: the training seed)."}
+    )
     task_min_steps: int = field(default=1, metadata={"help": "builtin:arithmetic: fewest operations per problem."})
     task_max_steps: int = field(default=2, metadata={"help": "builtin:arithmetic: most operations per problem."})
     task_max_operand: int = field(default=10, metadata={"help": "builtin:arithmetic: largest number in a problem."})
@@ -99,6 +108,16 @@ class BridgeScriptArguments:
     eval_before: bool = field(default=True, metadata={"help": "Also grade the held-out split before training."})
     eval_max_new_tokens: int = field(default=128, metadata={"help": "Generation budget of the held-out evaluation."})
     eval_batch_size: int = field(default=16, metadata={"help": "Batch size of the held-out evaluation."})
+    heldout_eval_steps: int = field(
+        default=0,
+        metadata={"help": "Also grade the held-out split during training every this many optimizer steps (and at step "
+                  "0 and the last step), logged as heldout/accuracy; 0 disables."},
+    )
+    heldout_eval_subset: int | None = field(
+        default=None,
+        metadata={"help": "Problems graded at each `heldout_eval_steps` evaluation: the first N of the held-out split "
+                  "(a cheap subset; None: all `eval_samples`)."},
+    )
     benchmark_eval: str | None = field(
         default=None,
         metadata={"help": "Comma-separated benchmarks (e.g. 'math500,gsm8k') evaluated during training on a subset, "
@@ -125,7 +144,8 @@ def _dataset_kwargs(script_args, spec: str, seed: int) -> dict:
         num_steps=(script_args.task_min_steps, script_args.task_max_steps),
         max_operand=script_args.task_max_operand,
         operations=tuple(script_args.task_operations),
-        seed=seed,
+        num_validation=script_args.task_num_validation,
+        seed=seed if script_args.task_seed is None else script_args.task_seed,
     )
 
 
@@ -208,6 +228,37 @@ def describe_task(script_args) -> str:
     return text + f" Expert traces for the SFT part: `{script_args.sft_dataset_name}`."
 
 
+class HeldoutAccuracyCallback(TrainerCallback):
+    """Greedy accuracy on (a subset of) the held-out split at step 0, every `every_n_steps` optimizer steps and at the
+    last step, so the run's metrics.jsonl holds a held-out curve: ``heldout/accuracy`` (and ``heldout/num_problems``)
+    go through the trainer's `_metrics` into that step's log entry (the step is made a logging step); step 0's is
+    appended to the log history. Greedy decoding draws no random numbers, so the training trajectory is unchanged.
+    Runs on the main process only."""
+
+    def __init__(self, trainer, dataset, every_n_steps: int, max_new_tokens: int, batch_size: int):
+        if every_n_steps < 1:
+            raise ValueError(f"heldout_eval_steps must be a positive integer, got {every_n_steps!r}")
+        self.trainer, self.dataset, self.every_n_steps = trainer, dataset, every_n_steps
+        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+
+    def _accuracy(self) -> float:
+        return heldout_accuracy(self.trainer.model, self.trainer.processing_class, self.dataset, self.max_new_tokens,
+                                self.batch_size)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step == 0 and state.is_world_process_zero:
+            state.log_history.append({"heldout/accuracy": self._accuracy(), "heldout/num_problems": len(self.dataset), "step": 0})
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every_n_steps == 0 or state.global_step >= state.max_steps:
+            if state.is_world_process_zero:
+                metrics = self.trainer._metrics["train"]
+                metrics["heldout/accuracy"].append(self._accuracy())
+                metrics["heldout/num_problems"].append(float(len(self.dataset)))
+            control.should_log = True
+        return control
+
+
 def prepare(script_args: BridgeScriptArguments, training_args: BridgeConfig, model_args):
     """Everything before the first training step: model, tokenizer, datasets, reward functions, the trainer (with its
     checks) and the reward probe. Every user mistake surfaces here, before anything is written.
@@ -225,7 +276,14 @@ def prepare(script_args: BridgeScriptArguments, training_args: BridgeConfig, mod
     with explain_model_load_errors(model_args.model_name_or_path):
         tokenizer = AutoTokenizer.from_pretrained(model_path, revision=model_args.model_revision, padding_side="left",
                                                   trust_remote_code=training_args.trust_remote_code)
+    if script_args.heldout_eval_steps < 0:
+        raise ValueError(f"heldout_eval_steps must be >= 0 (0 disables), got {script_args.heldout_eval_steps}")
+    if script_args.heldout_eval_subset is not None and script_args.heldout_eval_subset < 1:
+        raise ValueError(f"heldout_eval_subset must be a positive number of problems or None, got {script_args.heldout_eval_subset}")
     rl, sft, test = load_datasets(script_args, training_args.seed)
+    if script_args.heldout_eval_steps and test is None:
+        raise ValueError("heldout_eval_steps needs a held-out split: set eval_samples > 0 and a dataset_test_split the "
+                         "RL dataset has (or heldout_eval_steps: 0).")
     with _naming("reward_funcs"):
         reward_funcs = get_reward_funcs(script_args.reward_funcs)
     if script_args.reward_noise > 0:
@@ -247,6 +305,10 @@ def prepare(script_args: BridgeScriptArguments, training_args: BridgeConfig, mod
             batch_size=script_args.eval_batch_size,
         ).attach(trainer)
     _use_compact_log(trainer)
+    if script_args.heldout_eval_steps and test is not None:
+        subset = test if script_args.heldout_eval_subset is None else test.select(range(min(script_args.heldout_eval_subset, len(test))))
+        trainer.add_callback(HeldoutAccuracyCallback(trainer, subset, script_args.heldout_eval_steps,
+                                                     script_args.eval_max_new_tokens, script_args.eval_batch_size))
     trainer.card_base_model = model_args.model_name_or_path
     trainer.card_datasets = list(dict.fromkeys([script_args.dataset_name, script_args.sft_dataset_name]))
     trainer.card_task = describe_task(script_args)
