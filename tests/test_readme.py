@@ -66,6 +66,10 @@ def handler(argv: list[str]) -> str | None:
         return "train"
     if argv[:2] == ["trl-bridge", "eval"]:
         return "eval"
+    if argv[:2] == ["trl-bridge", "compare"]:
+        return "compare"
+    if argv[:2] == ["trl-bridge", "bench"]:
+        return "bench"
     if argv[:2] == ["accelerate", "launch"] and argv[argv.index("-m") + 1:argv.index("-m") + 3] == ["trl_bridge.cli", "train"]:
         return "accelerate_train"
     return None
@@ -190,3 +194,44 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     assert trainer.state.global_step == 1  # it trained (an empty epoch would stop at step 0)
     assert (tmp_path / "outputs" / "python-example" / "model.safetensors").is_file()
     assert trainer.model.get_base_model().config._name_or_path.endswith("SmolLM2-135M-Instruct")
+
+
+def test_readme_compare_commands_build_runs_that_parse(tmp_path):
+    """Dry form (a grid takes hours; `tests/test_compare.py` runs every method for real): each command's arguments
+    are accepted, and every run it would start is a `trl-bridge train` argv that parses."""
+    from trl_bridge.compare import build_runs, parse_args
+
+    commands = [argv for argv in readme_commands() if handler(argv) == "compare"]
+    assert commands
+    for argv in commands:
+        written = [str(REPO / a) if a.endswith(".yaml") else a for a in argv[2:]]
+        args, extra, base_yaml = parse_args([*written, "--output_dir", str(tmp_path / "cmp")])
+        runs = build_runs(args, extra, base_yaml)
+        assert len(runs) == len(args.methods) * len(args.seeds)
+        for run in runs:
+            for stage in run["stages"]:
+                tail = stage["argv"][2:]
+                make_parser().parse_args_and_config(["--config", str(REPO / argv[argv.index("--config") + 1]), *tail])
+
+
+def test_readme_bench_commands_run_one_step(tmp_path):
+    """Each bench command as written, cut to one measured step of GRPO and BRIDGE with short completions (the full
+    benchmark is a measurement, not a test)."""
+    import json
+    import os
+    import sys
+
+    commands = [argv for argv in readme_commands() if handler(argv) == "bench"]
+    assert commands
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    for i, argv in enumerate(commands):
+        if "tiny" not in " ".join(argv) and not _smollm2_installed():
+            continue
+        out = tmp_path / f"bench{i}.json"
+        written = [a for a in argv[2:]]
+        written[written.index("--output") + 1] = str(out)
+        cut = ["--variants", "grpo,bridge", "--warmup", "0", "--steps", "1", "--max_completion_length", "4"]
+        proc = subprocess.run([sys.executable, "-m", "trl_bridge.cli", "bench", *written, *cut], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert set(json.loads(out.read_text())["variants"]) == {"grpo", "bridge"}

@@ -92,7 +92,7 @@ def tiny_model_dir(tmp_path_factory):
 TINY_RUN = [
     "--per_device_train_batch_size", "4", "--num_generations", "4", "--max_completion_length", "8",
     "--max_steps", "2", "--learning_rate", "1e-3", "--lora_r", "4", "--sft_per_device_train_batch_size", "2",
-    "--task_num_train", "20", "--task_num_test", "4", "--eval_samples", "4", "--eval_max_new_tokens", "8",
+    "--task_num_train", "20", "--task_num_test", "4", "--eval_samples", "4", "--eval_max_new_tokens", "8", "--logging_steps", "1",
 ]
 
 

@@ -56,6 +56,8 @@ METHODS: dict[str, tuple[str, dict, tuple[str, ...]]] = {
                        {"bridge_meta_term": False}, ()),
     "bridge_truncated_is": ("BRIDGE with the shadow's truncated importance weights (shadow_off_policy: truncated_is)",
                             {"shadow_off_policy": "truncated_is"}, ()),
+    "bridge_lean": ("BRIDGE with the lean shadow (shadow_storage: lean: θ̂ trained by momentum-free factored Adafactor)",
+                    {"shadow_storage": "lean"}, ()),
 }
 DIAGNOSTICS = ("bridge/shadow_divergence", "bridge/cooperative_to_sft_grad_ratio", "bridge/cooperative_gain")
 # two-sided 95% Student t quantiles by degrees of freedom (no scipy dependency); above 30: the normal 1.96
