@@ -169,10 +169,12 @@ def check_output_dir(output_dir: str, resume_from_checkpoint, overwrite_output_d
     found = previous_run_entries(output_dir)
     if found:
         shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+        complete = any(CHECKPOINT_RE.match(n) and not missing_files(os.path.join(output_dir, n)) for n in os.listdir(output_dir))
+        resume = ("Resume it with `--resume_from_checkpoint last`, " if complete else
+                  "It holds no complete checkpoint, so `--resume_from_checkpoint last` cannot continue it: ")
         raise ValueError(
-            f"output_dir={output_dir!r} already holds a training run ({shown}). Resume it with "
-            "`--resume_from_checkpoint last`, start over with `--overwrite_output_dir` (removes its checkpoints), "
-            "or choose another `--output_dir`."
+            f"output_dir={output_dir!r} already holds a training run ({shown}). {resume}start over with "
+            "`--overwrite_output_dir` (removes its checkpoints), or choose another `--output_dir`."
         )
 
 
