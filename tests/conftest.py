@@ -43,3 +43,16 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("skipped tests, by reason", sep="-")
         for reason, count in sorted(reasons.items(), key=lambda item: -item[1]):
             terminalreporter.write_line(f"{count} test{'s' * (count != 1)}: {reason}")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Qwen2 and its locally trained tokenizer saved as a model folder, as a user passes one by path
+    (GRPOTrainer also builds its KL reference from the path)."""
+    from trl_bridge.tiny import make_tiny_model, make_tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny_model")
+    tok = make_tiny_tokenizer()
+    make_tiny_model(tok).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

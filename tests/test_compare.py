@@ -9,7 +9,7 @@ import trl_bridge.compare as compare_mod
 from trl_bridge.cli import main as cli_main
 from trl_bridge.compare import METHODS, aggregate
 
-from .test_train_cli import TINY_RUN, tiny_model_dir  # noqa: F401  (fixture)
+from .test_train_cli import TINY_RUN
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -25,7 +25,7 @@ def _metrics(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_compare_runs_every_method_and_writes_results_and_plots(tiny_model_dir, tmp_path, capsys):  # noqa: F811
+def test_compare_runs_every_method_and_writes_results_and_plots(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "cmp"
     argv = ["compare", "--config", str(_config(tmp_path, tiny_model_dir)), "--methods", ",".join(METHODS),
             "--seeds", "3", "--max_steps", "2", "--heldout_eval_steps", "1", "--reward_noise", "0.3",
@@ -94,7 +94,7 @@ def test_compare_runs_every_method_and_writes_results_and_plots(tiny_model_dir, 
     assert "| bridge |" in capsys.readouterr().out
 
 
-def test_completed_runs_are_reused_and_changed_settings_refused(tiny_model_dir, tmp_path, monkeypatch, capsys):  # noqa: F811
+def test_completed_runs_are_reused_and_changed_settings_refused(tiny_model_dir, tmp_path, monkeypatch, capsys):
     """Two runs in parallel processes (--jobs 2); a second invocation trains nothing; changed settings are refused."""
     out = tmp_path / "cmp"
     argv = ["--config", str(_config(tmp_path, tiny_model_dir)), "--methods", "grpo,sft", "--seeds", "0",
@@ -120,7 +120,7 @@ def test_completed_runs_are_reused_and_changed_settings_refused(tiny_model_dir, 
     assert {m: (out / "runs" / m / "seed0" / "done.json").read_text() for m in ("grpo", "sft")} == done_before
 
 
-def test_stopped_grid_trains_only_the_missing_runs(tiny_model_dir, tmp_path, monkeypatch):  # noqa: F811
+def test_stopped_grid_trains_only_the_missing_runs(tiny_model_dir, tmp_path, monkeypatch):
     out = tmp_path / "cmp"
     base = ["--config", str(_config(tmp_path, tiny_model_dir)), "--seeds", "0", "--max_steps", "2", "--in_process",
             "--output_dir", str(out), *TINY_RUN]

@@ -16,7 +16,7 @@ from trl_bridge.tiny import make_tiny_tokenizer
 from trl_bridge.train_cli import main as train_main
 
 from .test_bridge_trainer import adapter_state, base_state, make_trainer, rel_err
-from .test_train_cli import TINY_RUN, tiny_model_dir  # noqa: F401  (fixture)
+from .test_train_cli import TINY_RUN
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_noisy_reward_logs_the_clean_mean_through_trl_hook():
     assert logged == [("rewards/<lambda>/clean_mean", 0.75)]
 
 
-def test_heldout_evaluation_during_training_leaves_training_unchanged(tiny_model_dir, tmp_path):  # noqa: F811
+def test_heldout_evaluation_during_training_leaves_training_unchanged(tiny_model_dir, tmp_path):
     def train(name, *flags):
         out = tmp_path / name
         assert train_main(["--model_name_or_path", str(tiny_model_dir), "--output_dir", str(out), *TINY_RUN, *flags]) == 0
@@ -121,7 +121,7 @@ def test_heldout_evaluation_during_training_leaves_training_unchanged(tiny_model
     assert [[m.get(k) for k in keys] for m in plain if "reward" in m] == [[m.get(k) for k in keys] for m in evaluated if "reward" in m]
 
 
-def test_bad_heldout_evaluation_settings_fail_before_training(tiny_model_dir, tmp_path, capsys):  # noqa: F811
+def test_bad_heldout_evaluation_settings_fail_before_training(tiny_model_dir, tmp_path, capsys):
     """One line naming the setting, exit code 2 (the CLI's user-error contract), nothing written."""
     assert train_main(["--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path / "o"), *TINY_RUN,
                        "--heldout_eval_steps", "1", "--heldout_eval_subset", "0"]) == 2

@@ -29,11 +29,8 @@ def tok():
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tok, tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_model")
-    make_tiny_model(tok).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+def tiny_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 def prompts(n):

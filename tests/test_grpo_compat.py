@@ -41,12 +41,9 @@ def tok():
 
 
 @pytest.fixture(scope="module")
-def tiny_path(tok, tmp_path_factory):
+def tiny_path(tiny_model_dir):
     """The tiny model on disk: GRPOTrainer builds its KL reference from the model's path."""
-    path = tmp_path_factory.mktemp("tiny")
-    make_tiny_model(tok).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return str(tiny_model_dir)
 
 
 def length_reward(completions, **kwargs):

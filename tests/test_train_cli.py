@@ -10,7 +10,6 @@ from transformers import AutoModelForCausalLM
 
 from trl_bridge import BridgeConfig
 from trl_bridge.cli import main as cli_main
-from trl_bridge.tiny import make_tiny_model, make_tiny_tokenizer
 from trl_bridge.train_cli import main as train_main
 from trl_bridge.train_cli import make_parser
 
@@ -78,15 +77,6 @@ def test_help_lists_every_option_with_its_help(capsys):
         assert option in text
     assert "weight of the RL loss" in text  # BridgeConfig's help strings are shown
     assert cli_main(["--help"]) == 0 and "train" in capsys.readouterr().out
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    tok = make_tiny_tokenizer()
-    make_tiny_model(tok).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 TINY_RUN = [
