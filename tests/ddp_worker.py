@@ -1,6 +1,7 @@
 """Run by `torchrun --nproc_per_node 2` from test_ddp.py: BRIDGE for 3 steps, then each rank saves its
 θ, θ̂, w and the first SFT batch it saw, so the test can check the ranks stayed in sync on different data."""
 
+import os
 import sys
 
 import torch
@@ -40,3 +41,9 @@ def main(out_dir):
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    # Everything is written and the process group is closed. Skip interpreter teardown: a background C++ thread
+    # (gloo, or GRPOTrainer's async reward loop) destroyed there can abort the process ("terminate called without an
+    # active exception"), failing a run that has finished.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

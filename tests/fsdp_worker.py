@@ -88,3 +88,9 @@ def main(mode, out_dir, checkpoint=None):
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    # Everything is written and the process group is closed. Skip interpreter teardown: a background C++ thread
+    # (gloo, or GRPOTrainer's async reward loop) destroyed there can abort the process ("terminate called without an
+    # active exception"), failing a run that has finished.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
