@@ -178,3 +178,47 @@ def test_aggregate_paired_difference_interval_and_steps_to_target():
     assert s["bridge"]["heldout_max_drop_mean"] == pytest.approx(0.0)
     assert s["grpo"]["heldout_max_drop_mean"] == pytest.approx(0.0)
     assert s["bridge"]["reward_last_half_mean"] == pytest.approx(0.5) and s["bridge"]["reward_last_half_std"] == 0.0
+
+
+def test_vary_sweeps_one_setting_on_the_validation_split(tiny_model_dir, tmp_path):
+    """`--vary KEY=V1,V2`: one more `bridge` run per value (the value reaches that run only), compared with the config's
+    `bridge` paired by seed; its held-out numbers come from the validation split; done.json records the code."""
+    out = tmp_path / "sweep"
+    argv = ["--config", str(_config(tmp_path, tiny_model_dir)), "--seeds", "0", "--max_steps", "2", "--in_process",
+            "--vary", "adapter_learning_rate=0.0", "--dataset_test_split", "validation", "--task_num_validation", "3",
+            "--output_dir", str(out), *TINY_RUN]
+    assert compare_mod.main(argv) == 0
+    point = out / "runs" / "bridge@adapter_learning_rate=0.0" / "seed0"
+    base = out / "runs" / "bridge" / "seed0"
+    argv_point = json.loads((point / "spec.json").read_text())["argv"]
+    assert argv_point[argv_point.index("--adapter_learning_rate") + 1] == "0.0"
+    assert "--adapter_learning_rate" not in json.loads((base / "spec.json").read_text())["argv"][2:]
+    assert argv_point[argv_point.index("--dataset_test_split") + 1] == "validation"
+    for run in (base, point):  # held-out curve on the 3 validation problems (the test split has 4)
+        assert {e["heldout/num_problems"] for e in _metrics(run / "metrics.jsonl") if "heldout/num_problems" in e} == {3}
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["methods"]) == ["bridge", "bridge@adapter_learning_rate=0.0"]
+    assert results["methods"]["bridge@adapter_learning_rate=0.0"]["diff_to_reference"]["n"] == 1
+    assert "| bridge@adapter_learning_rate=0.0 |" in (out / "results.md").read_text()
+    code = json.loads((base / "done.json").read_text())["code"]
+    assert code["trl"] and code["torch"] and "git_commit" in code
+    # the value took effect: the runs differ only there, and their merged models differ (β = 0 leaves w at zero)
+    import safetensors.torch
+
+    a = safetensors.torch.load_file(str(base / "model.safetensors"))
+    b = safetensors.torch.load_file(str(point / "model.safetensors"))
+    assert any(not (a[k] == b[k]).all() for k in a)
+
+
+def test_vary_refuses_the_test_split_and_bad_forms(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("model_name_or_path: m\nmax_steps: 5\n")
+    for flags, message in (
+        (["--vary", "shadow_learning_rate=1e-5"], "validation split"),
+        (["--vary", "shadow_learning_rate", "--dataset_test_split", "validation"], "KEY=V1,V2"),
+        (["--vary", "seed=1,2", "--dataset_test_split", "validation"], "set by compare"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            compare_mod.main(["--config", str(config), "--output_dir", str(tmp_path / "o"), *flags])
+        assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -59,6 +59,7 @@ METHODS: dict[str, tuple[str, dict, tuple[str, ...]]] = {
     "bridge_lean": ("BRIDGE with the lean shadow (shadow_storage: lean: θ̂ trained by momentum-free factored Adafactor)",
                     {"shadow_storage": "lean"}, ()),
 }
+DEFAULT_METHODS = "bridge,grpo,sft,cold_start,naive_mixing,bridge_no_meta"
 DIAGNOSTICS = ("bridge/shadow_divergence", "bridge/cooperative_to_sft_grad_ratio", "bridge/cooperative_gain")
 # two-sided 95% Student t quantiles by degrees of freedom (no scipy dependency); above 30: the normal 1.96
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
@@ -106,11 +107,20 @@ def build_runs(args, extra: list[str], base_yaml: dict) -> list[dict]:
                                              "eval_before": False})]),
                 ]
             else:
-                _, overrides, unset = METHODS[method]
+                _, overrides, unset = METHODS[method.split("@")[0]]
+                overrides = {**overrides, **_variant_overrides(method)}
                 stages = [_stage(method, run_dir, base_yaml, unset,
                                  [*tail, *_flags({**common, **overrides, "seed": seed, "output_dir": run_dir})])]
             runs.append({"method": method, "seed": seed, "dir": run_dir, "stages": stages})
     return runs
+
+
+def _variant_overrides(method: str) -> dict:
+    """`bridge@key=value` (a point of a --vary sweep) -> {key: value}; a plain method name -> {}."""
+    if "@" not in method:
+        return {}
+    key, value = method.split("@", 1)[1].split("=", 1)
+    return {key: value}
 
 
 def _spec(stage) -> dict:
@@ -183,6 +193,28 @@ class _RssSampler:
         self._thread.join()
 
 
+def _provenance() -> dict:
+    """Versions of trl-bridge and its main dependencies, and the git commit of the source tree when there is one."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for name in ("trl-bridge", "trl", "transformers", "peft", "torch"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    try:
+        src = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        commit = subprocess.run(["git", "-C", src, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", src, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=10)
+        versions["git_commit"] = commit.stdout.strip() or None
+        versions["git_dirty"] = bool(dirty.stdout.strip()) if commit.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        versions["git_commit"] = versions["git_dirty"] = None
+    return versions
+
+
 def run_stage(stage: dict, in_process: bool = False) -> dict:
     """Train one stage (its settings are written to its folder first) and write its done.json."""
     import torch
@@ -208,6 +240,7 @@ def run_stage(stage: dict, in_process: bool = False) -> dict:
         "optimizer_steps": training_args.max_steps,
         "peak_rss_mb": sampler.peak / 2**20 if in_process else max(_peak_rss_mb(), sampler.peak / 2**20),
         "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+        "code": _provenance(),  # which code produced it (a grid may be continued by a later version)
     }
     with open(os.path.join(stage["dir"], "done.json"), "w") as f:
         json.dump(done, f, indent=2)
@@ -498,9 +531,14 @@ def make_parser() -> argparse.ArgumentParser:
         description=__doc__, epilog=f"methods:\n{methods}",
     )
     parser.add_argument("--config", required=True, help="`trl-bridge train` YAML shared by every method")
-    parser.add_argument("--methods", default="bridge,grpo,sft,cold_start,naive_mixing,bridge_no_meta",
-                        help=f"comma-separated, from: {','.join(METHODS)}")
+    parser.add_argument("--methods", default=None,
+                        help=f"comma-separated, from: {','.join(METHODS)} (default: {DEFAULT_METHODS}; with --vary: "
+                        "bridge)")
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds, e.g. 0,1,2")
+    parser.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2",
+                        help="a one-at-a-time sweep around the config: for each value, one more run of `bridge` with "
+                        "`--KEY value` (row `bridge@KEY=value`, compared with the config's `bridge` paired by seed); "
+                        "repeatable. Tuning must not see the test split, so it needs --dataset_test_split validation")
     parser.add_argument("--max_steps", type=int, default=None, help="optimizer steps per run (default: the config's)")
     parser.add_argument("--reward_noise", type=float, default=None,
                         help="flip each reward 1<->0 with this probability, seeded (default: the config's, else 0)")
@@ -522,10 +560,22 @@ def parse_args(argv):
     args, extra = parser.parse_known_args(argv)
     if not os.path.isfile(args.config):
         parser.error(f"--config: file not found: {args.config}")
-    args.methods = _csv(args.methods)
-    unknown = [m for m in args.methods if m not in METHODS]
+    args.methods = _csv(args.methods if args.methods is not None else "bridge" if args.vary else DEFAULT_METHODS)
+    unknown = [m for m in args.methods if m.split("@")[0] not in METHODS or "@" in m]
     if unknown or not args.methods:
         parser.error(f"--methods: unknown {unknown or 'none given'}; choose from {','.join(METHODS)}")
+    for item in args.vary:
+        key, sep, values = item.partition("=")
+        key = key.strip().removeprefix("--")
+        if not sep or not key or not _csv(values) or any(c in key for c in "@=/ "):
+            parser.error(f"--vary: expected KEY=V1,V2 (e.g. shadow_learning_rate=1e-5,2e-4), got {item!r}")
+        if key in ("seed", "output_dir", "max_steps", "reward_noise", "heldout_eval_steps"):
+            parser.error(f"--vary: {key} is set by compare itself and cannot be swept")
+        for value in _csv(values):
+            if "/" in value:
+                parser.error(f"--vary: {key} values must not contain '/', got {value!r}")
+            if f"bridge@{key}={value}" not in args.methods:
+                args.methods.append(f"bridge@{key}={value}")
     try:
         args.seeds = [int(s) for s in _csv(args.seeds)]
     except ValueError:
@@ -539,6 +589,19 @@ def parse_args(argv):
         parser.error(f"--config: {args.config} is not valid YAML: {err}")
     if not isinstance(base_yaml, dict):
         parser.error(f"--config: {args.config} must be a YAML mapping")
+    if args.vary:  # tuning must never look at the test split
+        split = base_yaml.get("dataset_test_split")
+        for i, a in enumerate(extra):
+            if a == "--dataset_test_split" and i + 1 < len(extra):
+                split = extra[i + 1]
+            elif a.startswith("--dataset_test_split="):
+                split = a.split("=", 1)[1]
+        if split != "validation":
+            parser.error("--vary tunes hyper-parameters, so its runs must be scored on the validation split, never on "
+                         "the test split: add --dataset_test_split validation (the config's data needs one: "
+                         "task_num_validation for the built-in task)")
+        if "bridge" not in args.methods:
+            args.methods.insert(0, "bridge")
     if args.reward_noise is None:
         args.reward_noise = float(base_yaml.get("reward_noise") or 0.0)
     if args.heldout_eval_steps is None:
