@@ -222,3 +222,17 @@ def test_vary_refuses_the_test_split_and_bad_forms(tmp_path, capsys):
             compare_mod.main(["--config", str(config), "--output_dir", str(tmp_path / "o"), *flags])
         assert exc.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_report_only_tabulates_a_grid_in_progress_without_training(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "cmp"
+    base = ["--config", str(_config(tmp_path, tiny_model_dir)), "--max_steps", "2", "--in_process",
+            "--output_dir", str(out), *TINY_RUN]
+    assert compare_mod.main([*base, "--methods", "sft", "--seeds", "0"]) == 0
+    monkeypatch.setattr(compare_mod, "run_stage", lambda *a, **k: pytest.fail("--report_only trained"))
+    assert compare_mod.main([*base, "--methods", "sft,grpo", "--seeds", "0,1", "--report_only"]) == 0
+    assert "1 of 4 runs completed" in capsys.readouterr().out
+    table = (out / "results.md").read_text()
+    assert "| sft | " in table and "(seeds 0)" in table and "| grpo |" not in table
+    assert "Not completed yet (3 runs): sft/seed1, grpo/seed0, grpo/seed1." in table
+    assert json.loads((out / "results.json").read_text())["methods"]["sft"]["seeds"] == [0]

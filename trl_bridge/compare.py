@@ -424,16 +424,17 @@ def results_markdown(summary: dict, args, failed: dict) -> str:
             delta = f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
         reached = [x for x in s["steps_to_target"] if x is not None]
         mem = s["peak_rss_mb_max"] if s["peak_cuda_mb_max"] is None else s["peak_cuda_mb_max"]
+        partial = f" (seeds {','.join(map(str, s['seeds']))})" if len(s["seeds"]) < len(args.seeds) else ""
         lines.append(
             f"| {method} | {_fmt(s['heldout_accuracy_before_mean'])} | {_fmt(s['heldout_accuracy_after_mean'])} ± "
-            f"{_fmt(s['heldout_accuracy_after_std'])} | {delta} | {_fmt(s['reward_last_half_mean'])} ± "
+            f"{_fmt(s['heldout_accuracy_after_std'])}{partial} | {delta} | {_fmt(s['reward_last_half_mean'])} ± "
             f"{_fmt(s['reward_last_half_std'])} | {_fmt(s['heldout_max_drop_mean'])} | "
             f"{_fmt(s['steps_to_target_mean'], 1)} ({len(reached)}/{len(s['steps_to_target'])}) | "
             f"{_fmt(s['seconds_mean'], 0)} | {_fmt(mem, 0)}{'' if s['peak_cuda_mb_max'] is None else ' (GPU)'} |"
         )
-    pending = [m for m in args.methods if m not in summary]
+    pending = [f"{m}/seed{k}" for m in args.methods for k in args.seeds if k not in summary.get(m, {}).get("seeds", [])]
     if pending:
-        lines += ["", f"Not completed yet: {', '.join(pending)}."]
+        lines += ["", f"Not completed yet ({len(pending)} runs): {', '.join(pending)}."]
     for name, why in failed.items():
         lines.append(f"- failed: {name}: {why}")
     return "\n".join(lines) + "\n"
@@ -543,6 +544,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reward_noise", type=float, default=None,
                         help="flip each reward 1<->0 with this probability, seeded (default: the config's, else 0)")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel, one process each")
+    parser.add_argument("--report_only", action="store_true",
+                        help="train nothing: write results.md / results.json / plots from the runs already completed "
+                        "(a grid still in progress, or stopped); the missing ones are listed as not completed")
     parser.add_argument("--in_process", action="store_true",
                         help="train in this process, one run after another (tests, debugging); peak memory is then "
                         "the process's resident memory sampled during each run")
@@ -633,8 +637,13 @@ def compare(argv) -> int:
             _done(stage)
     _check_settings(runs)
     todo = [r for r in runs if any(_done(s) is None for s in r["stages"])]
-    print(f"[trl-bridge compare] {len(runs)} runs, {len(runs) - len(todo)} reused, {len(todo)} to train "
-          f"({args.jobs} at a time) under {args.output_dir}/runs", flush=True)
+    if args.report_only:
+        print(f"[trl-bridge compare] {len(runs) - len(todo)} of {len(runs)} runs completed under {args.output_dir}/runs; "
+              "--report_only: training none", flush=True)
+        todo = []
+    else:
+        print(f"[trl-bridge compare] {len(runs)} runs, {len(runs) - len(todo)} reused, {len(todo)} to train "
+              f"({args.jobs} at a time) under {args.output_dir}/runs", flush=True)
     failed: dict[str, str] = {}
     lock = threading.Lock()
 
