@@ -565,7 +565,7 @@ def parse_args(argv):
     if not os.path.isfile(args.config):
         parser.error(f"--config: file not found: {args.config}")
     args.methods = _csv(args.methods if args.methods is not None else "bridge" if args.vary else DEFAULT_METHODS)
-    unknown = [m for m in args.methods if m.split("@")[0] not in METHODS or "@" in m]
+    unknown = [m for m in args.methods if m not in METHODS]  # sweep rows (bridge@KEY=V) come from --vary only
     if unknown or not args.methods:
         parser.error(f"--methods: unknown {unknown or 'none given'}; choose from {','.join(METHODS)}")
     for item in args.vary:
