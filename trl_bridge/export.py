@@ -10,13 +10,13 @@ one side only (LoRA on the input embedding, a trained `lm_head` copy): then the 
 the live model would. Options PEFT cannot merge raise a `ValueError` naming the `LoraConfig` field instead of
 exporting wrong weights; a state dict of sharded DTensors (FSDP2) is refused too (pass the gathered one).
 
-How: the merge runs on a detached copy, never on the live training model. The copy is the same base class built on
-the `meta` device from `base.config`, wrapped by `peft.get_peft_model` with the adapter's config (so the module names
-are the live model's), then loaded with the live model's state dict (or the full state dict the caller gives, e.g.
-gathered from FSDP2 DTensors) by assignment. The tensors PEFT merges in place are cloned first, the others are
-shared read-only; the live model's parameters, adapters and merge state are unchanged, so a checkpoint written
-mid-training leaves training untouched. Entries of the state dict that are not part of this adapter's PEFT model
-(other adapters such as TRL's `ref` adapter) are ignored. Each tensor keeps the live model's dtype.
+How (`merged_tensors`, the one merge that the export, the vLLM weight sync and the KL-reference sync share): each
+PEFT-wrapped module is copied with fresh full tensors and merged by PEFT itself on the copy (`merge`, or the
+wrapper's `unload_and_optionally_merge_module`, exactly as `merge_and_unload()` visits it); every other tensor is
+passed through read-only. The live model's parameters, adapters and merge state are unchanged, so a checkpoint or a
+weight sync mid-training leaves training untouched (bit for bit). Under FSDP2 the sharded parameters are gathered one
+module at a time, or a gathered full state dict is read instead. Other adapters of the model (TRL's `ref` adapter)
+are ignored. Each tensor keeps the live model's dtype.
 
 The folder loads with `AutoModelForCausalLM.from_pretrained` and generates like the in-memory policy.
 """
@@ -25,14 +25,11 @@ from __future__ import annotations
 
 import copy
 import os
-import re
 import warnings
-from collections import defaultdict
 
 import torch
 
 _PEFT_PREFIX = "base_model.model."
-_WRAPPER_SEGMENT = re.compile(r"\.(base_layer|original_module)(?=\.)")
 
 # LoraConfig fields whose adapters PEFT cannot merge into the base weights (their effect is not a weight delta).
 _UNMERGEABLE_FIELDS = {
@@ -90,115 +87,175 @@ def _is_dtensor(t) -> bool:
     return isinstance(t, DTensor)
 
 
-def _storage_key(t: torch.Tensor):
-    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
-
-
-@torch.no_grad()
-def _merged_model(peft_model, adapter_name: str, state_dict: dict[str, torch.Tensor] | None):
-    """A detached plain base model holding θ+w (PEFT's merge), sharing no mutated storage with `peft_model`."""
-    if adapter_name not in peft_model.peft_config:
-        raise ValueError(f"Adapter {adapter_name!r} not found; the model has {sorted(peft_model.peft_config)}.")
-    config = copy.deepcopy(peft_model.peft_config[adapter_name])
-    _check_mergeable(config)
-    # The weights come from the state dict: no initialisation (PiSSA, LoftQ, EVA... would recompute from the base).
-    if hasattr(config, "init_lora_weights"):
-        config.init_lora_weights = True
-    base = peft_model.get_base_model()
-    if state_dict is None:
-        state_dict = peft_model.state_dict()
-    if any(_is_dtensor(v) for v in state_dict.values()):
-        raise ValueError(
-            "The model's parameters are sharded DTensors (FSDP2): gather a full state dict on every rank "
-            "(e.g. `accelerator.get_state_dict(model)`) and pass it as `state_dict`."
-        )
-
-    from peft import get_peft_model
-    from peft.tuners.lora import LoraLayer
+def _tuner_modules(model) -> dict:
+    """The outermost PEFT-wrapped modules of the base model (LoRA layers, `modules_to_save` / trainable-token
+    wrappers), by their plain names."""
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils.other import AuxiliaryTrainingWrapper
 
-    with warnings.catch_warnings():
-        # The live model already warned about these when it was wrapped.
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.filterwarnings("ignore", message=".*ensure_weight_tying.*")
-        warnings.filterwarnings("ignore", message=".*lora_bias=True.*has no bias.*")  # refused just below
-        with torch.device("meta"):
-            skeleton = type(base)(copy.deepcopy(base.config))
-        copy_model = get_peft_model(skeleton, config, adapter_name=adapter_name, low_cpu_mem_usage=True)
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)) and not _inside(name, found):
+            found[name] = module
+    return found
 
-    _check_lora_bias(copy_model, adapter_name)
 
-    # Keys of the copy that name one shared parameter (tied embeddings): fill a missing one from its twin, and let twins
-    # given as separate but equal tensors (a gathered state dict) share one tensor, so the tie survives the export.
-    expected = copy_model.state_dict(keep_vars=True)
-    groups = defaultdict(list)
-    for key, value in expected.items():
-        groups[id(value)].append(key)
-    # A module the live model wraps only for another adapter (e.g. `modules_to_save` of a second adapter) is plain in
-    # the copy: find its tensor under the wrapper's name (`X.original_module.weight`, `X.base_layer.weight`).
-    by_base_name = {}
-    for key in state_dict:
-        by_base_name.setdefault(_WRAPPER_SEGMENT.sub("", key), key)
-    sd = {}
-    for key in expected:
-        source = key if key in state_dict else by_base_name.get(_WRAPPER_SEGMENT.sub("", key))
-        if source is not None:
-            sd[key] = state_dict[source]
-    for keys in groups.values():
-        given = [k for k in keys if k in sd]
-        if not given or len(keys) == 1:
+def _inside(name: str, outer_names) -> bool:
+    return any(name.startswith(f"{outer}.") for outer in outer_names)
+
+
+@torch.no_grad()
+def _merged_module(module, prefix: str, adapter_name: str, tensor):
+    """PEFT's merge of `adapter_name` on a detached copy of one wrapped module, as `merge_and_unload()` does it (the
+    wrapper's `unload_and_optionally_merge_module`, else `merge` + `get_base_layer`). The copy holds fresh full
+    tensors (``tensor(key, live)`` gathers or looks each one up), so nothing of the live module is written.
+    Returns the plain module that takes the wrapper's place."""
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    memo = {}
+    named = list(module.named_parameters(prefix=prefix, remove_duplicate=False))
+    named += list(module.named_buffers(prefix=prefix, remove_duplicate=False))
+    for key, live in named:
+        if id(live) not in memo:
+            full = tensor(key, live).clone()
+            memo[id(live)] = torch.nn.Parameter(full, requires_grad=False) if isinstance(live, torch.nn.Parameter) else full
+    copied = copy.deepcopy(module, memo)
+    if isinstance(copied, AuxiliaryTrainingWrapper):  # modules_to_save / trainable tokens: PEFT's own unload
+        copied.set_adapter([adapter_name] if adapter_name in copied._get_available_adapters() else [])
+        return copied.unload_and_optionally_merge_module(merge=True, safe_merge=False, adapter_names=[adapter_name])
+    if getattr(copied, "merged_adapters", None):
+        raise ValueError(f"`{prefix}` has adapters merged in place ({copied.merged_adapters}): unmerge them first.")
+    if adapter_name in copied._get_available_adapters():
+        copied.merge(safe_merge=False, adapter_names=[adapter_name])
+    return copied.get_base_layer()
+
+
+def merged_tensors(
+    peft_model,
+    adapter_name: str = "default",
+    state_dict: dict[str, torch.Tensor] | None = None,
+    parameters_only: bool = False,
+    tied_once: bool = False,
+):
+    """π(θ+w) one tensor at a time: ``(plain name, tensor)`` of the base architecture with the adapter merged in.
+
+    The one merge of trl-bridge: the export (`merged_state_dict`, `save_merged_model`), the vLLM weight sync and the
+    KL-reference sync all read it. Each PEFT-wrapped module is merged by PEFT itself on a detached copy holding fresh
+    full tensors (`_merged_module`); every other tensor is passed through read-only. The live model (parameters,
+    adapters, merge state) is never written. FSDP2's sharded DTensors are gathered one module at a time (a
+    collective: every rank must iterate, in the same order), unless `state_dict` (a full state dict keyed like
+    ``peft_model.state_dict()``) supplies the tensors. `parameters_only` leaves out buffers; `tied_once` yields a
+    parameter shared by several modules (tied embeddings) once, under its first name, as vLLM loads them.
+    """
+    if adapter_name not in peft_model.peft_config:
+        raise ValueError(f"Adapter {adapter_name!r} not found; the model has {sorted(peft_model.peft_config)}.")
+    _check_mergeable(peft_model.peft_config[adapter_name])
+    if state_dict is not None and any(_is_dtensor(v) for v in state_dict.values()):
+        raise ValueError(
+            "The state dict holds sharded DTensors (FSDP2): gather a full state dict on every rank (e.g. "
+            "`accelerator.get_state_dict(model)`) and pass it as `state_dict`, or pass none (each module is gathered "
+            "in turn)."
+        )
+    base = peft_model.get_base_model()
+    missing = []
+
+    def tensor(key, live):
+        if state_dict is None:
+            return live.detach().full_tensor() if _is_dtensor(live) else live.detach()
+        value = state_dict.get(_PEFT_PREFIX + key)
+        if value is None:
+            missing.append(_PEFT_PREFIX + key)
+            return torch.empty(live.shape, dtype=live.dtype)
+        return value.detach()
+
+    wrapped = _tuner_modules(base)
+    seen = set()
+    for name, module in base.named_modules(remove_duplicate=False):
+        if _inside(name, wrapped):
             continue
-        src = sd[given[0]]
-        for k in keys:
-            if k not in sd or _storage_key(sd[k]) == _storage_key(src):
-                sd[k] = src
-            elif sd[k].shape == src.shape and sd[k].dtype == src.dtype and torch.equal(sd[k], src):
-                sd[k] = src
-    missing = [k for k in expected if k not in sd]
+        dot = f"{name}." if name else ""
+        if name in wrapped:
+            live_ids = {id(t) for t in [*module.parameters(), *module.buffers()]}
+            if tied_once and live_ids & seen:
+                continue
+            seen |= live_ids
+            merged = _merged_module(module, name, adapter_name, tensor)
+            items = list(merged.named_parameters(remove_duplicate=False))
+            if not parameters_only:
+                items += list(merged.state_dict(keep_vars=True).items())
+            for key, value in dict(items).items():
+                yield dot + key, value.detach()
+            continue
+        items = list(module.named_parameters(recurse=False))
+        if not parameters_only:
+            skip = getattr(module, "_non_persistent_buffers_set", set())
+            items += [(k, v) for k, v in module.named_buffers(recurse=False) if k not in skip]
+        for key, value in items:
+            if tied_once and id(value) in seen:
+                continue
+            seen.add(id(value))
+            yield dot + key, tensor(dot + key, value)
     if missing:
         raise ValueError(
             f"The state dict lacks {len(missing)} entries of the PEFT model for adapter {adapter_name!r}, "
             f"e.g. {missing[:3]}; expected keys like `peft_model.state_dict()`."
         )
 
-    # PEFT merges in place into the wrapped layers' tensors: clone those (keeping shared tensors shared), so the merge
-    # never writes into the live model's storage.
-    wrapper_types = (BaseTunerLayer, AuxiliaryTrainingWrapper)
-    wrapped = tuple(f"{name}." for name, module in copy_model.named_modules() if isinstance(module, wrapper_types))
-    clones = {}
-    for key, value in sd.items():
-        value = value.detach()
-        if key.startswith(wrapped):
-            value = clones.setdefault(_storage_key(value), value.clone())
-        sd[key] = value
-    copy_model.load_state_dict(sd, strict=True, assign=True)
 
-    try:
-        merged = copy_model.merge_and_unload(adapter_names=[adapter_name])
-    except (NotImplementedError, RuntimeError, AttributeError, ValueError) as err:
-        raise ValueError(
-            f"Cannot export the merged policy: PEFT cannot merge adapter {adapter_name!r} ({err}). Check the "
-            "`LoraConfig` fields `target_modules`/`target_parameters` (layer types PEFT cannot merge) and the "
-            f"adapter variant options (`use_dora`, `lora_bias`, ...)."
-        ) from err
-    stray = [k for k, v in merged.state_dict().items() if v.is_meta]
-    if stray:
-        raise RuntimeError(f"Merged model has weights not covered by the state dict: {stray[:3]}")
+@torch.no_grad()
+def _merged_model(peft_model, adapter_name: str, state_dict: dict[str, torch.Tensor] | None):
+    """A detached plain base model holding θ+w (`merged_tensors`), sharing no mutated storage with `peft_model`.
+    Tied embeddings stay tied unless the adapter changed one side only: then the model is untied."""
+    _check_lora_bias(peft_model, adapter_name)
+    sd = merged_state_dict(peft_model, adapter_name, state_dict)
+    base = peft_model.get_base_model()
+    config = copy.deepcopy(base.config)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    tied = bool(getattr(text_config, "tie_word_embeddings", False))
+    if tied:
+        in_key, out_key = _weight_key(base, base.get_input_embeddings()), _weight_key(base, base.get_output_embeddings())
+        if in_key in sd and out_key in sd and torch.equal(sd[in_key], sd[out_key]):
+            sd[out_key] = sd[in_key]
+        elif in_key in sd and out_key in sd:
+            tied = False
+            for c in {id(config): config, id(text_config): text_config}.values():
+                if hasattr(c, "tie_word_embeddings"):
+                    c.tie_word_embeddings = False
+            warnings.warn("Input and output embeddings are no longer tied after merging (the adapter changed one of "
+                          "them). Setting `tie_word_embeddings=False` in the model config.", UserWarning, stacklevel=3)
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore", FutureWarning)
+        merged = type(base)(config)
+    expected = merged.state_dict()
+    uncovered = [k for k in expected if k not in sd]
+    if uncovered:
+        raise RuntimeError(f"Merged model has weights not covered by the state dict: {uncovered[:3]}")
+    merged.load_state_dict({k: sd[k] for k in expected}, strict=True, assign=True)
+    if tied:
+        merged.tie_weights()
     merged.generation_config = copy.deepcopy(base.generation_config)
     return merged
+
+
+def _weight_key(model, module) -> str | None:
+    """``<name>.weight`` of `module` inside `model` (None when it is not a submodule)."""
+    for name, sub in model.named_modules(remove_duplicate=False):
+        if sub is module and module is not None:
+            return f"{name}.weight"
+    return None
 
 
 def merged_state_dict(
     peft_model, adapter_name: str = "default", state_dict: dict[str, torch.Tensor] | None = None
 ) -> dict[str, torch.Tensor]:
-    """State dict of the plain base architecture with the adapter merged in (θ + w), as `merge_and_unload()` gives.
+    """State dict of the plain base architecture with the adapter merged in (θ + w), as `merge_and_unload()` gives
+    (`merged_tensors`, collected).
 
     `peft_model` is not modified. `state_dict`, when given, is a full (unsharded) state dict keyed like
     `peft_model.state_dict()` (e.g. gathered under FSDP2) and is used instead of the live tensors. Weights the
     merge does not touch may share storage with the source; treat the result as read-only.
     """
-    return _merged_model(peft_model, adapter_name, state_dict).state_dict()
+    return dict(merged_tensors(peft_model, adapter_name, state_dict))
 
 
 def save_merged_model(
