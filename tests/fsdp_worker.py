@@ -46,6 +46,36 @@ class AtTrainBegin(TrainerCallback):
         self.state["shadow_exp_avg_0"] = t._bridge_full(first).clone() if first is not None else torch.zeros(())
 
 
+def vllm_sync_changes_nothing(trainer, out_dir, rank):
+    """BRIDGE's vLLM weight sync through TRL's own `VLLMGeneration.sync_weights` (colocate branch), its engine a
+    stand-in that records `load_weights`: every rank streams π(θ+w), gathered module by module. Rank 0 saves what it
+    received; returns the number of local parameter elements the sync changed on this rank (must be 0)."""
+    import types
+
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    from trl_bridge.vllm_sync import sync_merged_policy
+
+    pushed = {}
+    engine = types.SimpleNamespace(load_weights=lambda weights: pushed.update({n: t.detach().cpu().clone() for n, t in weights}))
+    runner = types.SimpleNamespace(model=engine)
+    generation = object.__new__(VLLMGeneration)
+    generation.model, generation.accelerator, generation.mode, generation.enable_sleep_mode = (
+        trainer.model, trainer.accelerator, "colocate", False)
+    generation.llm = types.SimpleNamespace(
+        llm_engine=types.SimpleNamespace(model_executor=types.SimpleNamespace(
+            driver_worker=types.SimpleNamespace(model_runner=runner))),
+        reset_prefix_cache=lambda: None)
+    sync_merged_policy(generation)
+    local = lambda t: (t._local_tensor if isinstance(t, DTensor) else t).detach().clone()  # noqa: E731
+    before = {n: local(p) for n, p in trainer.model.named_parameters()}
+    generation.sync_weights()
+    after = {n: local(p) for n, p in trainer.model.named_parameters()}
+    if rank == 0:
+        torch.save(pushed, os.path.join(out_dir, "vllm_pushed.pt"))
+    return sum(int((before[n] != after[n]).sum()) for n in before)
+
+
 def main(mode, out_dir, checkpoint=None):
     tok = make_tiny_tokenizer()
     rl = Dataset.from_list([{"prompt": f"What is {i} + {i + 1}?", "answer": str(2 * i + 1)} for i in range(32)])
@@ -76,6 +106,7 @@ def main(mode, out_dir, checkpoint=None):
         "shadow_is_dtensor": all(isinstance(s, DTensor) for s in trainer.shadow_params),
         "divergence": [h["bridge/shadow_divergence"] for h in trainer.state.log_history if "bridge/shadow_divergence" in h],
     }
+    stats["theta_changed_by_vllm_sync"] = vllm_sync_changes_nothing(trainer, out_dir, rank)
     torch.save(stats, os.path.join(out_dir, f"stats_rank{rank}.pt"))
     trainer.save_model(os.path.join(out_dir, "export"))
     if rank == 0:

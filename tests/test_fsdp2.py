@@ -105,6 +105,21 @@ def test_fsdp2_merged_export_matches_ddp(runs):
         assert (ddp[k] - fsdp[k]).abs().max() < 1e-5, k
 
 
+def test_vllm_weight_sync_under_fsdp2_streams_the_export_and_leaves_the_shards_untouched(runs):
+    """FSDP2 + vLLM: BRIDGE's sync gathers π(θ+w) one module at a time on every rank (TRL's in-place PEFT merge on
+    sharded parameters is untested upstream); what the engine receives is the export, tied weights once, and no rank's
+    shard of θ, θ̂ or w changes. (The engine is a stand-in: vLLM colocate on CPU ranks is not exercised here.)"""
+    for engine in ("ddp", "fsdp2"):
+        pushed = torch.load(runs / engine / "vllm_pushed.pt")
+        export = load_file(runs / engine / "export" / "model.safetensors")
+        assert pushed and not any("lora" in n for n in pushed)
+        assert set(pushed) <= set(export) and len(pushed) >= len(export) - 1
+        for name, tensor in pushed.items():
+            assert torch.equal(tensor, export[name]), (engine, name)
+        for rank in (0, 1):
+            assert torch.load(runs / engine / f"stats_rank{rank}.pt")["theta_changed_by_vllm_sync"] == 0
+
+
 def test_fsdp2_checkpoint_resumes_under_fsdp2_and_in_one_process(runs, tmp_path):
     ckpt = runs / "fsdp2" / "checkpoint-2"
     saved = load_file(ckpt / "bridge_state.safetensors")

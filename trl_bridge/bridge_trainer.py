@@ -70,7 +70,7 @@ from .fsdp2 import (
     load_full_optimizer_state, reshard, sum_of_squares,
 )
 from .sft_stream import SFTStream, tokenize_sft_dataset
-from .vllm_sync import check_vllm_can_hold_the_policy, sync_merged_policy
+from .vllm_sync import check_vllm_can_hold_the_policy, keep_vllm_cpu_weights_live, sync_merged_policy
 
 logger = logging.get_logger(__name__)
 
@@ -226,6 +226,8 @@ class BridgeTrainer(GRPOTrainer):
         if peft_config is not None:
             _check_adapter_config(peft_config)
             _check_lora_targets(model, peft_config, field="lora_target_modules" if from_args else "peft_config.target_modules")
+        if args.use_vllm and args.vllm_mode == "colocate":
+            keep_vllm_cpu_weights_live()  # vLLM on CPU: weight syncs must reach live weights (a no-op on GPUs)
         # GRPOTrainer would load a second copy of the plain model as its reference, or refuse `sync_ref_model` for a
         # PEFT model; BRIDGE keeps its own frozen reference (above) and syncs it itself (`_sync_ref_model`).
         overrides = dict(beta=0.0, sync_ref_model=False) if args.beta != 0.0 else {}

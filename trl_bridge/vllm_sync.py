@@ -22,7 +22,7 @@ from accelerate.utils import is_peft_model
 from .export import merged_tensors
 from .fsdp2 import reshard
 
-__all__ = ["check_vllm_can_hold_the_policy", "merged_policy_params", "sync_merged_policy"]
+__all__ = ["check_vllm_can_hold_the_policy", "keep_vllm_cpu_weights_live", "merged_policy_params", "sync_merged_policy"]
 
 
 def merged_policy_params(generation):
@@ -58,3 +58,30 @@ def check_vllm_can_hold_the_policy(peft_model) -> None:
             "embeddings, which vLLM (loading the model's tied checkpoint) cannot hold. Leave `embed_tokens`/`lm_head` "
             "out of `lora_target_modules`, or set use_vllm=False."
         )
+
+
+def keep_vllm_cpu_weights_live() -> bool:
+    """vLLM on CPU (the `vllm-cpu` build) packs each linear weight into a oneDNN handle when the model loads and drops
+    the weight itself, so every later weight sync fails (``'Parameter' object has no attribute 'weight_loader'``) or,
+    for the tied head, is silently ignored. Turning oneDNN packing off makes vLLM compute with
+    ``torch.nn.functional.linear`` on the live weights, which a sync updates in place. Call before the engine is built
+    (colocate mode); a no-op on GPU platforms and without vLLM (TRL then says how to install it). Returns whether it
+    applied."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return False
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return False
+    import vllm._custom_ops as vllm_ops
+
+    if not hasattr(vllm_ops, "_supports_onednn"):
+        raise RuntimeError(
+            "This vLLM CPU build has no `vllm._custom_ops._supports_onednn`, which trl-bridge turns off so that weight "
+            "syncs reach the engine; it was written for vllm-cpu 0.32. Use that version, or vLLM on a GPU."
+        )
+    vllm_ops._supports_onednn = False
+    return True
+
