@@ -9,6 +9,7 @@ dtype, which on CPU is bfloat16: fine for training, too coarse to check exactnes
 
 import functools
 import importlib.util
+import json
 import os
 import socket
 
@@ -163,3 +164,44 @@ class _merged_in:
             params[name].data.copy_(value)
         for layer in self.layers:
             layer._disable_adapters = False
+
+
+def test_fsdp2_with_vllm_colocate_on_two_cpu_ranks(tmp_path):
+    """FSDP2 + vLLM colocate, 2 CPU processes over gloo (tests/vllm_fsdp_worker.py): on every rank and every sync the
+    shards of θ, θ̂ and w are untouched and the rank's engine holds exactly the export, and vLLM's sampling log-probs
+    agree with the trainer's (TRL's `sampling/sampling_logp_difference/max`)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRL_BRIDGE_TEST_CPU_FSDP": "1",
+           "ACCELERATE_USE_CPU": "true"}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                           str(tests / "accelerate" / "fsdp2_cpu.yaml"), "--main_process_port", port,
+                           str(tests / "vllm_fsdp_worker.py"), str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=900, cwd=tests.parent)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"sync_rank{rank}.json").read_text())
+        assert [r["step"] for r in result["syncs"]] == [0, 1]
+        for r in result["syncs"]:
+            assert r["fsdp2"] and r["sharded"], r
+            assert r["changed"] == 0 and r["compared"] >= 100 and r["max_weight_diff"] == 0.0, r
+        assert len(result["sampling_logp_difference_max"]) == 2
+        assert max(result["sampling_logp_difference_max"]) < 1e-4, result
+
+
+def test_config_defaults_resolve_with_this_transformers(tmp_path):
+    """The vLLM environment pins transformers < 5.20, which has no `activation_checkpointing`: BridgeConfig's CPU
+    default (no checkpointing) must resolve through `gradient_checkpointing` there."""
+    from trl_bridge import BridgeConfig
+
+    args = BridgeConfig(output_dir=str(tmp_path))
+    assert getattr(args, "activation_checkpointing", args.gradient_checkpointing) is torch.cuda.is_available()
+

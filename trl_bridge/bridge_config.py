@@ -219,7 +219,10 @@ class BridgeConfig(GRPOConfig):
         has_cuda = torch.cuda.is_available()
         # Resolve the CPU-friendly default through the current name: setting the deprecated `gradient_checkpointing`
         # here would make transformers print its deprecation warning on every run.
-        if self.gradient_checkpointing is None and self.activation_checkpointing is None:
+        if not hasattr(self, "activation_checkpointing"):  # transformers < 5.20 knows only `gradient_checkpointing`
+            if self.gradient_checkpointing is None:
+                self.gradient_checkpointing = has_cuda
+        elif self.gradient_checkpointing is None and self.activation_checkpointing is None:
             self.activation_checkpointing = has_cuda
         if self.dataloader_pin_memory is None:
             self.dataloader_pin_memory = _accelerator_available()

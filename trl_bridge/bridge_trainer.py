@@ -138,6 +138,8 @@ class BridgeTrainer(GRPOTrainer):
       * `_get_grad_norm`, `_log_mean`, `log`: a NaN/inf loss or gradient skips the step for θ, θ̂ and w together
         (`_skip_if_non_finite`, logged as `bridge/skipped_steps`).
       * `create_model_card`: a card that names BRIDGE, the base model, data, hyper-parameters and final metrics.
+    With `use_vllm=True`, vLLM is sent π(θ+w) merged out of place (`trl_bridge.vllm_sync`): TRL's in-place
+    merge/unmerge would move θ by float rounding at every sync.
     """
 
     _tag_names = ["trl", "bridge", "grpo"]
