@@ -13,7 +13,7 @@ WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
 def test_two_process_ddp_keeps_theta_shadow_and_adapter_in_sync(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}  # CPU ranks
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

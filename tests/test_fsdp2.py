@@ -15,7 +15,9 @@ from safetensors.torch import load_file
 
 TESTS = Path(__file__).resolve().parent
 WORKER = TESTS / "fsdp_worker.py"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+# CPU processes over gloo, on a GPU machine too (the ranks would otherwise pick CUDA devices that may not exist)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+       "CUDA_VISIBLE_DEVICES": ""}
 
 
 def _port():

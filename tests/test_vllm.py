@@ -198,10 +198,11 @@ def test_fsdp2_with_vllm_colocate_on_two_cpu_ranks(tmp_path):
 
 
 def test_config_defaults_resolve_with_this_transformers(tmp_path):
-    """The vLLM environment pins transformers < 5.20, which has no `activation_checkpointing`: BridgeConfig's CPU
-    default (no checkpointing) must resolve through `gradient_checkpointing` there."""
+    """The vLLM environment pins transformers < 5.20, which has no `activation_checkpointing` of its own: BridgeConfig
+    accepts it there as an alias, and its CPU default (no checkpointing) reaches `gradient_checkpointing`."""
     from trl_bridge import BridgeConfig
 
     args = BridgeConfig(output_dir=str(tmp_path))
-    assert getattr(args, "activation_checkpointing", args.gradient_checkpointing) is torch.cuda.is_available()
+    assert args.gradient_checkpointing is torch.cuda.is_available()
+    assert BridgeConfig(output_dir=str(tmp_path), activation_checkpointing=True).gradient_checkpointing is True
 

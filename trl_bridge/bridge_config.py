@@ -89,6 +89,14 @@ class BridgeConfig(GRPOConfig):
     """
 
     # Defaults that differ from GRPOConfig: resolved in __post_init__ by the hardware present.
+    if "activation_checkpointing" not in {f.name for f in dataclasses.fields(GRPOConfig)}:
+        # transformers < 5.20 names it `gradient_checkpointing` only: accept the current name too, so one config file
+        # works across the supported transformers range.
+        activation_checkpointing: bool | None = field(
+            default=None,
+            metadata={"help": "Checkpoint activations (recompute them in backward to save memory). Unset: True on CUDA, "
+                      "False on CPU. (transformers < 5.20 calls it `gradient_checkpointing`; either name works.)"},
+        )
     gradient_checkpointing: bool | None = field(
         default=None,
         metadata={"help": "Deprecated alias of `activation_checkpointing` (transformers). Unset: `activation_checkpointing` "
@@ -219,9 +227,11 @@ class BridgeConfig(GRPOConfig):
         has_cuda = torch.cuda.is_available()
         # Resolve the CPU-friendly default through the current name: setting the deprecated `gradient_checkpointing`
         # here would make transformers print its deprecation warning on every run.
-        if not hasattr(self, "activation_checkpointing"):  # transformers < 5.20 knows only `gradient_checkpointing`
+        if "activation_checkpointing" not in {f.name for f in dataclasses.fields(GRPOConfig)}:
+            # transformers < 5.20: the Trainer reads `gradient_checkpointing`; `activation_checkpointing` is our alias
             if self.gradient_checkpointing is None:
-                self.gradient_checkpointing = has_cuda
+                self.gradient_checkpointing = has_cuda if self.activation_checkpointing is None else self.activation_checkpointing
+            self.activation_checkpointing = self.gradient_checkpointing
         elif self.gradient_checkpointing is None and self.activation_checkpointing is None:
             self.activation_checkpointing = has_cuda
         if self.dataloader_pin_memory is None:
