@@ -68,6 +68,9 @@ class BridgeConfig(GRPOConfig):
         shadow_is_cap (`float`, defaults to `2.0`): the truncation C of `"truncated_is"`.
         shadow_storage (`str`, defaults to `"full"`): `"lean"` trains θ̂ with momentum-free, factored Adafactor
             (half of θ̂'s memory; see README "Cost").
+        shadow_fraction (`float`, defaults to `1.0`): the shadow pass runs on this fraction of each generation
+            batch's prompt groups (a seeded random subset of whole groups, at least one), its θ̂ and w gradients
+            rescaled to be unbiased for the full pass. An extension beyond the paper (cheaper pass B, noisier θ̂).
         bridge_meta_term (`bool`, defaults to `True`): `False` is the paper's "w/o J_meta" ablation (naive mixing).
         max_consecutive_skipped_steps (`int`, defaults to `5`): a step with a NaN/inf loss or gradient is skipped for
             θ, θ̂ and w together (logged as `bridge/skipped_steps`); more than this many in a row stop training.
@@ -168,6 +171,18 @@ class BridgeConfig(GRPOConfig):
     )
     sft_max_length: int | None = field(
         default=1024, metadata={"help": "Maximum length in tokens of an SFT sequence (prompt + trace); longer ones are truncated."}
+    )
+    shadow_fraction: float = field(
+        default=1.0,
+        metadata={
+            "help": "Fraction of each generation batch's prompt groups the shadow pass (L_RL(θ̂,w), pass B) runs on: a "
+            "seeded random subset of whole groups (at least one), drawn when the rollouts are generated (so it resumes "
+            "exactly), with θ̂'s and w's pass-B gradients rescaled to be unbiased for the full pass. 1.0 (default, the "
+            "paper): every rollout. An extension beyond the paper that trades variance for the cost of pass B; Adam's "
+            "update is not linear in the gradient, so θ̂'s trajectory is not the full pass's in expectation. Supports "
+            "the loss types whose normalisation is per row or per token (grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo, "
+            "vespo) and top_entropy_quantile = 1."
+        },
     )
     shadow_off_policy: str = field(
         default="on_policy",
@@ -320,6 +335,12 @@ class BridgeConfig(GRPOConfig):
         need(self.shadow_off_policy in SHADOW_OFF_POLICY_MODES, "shadow_off_policy", f"choose one of {SHADOW_OFF_POLICY_MODES}")
         need(self.shadow_is_cap >= 1.0, "shadow_is_cap", "must be >= 1")
         need(self.shadow_storage in ("full", "lean"), "shadow_storage", "choose 'full' or 'lean'")
+        need(0.0 < self.shadow_fraction <= 1.0, "shadow_fraction", "must lie in (0, 1]")
+        need(
+            self.shadow_fraction == 1.0 or self.top_entropy_quantile == 1.0, "shadow_fraction",
+            "a subset shadow pass cannot be rescaled to the full one when top_entropy_quantile < 1 (the entropy mask is a "
+            "quantile over the whole batch); use shadow_fraction=1.0 or top_entropy_quantile=1.0",
+        )
         need(self.max_consecutive_skipped_steps >= 0, "max_consecutive_skipped_steps", "must be >= 0")
         need(
             not self.save_only_model, "save_only_model",

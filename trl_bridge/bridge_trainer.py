@@ -582,6 +582,9 @@ class BridgeTrainer(GRPOTrainer):
 
     def _shadow_backward(self, model, inputs, base_logps, lam):
         """Pass B. §3.3: ∇θ̂ L_RL(θ̂,w) into θ̂'s gradients; last term of §3.4: −λ ∇w L_RL(θ̂,w) into w.grad."""
+        rows, scale = None, 1.0
+        if "bridge_shadow_rows" in inputs:  # shadow_fraction < 1: the drawn prompt groups only, rescaled (unbiased)
+            inputs, base_logps, rows, scale = self._shadow_subset(inputs, base_logps)
         shadow_inputs = dict(inputs)
         # The shadow's PPO ratio is against its own log-probs at sampling time when GRPOTrainer keeps old log-probs
         # (num_iterations > 1, ...), else against its current ones, detached (ratio 1), exactly as for θ.
@@ -599,12 +602,53 @@ class BridgeTrainer(GRPOTrainer):
             else:
                 self._reweight_after_logps = (shadow_inputs, behaviour)
         with self._shadow_in_place(), self._adapter_grads_scaled(-lam), self._metrics_set_aside(), \
-                self._replaying_frozen_layers():
+                self._replaying_frozen_layers(rows):
             shadow_loss, shadow_logps = self._rl_loss_and_logps(model, shadow_inputs)
+            if scale != 1.0:
+                shadow_loss = shadow_loss * scale
             self.accelerator.backward(shadow_loss)
         ga = self.current_gradient_accumulation_steps
         self._log_mean("bridge/rl_loss_shadow", shadow_loss.detach() * ga)
-        self._log_mean("bridge/cooperative_gain", self._cooperative_gain(inputs, base_logps, shadow_logps))
+        gain = self._cooperative_gain(inputs, base_logps, shadow_logps) if scale != 0.0 else float("nan")
+        self._log_mean("bridge/cooperative_gain", gain)
+
+    def _shadow_subset(self, inputs, base_logps):
+        """`shadow_fraction` < 1: the micro-batch's rows of the drawn prompt groups, and the factor that makes the
+        subset's L_RL(θ̂,w) gradient unbiased for the full micro-batch's. Each row is drawn with probability f = k/G
+        (k of the generation batch's G groups), so (subset loss × c) / f is unbiased, where c turns the subset loss
+        into the full loss restricted to the subset (TRL normalises per row for grpo/sapo/luspo/dr_grpo, per token of
+        the micro-batch for bnpo, by a batch-wide constant for dapo/cispo/vespo). A micro-batch without a drawn row
+        still runs pass B on one row, at scale 0, so that every process takes part in the gradient collectives."""
+        chosen = inputs["bridge_shadow_rows"]
+        size = chosen.numel()
+        rows = chosen.nonzero().squeeze(1)
+        if rows.numel() == 0:
+            rows, factor = rows.new_zeros(1), 0.0
+        elif self.loss_type == "bnpo":
+            mask = inputs["completion_mask"] if inputs.get("tool_mask") is None else inputs["completion_mask"] * inputs["tool_mask"]
+            factor = float(mask[rows].sum().clamp(min=1.0) / mask.sum().clamp(min=1.0))
+        elif self.loss_type in ("grpo", "sapo", "luspo", "dr_grpo"):
+            factor = rows.numel() / size
+        else:  # dapo, cispo, vespo: the normaliser is num_items_in_batch, the same for any subset
+            factor = 1.0
+        groups, drawn = self._shadow_groups()
+        subset = {k: v[rows] if torch.is_tensor(v) and v.dim() >= 1 and v.size(0) == size else v for k, v in inputs.items()}
+        return subset, base_logps[rows], rows, factor * groups / drawn
+
+    def _shadow_groups(self) -> tuple[int, int]:
+        """(G, k): prompt groups per generation batch, and how many of them the shadow pass draws."""
+        groups = self.args.generation_batch_size // self.num_generations
+        return groups, max(1, round(self.args.shadow_fraction * groups))
+
+    def _draw_shadow_rows(self, group_ids):
+        """Which local rollouts the shadow pass uses: the rows of k prompt groups drawn uniformly without replacement,
+        seeded by the run's seed and the micro-step of generation (the same on every process; stored with the
+        buffered rollouts, so a resumed run uses the same draw)."""
+        groups, drawn = self._shadow_groups()
+        generator = torch.Generator().manual_seed(self.args.seed * 1_000_003 + self._step)
+        chosen = torch.zeros(groups, dtype=torch.bool)
+        chosen[torch.randperm(groups, generator=generator)[:drawn]] = True
+        return chosen.to(group_ids.device)[group_ids]
 
     def _truncated_is_advantages(self, advantages, shadow_logps, behaviour_logps):
         ratio = torch.exp(shadow_logps - behaviour_logps).clamp(max=self.args.shadow_is_cap)
@@ -836,6 +880,8 @@ class BridgeTrainer(GRPOTrainer):
         # each row's prompt group (rollouts of one prompt are consecutive in the global batch), kept through TRL's shuffle
         rows = torch.arange(start, start + n_local, device=rewards.device)
         output["bridge_group_ids"] = rows // self.num_generations
+        if self.model.training and self.args.bridge_meta_term and self.args.shadow_fraction < 1.0:
+            output["bridge_shadow_rows"] = self._draw_shadow_rows(output["bridge_group_ids"])
         # θ̂'s own log-probs at sampling time, only when GRPOTrainer keeps θ's (θ moves before these rollouts are used)
         if self.model.training and output.get("old_per_token_logps") is not None and self.args.bridge_meta_term:
             with self._timed("shadow_logps"), self._shadow_in_place(keep_grads=True):
@@ -950,14 +996,17 @@ class BridgeTrainer(GRPOTrainer):
             self._recording = False
 
     @contextmanager
-    def _replaying_frozen_layers(self):
+    def _replaying_frozen_layers(self, rows=None):
         """Pass B: the frozen decoder layers return pass A's activations instead of computing them (same rollouts,
-        same weights below the first trainable layer: the same numbers)."""
+        same weights below the first trainable layer: the same numbers); with `rows`, those rows' activations."""
         if not self._shared_acts:
             yield
             return
         layers = getattr(self._fused_lm, self._fused_lm.base_model_prefix).layers[: self._frozen_prefix]
-        acts = iter(self._shared_acts)
+        recorded = self._shared_acts
+        if rows is not None:  # TRL's loss forward runs the micro-batch as one chunk: so does pass B on the subset
+            recorded = [torch.cat(recorded)[rows]]
+        acts = iter(recorded)
 
         def first(hidden_states, *args, **kwargs):
             out = next(acts, None)
