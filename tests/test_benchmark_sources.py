@@ -161,8 +161,24 @@ def test_eval_cli_defaults_to_the_hub_and_records_the_source(fake_hub, tmp_path,
     assert [call["path"] for call in fake_hub] == ["HuggingFaceH4/MATH-500", "openai/gsm8k", "allenai/ai2_arc"]
 
 
-def test_data_dir_and_env_select_local_files(benchmarks_dir, monkeypatch, fake_hub):
-    monkeypatch.setenv("TRL_BRIDGE_DATA_DIR", str(benchmarks_dir))
-    assert benchmarks.resolve_data_dir(None) == benchmarks_dir
+def test_data_dir_and_env_select_local_files(fixture_data_dir, monkeypatch, fake_hub):
+    assert benchmarks.resolve_data_dir(None) is None  # nothing set: the Hub (no folder is looked for)
+    monkeypatch.setenv("TRL_BRIDGE_DATA_DIR", str(fixture_data_dir))
+    assert benchmarks.resolve_data_dir(None) == fixture_data_dir
     rows = get_benchmark("math500").load(benchmarks.resolve_data_dir(None), limit=1)
     assert rows[0]["id"] == "test/precalculus/807.json" and fake_hub == []
+    assert benchmarks.resolve_data_dir(fixture_data_dir / "math500") == fixture_data_dir / "math500"  # the argument wins
+
+
+def test_data_files_select_one_file_of_a_repository(monkeypatch):
+    """A repository without configs (hkust-nlp/SimpleRL-Zoo-Data): `data_files` is passed and described."""
+    import datasets
+
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: calls.append((args, kwargs))
+                        or datasets.Dataset.from_list([{"q": "x"}]))
+    hub = benchmarks.HubSource("someone/data", "train", data_files="sub/train.parquet", columns={"q": "question"})
+    assert hub.load() == [{"question": "x"}]
+    assert calls == [(("someone/data", None), {"split": "train", "revision": None, "data_files": "sub/train.parquet"})]
+    assert hub.describe() == "someone/data (sub/train.parquet), split 'train', revision main (not pinned)"
+    assert hub.record()["data_files"] == "sub/train.parquet" and hub.record()["source"] == "hub"

@@ -1,4 +1,6 @@
-"""Tests for trl_bridge.data: the arithmetic task, GSM8K/MATH loaders on the shared files, specs and validation."""
+"""Tests for trl_bridge.data: the arithmetic task, the GSM8K/MATH loaders (Hub sources answered at the
+`datasets.load_dataset` boundary from fixtures in the Hub schemas, the local copies from the fixture data folder, and
+whole-file counts on the full local copies where TRL_BRIDGE_DATA_DIR names them), specs and validation."""
 
 import json
 import logging
@@ -9,8 +11,11 @@ import pytest
 from datasets import Dataset, DatasetDict
 
 from trl_bridge import data
+from trl_bridge.benchmarks import get_benchmark
 from trl_bridge.data import (
+    BUILTIN_SOURCES,
     REASONING_INSTRUCTION,
+    dataset_source,
     load_dataset_spec,
     load_gsm8k,
     load_math,
@@ -20,13 +25,21 @@ from trl_bridge.data import (
     validate_rl_dataset,
     validate_sft_dataset,
 )
+from trl_bridge.grading import extract_boxed
 from trl_bridge.rewards import completion_text, math_correctness_reward
+
+from .conftest import FIXTURES, HUB_FIXTURES
 
 
 @pytest.fixture
-def shared_data(benchmarks_dir, monkeypatch):
+def full_data(benchmarks_dir, monkeypatch):
+    """The full local copies, selected through TRL_BRIDGE_DATA_DIR (skipped without it)."""
     monkeypatch.setenv("TRL_BRIDGE_DATA_DIR", str(benchmarks_dir))
     return benchmarks_dir
+
+
+def _hub_rows(fixture: str) -> list[dict]:
+    return [json.loads(line) for line in (FIXTURES / "hub" / fixture).read_text().splitlines()]
 
 
 def _write_jsonl(path, rows):
@@ -140,7 +153,7 @@ def test_gsm8k_helpers():
         data.gsm8k_gold_answer("no final line")
 
 
-def test_gsm8k_shared_files(shared_data):
+def test_gsm8k_full_files(full_data):
     train = load_gsm8k()
     test = load_gsm8k(split="test", prompt_style="plain", limit=25)
     assert (len(train["rl"]), len(train["sft"])) == (7473, 7473)
@@ -157,6 +170,16 @@ def test_gsm8k_shared_files(shared_data):
     assert math_correctness_reward(completions, answer=golds) == [1.0] * len(sample)
 
 
+def test_gsm8k_from_the_data_folder(fixture_data_dir, hub_training_data, monkeypatch):
+    train = load_gsm8k(data_dir=fixture_data_dir)
+    assert len(train["rl"]) == len(train["sft"]) == 4 and train["rl"][0]["answer"] == "72"
+    assert math_correctness_reward(train["sft"]["completion"], answer=train["rl"]["answer"]) == [1.0] * 4
+    monkeypatch.setenv("TRL_BRIDGE_DATA_DIR", str(fixture_data_dir))  # the variable selects the folder too
+    test = load_gsm8k(split="test", prompt_style="plain")
+    assert test["rl"]["answer"] == ["18", "3", "70000", "540"] and isinstance(test["rl"][0]["prompt"], str)
+    assert hub_training_data.calls == []  # a data folder given: nothing is asked of the Hub
+
+
 def test_gsm8k_local_file_and_errors(tmp_path):
     path = _write_jsonl(tmp_path / "g.jsonl", [{"question": "1+1?", "answer": "1+1=<<1+1=2>>2\n#### 2"}])
     ds = load_gsm8k(path)
@@ -169,11 +192,13 @@ def test_gsm8k_local_file_and_errors(tmp_path):
         load_gsm8k(tmp_path / "nope.jsonl")
 
 
-def test_shared_files_missing_names_the_env_var(tmp_path, monkeypatch):
-    monkeypatch.setenv("TRL_BRIDGE_DATA_DIR", str(tmp_path))
-    assert data.benchmarks_dir() == tmp_path
-    with pytest.raises(FileNotFoundError, match="TRL_BRIDGE_DATA_DIR"):
+def test_missing_local_copy_names_the_folder_and_the_hub_dataset(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRL_BRIDGE_DATA_DIR", str(tmp_path))  # a data folder without gsm8k/
+    with pytest.raises(FileNotFoundError, match="TRL_BRIDGE_DATA_DIR") as exc:
         load_gsm8k()
+    assert "gsm8k/train.jsonl" in str(exc.value) and "openai/gsm8k" in str(exc.value)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_math(data_dir=tmp_path / "nowhere")
     with pytest.raises(ValueError, match="split"):
         load_gsm8k(split="validation")
 
@@ -181,7 +206,7 @@ def test_shared_files_missing_names_the_env_var(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------------- MATH
 
 
-def test_math_shared_train_drops_rows_without_answer(shared_data, caplog):
+def test_math_full_train_drops_rows_without_answer(full_data, caplog):
     with caplog.at_level(logging.WARNING, logger="trl_bridge.data"):
         ds = load_math()
     assert len(ds["rl"]) == len(ds["sft"]) == 7496  # 2 rows have answer None, 2 have an empty \boxed{}
@@ -193,11 +218,14 @@ def test_math_shared_train_drops_rows_without_answer(shared_data, caplog):
     assert math_correctness_reward(completions, answer=golds) == [1.0] * len(sample)
 
 
-def test_math500_test_split(shared_data):
-    ds = load_math(split="test", prompt_style="plain", limit=30)
-    assert len(ds["rl"]) == 30
-    assert ds["rl"][0]["prompt"].startswith("Convert the point $(0,3)$")
-    assert math_correctness_reward(ds["sft"]["completion"], answer=ds["rl"]["answer"]) == [1.0] * 30
+def test_math_from_the_data_folder(fixture_data_dir, caplog):
+    with caplog.at_level(logging.WARNING, logger="trl_bridge.data"):
+        ds = load_math(data_dir=fixture_data_dir)
+    assert len(ds["rl"]) == len(ds["sft"]) == 4 and "dropped 1 of 5" in caplog.text  # the row without an answer
+    assert math_correctness_reward(ds["sft"]["completion"], answer=ds["rl"]["answer"]) == [1.0] * 4
+    test = load_math(split="test", prompt_style="plain", data_dir=fixture_data_dir)  # MATH-500
+    assert test["rl"][0]["prompt"].startswith("Convert the point $(0,3)$")
+    assert math_correctness_reward(test["sft"]["completion"], answer=test["rl"]["answer"]) == [1.0] * 4
 
 
 def test_math_without_answer_column_uses_last_boxed(tmp_path, caplog):
@@ -213,26 +241,142 @@ def test_math_without_answer_column_uses_last_boxed(tmp_path, caplog):
         load_math(_write_jsonl(tmp_path / "none.jsonl", rows[1:]))
 
 
-def test_math_level3to5(shared_data):
+def test_math_level3to5_full_file(full_data):
     ds = load_math_level3to5()
     assert set(ds) == {"rl"} and len(ds["rl"]) == 8521
     assert ds["rl"][0]["answer"] == "118"
     assert "\\boxed{}" in ds["rl"][0]["prompt"][0]["content"]
 
 
+def test_math_level3to5_from_the_data_folder(fixture_data_dir):
+    ds = load_math_level3to5(data_dir=fixture_data_dir, prompt_style="plain")["rl"]
+    assert ds["answer"] == ["118", "5", "30", "1"]
+    assert ds[0]["prompt"].endswith("output the final answer within \\boxed{}.\n")  # the stored message, as is
+
+
+# ---------------------------------------------------------------------------------------------------- Hub sources
+
+
+def test_builtin_hub_sources_are_pinned_where_verified():
+    """GSM8K and MATH-500 share the benchmarks' pinned sources; MATH-lighteval is pinned; SimpleRL-Zoo-Data has no
+    verified commit (docs/data.md says so). Every source has a fixture in its Hub schema."""
+    hubs = {(name, split): hub for name, splits in BUILTIN_SOURCES.items() for split, (_, hub) in splits.items()}
+    assert hubs[("gsm8k", "test")] == get_benchmark("gsm8k").hub
+    assert hubs[("gsm8k", "train")].revision == get_benchmark("gsm8k").hub.revision
+    assert hubs[("math", "test")] == get_benchmark("math500").hub
+    assert hubs[("math", "train")].revision == "0530c78699ea5e8eb5530600900e1f328b48acad"
+    assert hubs[("math_level3to5", "train")].revision is None
+    for (name, split), hub in hubs.items():
+        if hub.revision is not None:
+            assert re.fullmatch(r"[0-9a-f]{40}", hub.revision), (name, split)
+        assert (hub.repo, hub.config, hub.split, hub.data_files) in HUB_FIXTURES, (name, split)
+
+
+@pytest.mark.parametrize(
+    "spec, split, kind, call",
+    [
+        ("builtin:math_level3to5", "train", "rl", {"path": "hkust-nlp/SimpleRL-Zoo-Data", "name": None, "split": "train",
+                                                  "revision": None, "data_files": "simplelr_qwen_level3to5/train.parquet"}),
+        ("builtin:math", "train", "sft", {"path": "DigitalLearningGmbH/MATH-lighteval", "name": "default", "split": "train",
+                                          "revision": "0530c78699ea5e8eb5530600900e1f328b48acad"}),
+        ("builtin:math", "test", "rl", {"path": "HuggingFaceH4/MATH-500", "name": None, "split": "test",
+                                        "revision": "6e4ed1a2a79af7d8630a6b768ec859cb5af4d3be"}),
+        ("builtin:gsm8k", "train", "sft", {"path": "openai/gsm8k", "name": "main", "split": "train",
+                                           "revision": "cc7b047b6e5bb11b4f1af84efc572db110a51b3c"}),
+        ("builtin:gsm8k", "test", "rl", {"path": "openai/gsm8k", "name": "main", "split": "test",
+                                         "revision": "cc7b047b6e5bb11b4f1af84efc572db110a51b3c"}),
+    ],
+)
+def test_builtin_datasets_load_their_pinned_hub_dataset_by_default(spec, split, kind, call, hub_training_data):
+    ds = load_dataset_spec(spec, split=split, kind=kind)
+    assert hub_training_data.calls == [call]
+    assert len(ds) == 4 and dataset_source(spec, split)["repo"] == call["path"]
+
+
+def test_hub_rows_map_onto_the_local_format(hub_training_data, fixture_data_dir, caplog):
+    """The same problems from the Hub fixtures (Hub schemas) and from the local fixture files give the same rows."""
+    for name, kinds in (("gsm8k", ("rl", "sft")), ("math", ("rl", "sft"))):
+        for split in ("train", "test"):
+            for kind in kinds:
+                hub = load_dataset_spec(f"builtin:{name}", split=split, kind=kind)
+                local = load_dataset_spec(f"builtin:{name}", split=split, kind=kind, data_dir=fixture_data_dir)
+                assert hub.to_list() == local.to_list(), (name, split, kind)
+    math = load_math()  # MATH-lighteval has no answer column: the gold is the solution's last \boxed{}
+    solutions = [r["solution"] for r in _hub_rows("DigitalLearningGmbH__MATH-lighteval__default__train.jsonl")]
+    assert math["rl"]["answer"] == [extract_boxed(s) for s in solutions[:4]]
+    assert math_correctness_reward(math["sft"]["completion"], answer=math["rl"]["answer"]) == [1.0] * 4
+    with caplog.at_level(logging.WARNING, logger="trl_bridge.data"):
+        hub = load_math_level3to5()["rl"]
+    assert "dropped 1 of 5" in caplog.text  # SimpleRL-Zoo-Data has rows without gt_answer (two on the Hub)
+    local = load_math_level3to5(data_dir=fixture_data_dir)["rl"]
+    assert hub["answer"] == local["answer"] == ["118", "5", "30", "1"]
+    raw = _hub_rows("hkust-nlp__SimpleRL-Zoo-Data__simplelr_qwen_level3to5__train.jsonl")
+    for row, hub_prompt, local_prompt in zip(raw, hub["prompt"], local["prompt"]):
+        # the raw question plus the paper's instruction (the Hub file's own prompt carries Qwen chat markup)
+        assert hub_prompt == [{"role": "user", "content": f"{row['question']}\n{REASONING_INSTRUCTION}"}]
+        assert local_prompt[0]["content"].startswith(row["question"]) and "<|im_start|>" not in hub_prompt[0]["content"]
+
+
+def test_hub_row_without_a_mapped_column_is_a_clear_error(monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: Dataset.from_list([{"problem": "1+1?", "answer": "2"}]))
+    monkeypatch.delenv("TRL_BRIDGE_DATA_DIR", raising=False)
+    with pytest.raises(KeyError, match="SimpleRL-Zoo-Data.*row 0 has no field 'question'"):
+        load_math_level3to5()
+
+
+def test_offline_without_a_local_copy_names_the_hub_dataset_and_data_dir(monkeypatch):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'hkust-nlp/SimpleRL-Zoo-Data' on the Hub (OfflineModeIsEnabled)\nmore")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.delenv("TRL_BRIDGE_DATA_DIR", raising=False)
+    with pytest.raises(OSError) as exc:
+        load_dataset_spec("builtin:math_level3to5")
+    message = str(exc.value)
+    assert "\n" not in message and message.startswith(
+        "cannot load hkust-nlp/SimpleRL-Zoo-Data (simplelr_qwen_level3to5/train.parquet), split 'train', revision main "
+        "(not pinned) from the Hugging Face Hub")
+    assert "--data_dir" in message and "TRL_BRIDGE_DATA_DIR" in message and "OfflineModeIsEnabled" in message
+
+
+def test_dataset_source_says_where_the_rows_come_from(fixture_data_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("TRL_BRIDGE_DATA_DIR", raising=False)
+    math = dataset_source("builtin:math")
+    assert (math["source"], math["repo"], math["config"], math["split"], math["revision"]) == (
+        "hub", "DigitalLearningGmbH/MATH-lighteval", "default", "train", "0530c78699ea5e8eb5530600900e1f328b48acad")
+    assert "revision 0530c78699ea5e8eb5530600900e1f328b48acad" in math["description"]
+    level = dataset_source("builtin:math_level3to5")
+    assert level["data_files"] == "simplelr_qwen_level3to5/train.parquet" and "main (not pinned)" in level["description"]
+    path = str(fixture_data_dir / "gsm8k" / "test.jsonl")
+    assert dataset_source("builtin:gsm8k", "test", fixture_data_dir) == {
+        "spec": "builtin:gsm8k", "source": "local", "path": path, "description": f"local copy {path}"}
+    monkeypatch.setenv("TRL_BRIDGE_DATA_DIR", str(fixture_data_dir))
+    assert dataset_source("builtin:math")["path"] == str(fixture_data_dir / "math" / "train.jsonl")
+    assert dataset_source("builtin:arithmetic")["source"] == "generated"
+    assert dataset_source(str(tmp_path))["source"] == "local"
+    assert dataset_source("someone/data", "validation")["repo"] == "someone/data"
+
+
 # ---------------------------------------------------------------------------------------------------- specs
 
 
-def test_builtin_specs(shared_data):
+def test_builtin_specs(fixture_data_dir):
     rl = load_dataset_spec("builtin:arithmetic", num_train=30, num_test=5, seed=4)
     sft = load_dataset_spec("builtin:arithmetic", kind="sft", num_train=30, num_test=5, seed=4)
     test = load_dataset_spec("builtin:arithmetic", split="test", num_train=30, num_test=5, seed=4, limit=3)
     assert (len(rl), len(sft), len(test)) == (30, 30, 3)
     assert rl["prompt"] == sft["prompt"]
-    gsm = load_dataset_spec("builtin:gsm8k", kind="sft", limit=5, prompt_style="plain")
-    assert len(gsm) == 5 and isinstance(gsm[0]["completion"], str)
-    assert load_dataset_spec("builtin:math", split="test", limit=4)["answer"][:1] == ["\\left( 3, \\frac{\\pi}{2} \\right)"]
-    assert len(load_dataset_spec("builtin:math_level3to5", limit=6)) == 6
+    gsm = load_dataset_spec("builtin:gsm8k", kind="sft", limit=3, prompt_style="plain", data_dir=fixture_data_dir)
+    assert len(gsm) == 3 and isinstance(gsm[0]["completion"], str)
+    math500 = load_dataset_spec("builtin:math", split="test", limit=2, data_dir=fixture_data_dir)
+    assert math500["answer"] == ["\\left( 3, \\frac{\\pi}{2} \\right)", "p - q"]
+    assert len(load_dataset_spec("builtin:math_level3to5", limit=2, data_dir=fixture_data_dir)) == 2
+    path = FIXTURES / "data_dir" / "gsm8k" / "test.jsonl"  # path= overrides the builtin source
+    assert load_dataset_spec("builtin:gsm8k", split="test", path=path)["answer"] == ["18", "3", "70000", "540"]
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,9 @@ Where the rows come from: with ``data_dir=None`` (the default of `trl-bridge eva
 ``$TRL_BRIDGE_DATA_DIR`` is set) each benchmark is loaded from its Hugging Face Hub dataset with
 `datasets.load_dataset`, at the pinned commit recorded in its `HubSource`; the Hub columns are mapped onto the fields
 of the local file format (``HubSource.columns`` / ``HubSource.convert``), so both sources go through the same loader.
-With a ``data_dir`` the local files (``relative_path`` under it, e.g. ``math500/test.jsonl``) are read instead.
+With a ``data_dir`` the local files (``relative_path`` under it, e.g. ``math500/test.jsonl``) are read instead. No
+folder is ever looked for beyond the one given (`resolve_data_dir`). The training datasets of `trl_bridge.data`
+(``builtin:gsm8k``, ``builtin:math``, ``builtin:math_level3to5``) use the same `HubSource` mechanism.
 """
 
 from __future__ import annotations
@@ -43,7 +45,6 @@ __all__ = [
     "HubSource",
     "available_benchmarks",
     "build_prompt",
-    "default_data_dir",
     "get_benchmark",
     "grade_choice",
     "grade_gsm8k",
@@ -77,8 +78,10 @@ class HubSource:
     """Where a benchmark lives on the Hugging Face Hub and how its rows map onto the local file format.
 
     `revision` pins the dataset repository's commit (``None``: its main branch, when no commit could be verified; the
-    README's table says which). `columns` renames Hub columns to the local file's field names; `convert`, when set,
-    builds the local-format row from a Hub row (for sets whose local files carry a ready-made prompt)."""
+    docs' tables say which). `data_files` selects one file of a repository that declares no configs (e.g.
+    ``"simplelr_qwen_level3to5/train.parquet"``; its rows are then the split ``"train"``). `columns` renames Hub
+    columns to the local file's field names; `convert`, when set, builds the local-format row from a Hub row (for
+    sets whose local files carry a ready-made prompt)."""
 
     repo: str
     split: str
@@ -87,25 +90,33 @@ class HubSource:
     columns: Mapping[str, str] = field(default_factory=dict)
     convert: Callable[[dict, int], dict] | None = None
     gated: bool = False
+    data_files: str | None = None
 
     def describe(self) -> str:
         config = f" ({self.config})" if self.config else ""
-        return f"{self.repo}{config}, split {self.split!r}, revision {self.revision or 'main (not pinned)'}"
+        files = f" ({self.data_files})" if self.data_files else ""
+        return f"{self.repo}{config}{files}, split {self.split!r}, revision {self.revision or 'main (not pinned)'}"
+
+    def record(self) -> dict:
+        """Where the rows come from, for a run's summary.json and model card."""
+        return {"source": "hub", "repo": self.repo, "config": self.config, "data_files": self.data_files,
+                "split": self.split, "revision": self.revision, "description": f"Hugging Face Hub: {self.describe()}"}
 
     def load(self, limit: int | None = None) -> list[dict]:
         """The first `limit` rows (all when ``None``), in the local file format. Network or access failures raise
         `OSError` with one line that says what to do instead."""
         import datasets
 
+        files = {"data_files": self.data_files} if self.data_files else {}
         try:
-            ds = datasets.load_dataset(self.repo, self.config, split=self.split, revision=self.revision)
+            ds = datasets.load_dataset(self.repo, self.config, split=self.split, revision=self.revision, **files)
         except Exception as err:  # offline, gated, renamed repository...: all kinds of exception types
             detail = " ".join(str(err).split())[:200]
             gated = " It is a gated dataset: accept its terms on the Hub and log in (`hf auth login`)." if self.gated else ""
             raise OSError(
                 f"cannot load {self.describe()} from the Hugging Face Hub ({type(err).__name__}: {detail}).{gated} "
-                "Without Hub access, pass --data_dir (or set TRL_BRIDGE_DATA_DIR) to a folder holding the benchmark "
-                "files; see docs/evaluation.md"
+                "Without Hub access, pass --data_dir (or set TRL_BRIDGE_DATA_DIR) to a folder holding local copies "
+                "of the data files; see docs/data.md and docs/evaluation.md"
             ) from err
         if limit is not None:
             ds = ds.select(range(min(limit, len(ds))))
@@ -234,28 +245,10 @@ def get_benchmark(name: str) -> Benchmark:
 # data directory
 
 
-def default_data_dir() -> Path:
-    """The shared folder of local benchmark and training files: ``$TRL_BRIDGE_DATA_DIR``, else
-    ``<repo>/../shared/benchmarks``, else ``./shared/benchmarks`` / ``./benchmarks`` (the training datasets
-    ``builtin:gsm8k`` / ``builtin:math`` / ``builtin:math_level3to5`` read it; `trl-bridge eval` only with --data_dir)."""
-    env = os.environ.get("TRL_BRIDGE_DATA_DIR")
-    if env:
-        return Path(env)
-    candidates = [
-        Path(__file__).resolve().parents[2] / "shared" / "benchmarks",
-        Path.cwd() / "shared" / "benchmarks",
-        Path.cwd().parent / "shared" / "benchmarks",
-        Path.cwd() / "benchmarks",
-    ]
-    for candidate in candidates:
-        if candidate.is_dir():
-            return candidate
-    return candidates[0]
-
-
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
-    """Where the evaluator reads benchmarks: `data_dir`, else ``$TRL_BRIDGE_DATA_DIR``, as an existing directory; or
-    ``None`` (neither is set): each benchmark's Hugging Face Hub dataset."""
+    """The folder of local data copies: `data_dir`, else ``$TRL_BRIDGE_DATA_DIR``, as an existing directory; or
+    ``None`` (neither is set): each dataset's Hugging Face Hub copy. Only the user's explicit choice is ever used (no
+    folder is looked for). `trl-bridge eval` reads benchmarks there, `trl_bridge.data` the builtin training sets."""
     if not data_dir:
         data_dir = os.environ.get("TRL_BRIDGE_DATA_DIR") or None
     if data_dir is None:
@@ -264,8 +257,8 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
     if not path.is_dir():
         raise FileNotFoundError(
             f"data_dir {str(path)!r} does not exist or is not a directory; pass --data_dir (or set TRL_BRIDGE_DATA_DIR) "
-            "to the folder holding math500/, aime24/, ..., or leave both unset to load the benchmarks from the Hugging "
-            "Face Hub (see docs/evaluation.md)"
+            "to the folder holding the local copies (math500/, aime24/, gsm8k/, math/, ...), or leave both unset to "
+            "load the data from the Hugging Face Hub (see docs/data.md and docs/evaluation.md)"
         )
     return path
 

@@ -16,14 +16,18 @@ Sources:
 
 - `make_arithmetic_task`: seeded multi-step arithmetic word problems generated on the fly (the default task: easy
   enough that a 135M model visibly improves in minutes on CPU; knobs make it harder).
-- `load_gsm8k`, `load_math`, `load_math_level3to5`: the benchmark files under the shared data folder
-  (`benchmarks_dir()`), or other paths / Hub names.
+- `load_gsm8k`, `load_math`, `load_math_level3to5`: GSM8K, MATH train and the paper's MATH level 3-5 prompts, from
+  their Hugging Face Hub datasets at pinned revisions (`BUILTIN_SOURCES`, the `HubSource` mechanism `trl-bridge
+  eval` uses for benchmarks, columns mapped onto the local file format), or from local copies under the folder the
+  user names (`data_dir` / ``$TRL_BRIDGE_DATA_DIR``; no other folder is ever looked for), or other paths / Hub names.
 - `load_dataset_spec`: one entry point for the CLI: ``builtin:<name>``, a local jsonl/json/parquet/csv file or
-  folder, or a Hub dataset name, with an optional column mapping; the result is validated.
+  folder, or a Hub dataset name, with an optional column mapping; the result is validated. `dataset_source` says
+  where a spec's rows come from (for a run's summary.json and model card).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -33,6 +37,7 @@ from pathlib import Path
 
 from datasets import Dataset, DatasetDict, load_dataset
 
+from .benchmarks import HubSource, _field, get_benchmark, resolve_data_dir
 from .grading import extract_boxed
 
 logger = logging.getLogger(__name__)
@@ -44,9 +49,10 @@ LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv
 SFT_FORMATS = "'prompt' + 'completion', 'messages', or 'text'"
 
 __all__ = [
+    "BUILTIN_SOURCES",
     "REASONING_INSTRUCTION",
     "MissingColumnsError",
-    "benchmarks_dir",
+    "dataset_source",
     "format_completion",
     "format_prompt",
     "gsm8k_gold_answer",
@@ -234,29 +240,88 @@ def make_arithmetic_task(
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Benchmark files (GSM8K, MATH)
+# GSM8K and MATH: Hugging Face Hub datasets at pinned revisions, or local copies in the user's data folder
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def benchmarks_dir() -> Path:
-    """Folder with the shared benchmark files, found as `trl-bridge eval` finds it (`benchmarks.default_data_dir`)."""
-    from .benchmarks import default_data_dir
+def _simplerl_to_local(row: dict, index: int) -> dict:
+    """A hkust-nlp/SimpleRL-Zoo-Data row (raw ``question``, gold ``gt_answer``) as a row of the local verl-format
+    file: the question plus the paper's instruction as the user message, the gold as ``reward_model.ground_truth``.
+    (The Hub file's own ``prompt`` holds the question inside Qwen chat markup, so it is not used.)"""
+    where = "hkust-nlp/SimpleRL-Zoo-Data (Hub)"
+    question, gold = _field(row, "question", where, index), _field(row, "gt_answer", where, index)
+    return {"prompt": [{"role": "user", "content": f"{str(question).strip()}\n{REASONING_INSTRUCTION}"}],
+            "reward_model": {"ground_truth": gold}, "extra_info": {"index": index}}
 
-    return default_data_dir()
+
+#: ``builtin:<name>`` -> split -> (its file under the data folder, the Hugging Face Hub dataset it is downloaded from
+#: when no data folder is given). Revisions: see docs/data.md (``None``: not pinned, no commit could be verified).
+BUILTIN_SOURCES: dict[str, dict[str, tuple[str, HubSource]]] = {
+    "gsm8k": {
+        "train": ("gsm8k/train.jsonl", dataclasses.replace(get_benchmark("gsm8k").hub, split="train")),
+        "test": ("gsm8k/test.jsonl", get_benchmark("gsm8k").hub),
+    },
+    "math": {
+        "train": ("math/train.jsonl", HubSource("DigitalLearningGmbH/MATH-lighteval", "train", config="default",
+                                                revision="0530c78699ea5e8eb5530600900e1f328b48acad")),
+        "test": ("math500/test.jsonl", get_benchmark("math500").hub),
+    },
+    "math_level3to5": {
+        "train": ("math_level3to5/train.jsonl", HubSource("hkust-nlp/SimpleRL-Zoo-Data", "train",
+                                                          data_files="simplelr_qwen_level3to5/train.parquet",
+                                                          convert=_simplerl_to_local)),
+    },
+}
 
 
-def _load_source(path_or_name: str | os.PathLike | None, default_files: Mapping[str, str], split: str, **hub_kwargs):
-    """Load one split from the shared files (``None``), a local file/folder, or a Hub dataset name."""
-    if path_or_name is None:
-        if split not in default_files:
-            raise ValueError(f"split must be one of {sorted(default_files)} for the shared files, got {split!r}")
-        path_or_name = benchmarks_dir() / default_files[split]
-        if not path_or_name.is_file():
-            raise FileNotFoundError(
-                f"benchmark file {path_or_name} not found; set TRL_BRIDGE_DATA_DIR to the folder holding "
-                f"{default_files[split]!r} or pass a path"
-            )
-    return _load_raw(path_or_name, split=split, **hub_kwargs)
+def _builtin_source(name: str, split: str) -> tuple[str, HubSource]:
+    if name not in BUILTIN_SOURCES:
+        raise ValueError(f"no data files for builtin:{name}; choose from {[f'builtin:{n}' for n in BUILTIN_SOURCES]}")
+    if split not in BUILTIN_SOURCES[name]:
+        raise ValueError(f"split must be one of {sorted(BUILTIN_SOURCES[name])} for builtin:{name}, got {split!r}")
+    return BUILTIN_SOURCES[name][split]
+
+
+def _load_source(path_or_name, name: str, split: str, data_dir=None, **hub_kwargs) -> Dataset:
+    """One split of ``builtin:<name>``: `path_or_name` (a local file/folder or a Hub name) when given; else the local
+    copy in the data folder (`data_dir`, else ``$TRL_BRIDGE_DATA_DIR``); else the pinned Hugging Face Hub dataset,
+    its rows mapped onto the local file format. Without Hub access the error names the dataset and ``--data_dir``."""
+    if path_or_name is not None:
+        return _load_raw(path_or_name, split=split, **hub_kwargs)
+    relative_path, hub = _builtin_source(name, split)
+    root = resolve_data_dir(data_dir)
+    if root is None:
+        return Dataset.from_list(hub.load())
+    path = root / relative_path
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"builtin:{name} (split {split!r}): {path} not found in the data folder given by --data_dir / "
+            f"TRL_BRIDGE_DATA_DIR; put a local copy there as {relative_path!r}, or leave both unset to download "
+            f"{hub.describe()} from the Hugging Face Hub"
+        )
+    return _load_raw(path, split=split)
+
+
+def dataset_source(spec: str | os.PathLike, split: str = "train", data_dir: str | os.PathLike | None = None) -> dict:
+    """Where `load_dataset_spec(spec, split, data_dir=data_dir)` reads its rows: a dict for a run's summary.json and
+    model card with ``spec``, ``source`` (``"hub"``, ``"local"`` or ``"generated"``), the Hub ``repo`` / ``config`` /
+    ``data_files`` / ``split`` / ``revision`` (``None``: not pinned) or the local ``path``, and a ``description``."""
+    spec = os.fspath(spec).strip()
+    if spec == "builtin:arithmetic":
+        return {"spec": spec, "source": "generated", "description": "generated by trl-bridge (seeded)"}
+    if spec.startswith("builtin:"):
+        name = spec.removeprefix("builtin:")
+        relative_path, hub = _builtin_source(name, split)
+        root = resolve_data_dir(data_dir)
+        if root is None:
+            return {"spec": spec, **hub.record()}
+        path = str(root / relative_path)
+        return {"spec": spec, "source": "local", "path": path, "description": f"local copy {path}"}
+    if _looks_local(spec):
+        path = str(Path(spec).expanduser().resolve())
+        return {"spec": spec, "source": "local", "path": path, "description": f"local file or folder {path}"}
+    hub = HubSource(spec, split)
+    return {"spec": spec, **hub.record()}
 
 
 def _limit(ds: Dataset, limit: int | None) -> Dataset:
@@ -302,16 +367,18 @@ def load_gsm8k(
     prompt_style: str = "chat",
     limit: int | None = None,
     instruction: str | None = REASONING_INSTRUCTION,
+    data_dir: str | os.PathLike | None = None,
 ) -> DatasetDict:
     """GSM8K as RL rows (prompt + gold ``answer``) and SFT rows (prompt + worked solution ending in ``\\boxed{}``).
 
-    `path_or_name`: ``None`` for the shared ``gsm8k/{train,test}.jsonl``, a local file or folder with
-    ``question``/``answer`` columns, or a Hub name such as ``"openai/gsm8k"`` (config ``"main"``).
-    Returns a `DatasetDict` with ``"rl"`` and ``"sft"`` (row-aligned); `limit` keeps the first rows.
+    `path_or_name`: ``None`` for the builtin source (`BUILTIN_SOURCES`: ``gsm8k/{train,test}.jsonl`` under `data_dir`
+    / ``$TRL_BRIDGE_DATA_DIR`` when one is set, else ``openai/gsm8k`` (``main``) from the Hub at a pinned revision),
+    a local file or folder with ``question``/``answer`` columns, or a Hub name such as ``"openai/gsm8k"`` (config
+    ``"main"``). Returns a `DatasetDict` with ``"rl"`` and ``"sft"`` (row-aligned); `limit` keeps the first rows.
     """
     _check_prompt_style(prompt_style)
     hub_kwargs = {"name": "main"} if path_or_name is not None and _is_hub_name(path_or_name) else {}
-    raw = _load_source(path_or_name, {"train": "gsm8k/train.jsonl", "test": "gsm8k/test.jsonl"}, split, **hub_kwargs)
+    raw = _load_source(path_or_name, "gsm8k", split, data_dir, **hub_kwargs)
     _require_columns(raw, ["question", "answer"], "GSM8K data")
     raw = _limit(raw, limit)
     return _rl_and_sft(
@@ -329,17 +396,19 @@ def load_math(
     prompt_style: str = "chat",
     limit: int | None = None,
     instruction: str | None = REASONING_INSTRUCTION,
+    data_dir: str | os.PathLike | None = None,
 ) -> DatasetDict:
     """MATH as RL rows (prompt + gold ``answer``) and SFT rows (prompt + the reference solution as completion).
 
-    `path_or_name`: ``None`` for the shared files (``split="train"``: ``math/train.jsonl``, the 7500 MATH train
-    problems; ``split="test"``: ``math500/test.jsonl``, MATH-500), a local file/folder or a Hub name, with
-    ``problem`` and ``solution`` columns. The gold answer is the ``answer`` column when present, else the last
-    ``\\boxed{}`` of the solution; rows with neither are dropped (the number dropped is logged as a warning).
-    `limit` applies after dropping.
+    `path_or_name`: ``None`` for the builtin source (`BUILTIN_SOURCES`; ``split="train"``: the 7500 MATH train
+    problems, ``math/train.jsonl`` under `data_dir` / ``$TRL_BRIDGE_DATA_DIR`` when one is set, else
+    ``DigitalLearningGmbH/MATH-lighteval`` from the Hub; ``split="test"``: MATH-500, ``math500/test.jsonl`` or
+    ``HuggingFaceH4/MATH-500``), a local file/folder or a Hub name, with ``problem`` and ``solution`` columns. The
+    gold answer is the ``answer`` column when present, else the last ``\\boxed{}`` of the solution; rows with neither
+    are dropped (the number dropped is logged as a warning). `limit` applies after dropping.
     """
     _check_prompt_style(prompt_style)
-    raw = _load_source(path_or_name, {"train": "math/train.jsonl", "test": "math500/test.jsonl"}, split)
+    raw = _load_source(path_or_name, "math", split, data_dir)
     _require_columns(raw, ["problem", "solution"], "MATH data")
     golds = raw["answer"] if "answer" in raw.column_names else [None] * len(raw)
     golds = [gold if gold not in (None, "") else extract_boxed(sol) for gold, sol in zip(golds, raw["solution"])]
@@ -357,18 +426,29 @@ def load_math_level3to5(
     path_or_name: str | os.PathLike | None = None,
     prompt_style: str = "chat",
     limit: int | None = None,
+    data_dir: str | os.PathLike | None = None,
 ) -> DatasetDict:
-    """The paper's MATH level 3-5 training prompts (verl format, 8521 rows): RL rows only (there are no solutions).
+    """The paper's MATH level 3-5 training prompts: RL rows only (there are no solutions).
 
-    The stored user message already asks for a ``\\boxed{}`` answer, so it is used as is; the gold answer is
-    ``reward_model.ground_truth``. Returns a `DatasetDict` with only ``"rl"``.
+    `path_or_name`: ``None`` for the builtin source (`BUILTIN_SOURCES`: ``math_level3to5/train.jsonl`` under
+    `data_dir` / ``$TRL_BRIDGE_DATA_DIR`` when one is set, else ``simplelr_qwen_level3to5/train.parquet`` of
+    ``hkust-nlp/SimpleRL-Zoo-Data`` from the Hub), or a local file/folder / Hub name in verl format. The stored user
+    message already asks for a ``\\boxed{}`` answer (Hub rows: the question plus `REASONING_INSTRUCTION`), so it is
+    used as is; the gold answer is ``reward_model.ground_truth``. Rows without one are dropped (the number dropped is
+    logged as a warning); `limit` applies after dropping. Returns a `DatasetDict` with only ``"rl"``.
     """
     _check_prompt_style(prompt_style)
-    raw = _load_source(path_or_name, {"train": "math_level3to5/train.jsonl"}, "train")
+    raw = _load_source(path_or_name, "math_level3to5", "train", data_dir)
     _require_columns(raw, ["prompt", "reward_model"], "MATH level 3-5 data")
-    raw = _limit(raw, limit)
+    golds = [reward.get("ground_truth") if isinstance(reward, Mapping) else None for reward in raw["reward_model"]]
+    keep = [i for i, gold in enumerate(golds) if gold not in (None, "")]
+    if len(keep) < len(raw):
+        logger.warning("MATH level 3-5: dropped %d of %d rows that have no gold answer", len(raw) - len(keep), len(raw))
+    if not keep:
+        raise ValueError("MATH level 3-5 data has no row with a 'reward_model.ground_truth' answer")
+    raw = _limit(raw.select(keep), limit)
     questions = [_last_user_content(messages) for messages in raw["prompt"]]
-    answers = [str(reward["ground_truth"]) for reward in raw["reward_model"]]
+    answers = [str(golds[i]) for i in keep[: len(raw)]]
     return _rl_and_sft(questions, answers, None, prompt_style, instruction=None)
 
 
@@ -506,7 +586,7 @@ BUILTIN_DATASETS = ("arithmetic", "gsm8k", "math", "math_level3to5")
 DATASET_KINDS = ("rl", "sft")
 
 
-def _load_builtin(name, split, kind, prompt_style, limit, instruction, **task_kwargs) -> Dataset:
+def _load_builtin(name, split, kind, prompt_style, limit, instruction, data_dir=None, **task_kwargs) -> Dataset:
     style = prompt_style or "chat"
     if name == "arithmetic":
         task = make_arithmetic_task(prompt_style=style, instruction=instruction, **task_kwargs)
@@ -522,14 +602,14 @@ def _load_builtin(name, split, kind, prompt_style, limit, instruction, **task_kw
         raise ValueError(f"builtin:{name} does not take {unexpected}")
     path = task_kwargs.get("path")
     if name == "gsm8k":
-        return load_gsm8k(path, split, style, limit, instruction)[kind]
+        return load_gsm8k(path, split, style, limit, instruction, data_dir)[kind]
     if name == "math":
-        return load_math(path, split, style, limit, instruction)[kind]
+        return load_math(path, split, style, limit, instruction, data_dir)[kind]
     if kind == "sft":
         raise ValueError("builtin:math_level3to5 has no solutions, so it cannot be an SFT dataset; use builtin:math")
     if split != "train":
         raise ValueError(f"builtin:math_level3to5 only has split 'train', got {split!r}")
-    return load_math_level3to5(path, style, limit)["rl"]
+    return load_math_level3to5(path, style, limit, data_dir)["rl"]
 
 
 def load_dataset_spec(
@@ -542,6 +622,7 @@ def load_dataset_spec(
     instruction: str | None = REASONING_INSTRUCTION,
     required: Sequence[str] | None = None,
     column_map_option: str = "column_map",
+    data_dir: str | os.PathLike | None = None,
     **task_kwargs,
 ) -> Dataset:
     """Load and validate an RL (``kind="rl"``) or SFT (``kind="sft"``) dataset from a spec string.
@@ -549,8 +630,9 @@ def load_dataset_spec(
     `spec` is one of:
 
     - ``builtin:arithmetic`` (generated; `task_kwargs` go to `make_arithmetic_task`), ``builtin:gsm8k``,
-      ``builtin:math``, ``builtin:math_level3to5`` (RL only) — read from `benchmarks_dir()` unless
-      ``path=...`` is given. `prompt_style` defaults to ``"chat"``.
+      ``builtin:math``, ``builtin:math_level3to5`` (RL only) — downloaded from their Hugging Face Hub datasets at
+      pinned revisions (`BUILTIN_SOURCES`), or read from the local copies in `data_dir` (else
+      ``$TRL_BRIDGE_DATA_DIR``) when one is given, or from ``path=...``. `prompt_style` defaults to ``"chat"``.
     - a local ``.jsonl``/``.json``/``.parquet``/``.csv`` file, or a folder (``<split>.<ext>`` inside it);
     - a Hub dataset name (`datasets.load_dataset`, ``name=`` for a config).
 
@@ -572,7 +654,7 @@ def load_dataset_spec(
             raise ValueError(f"unknown builtin dataset {spec!r}; choose from {[f'builtin:{n}' for n in BUILTIN_DATASETS]}")
         if column_map:
             raise ValueError(f"column_map does not apply to builtin datasets ({spec!r} already has standard columns)")
-        ds = _load_builtin(name, split, kind, prompt_style, limit, instruction, **task_kwargs)
+        ds = _load_builtin(name, split, kind, prompt_style, limit, instruction, data_dir, **task_kwargs)
     else:
         ds = apply_column_map(_load_raw(spec, split=split, **task_kwargs), column_map)
         if prompt_style is not None:
