@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -21,6 +22,13 @@ def test_bench_runs_grpo_and_bridge_for_one_step(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| bridge |" in proc.stdout and "overhead_vs_floor" in proc.stdout
+    # progress on stdout, plain lines: the workers, then each variant's step with its s/step
+    assert "[trl-bridge bench] 3 variants (grpo, bridge_lean, bridge), 1 optimizer steps each" in proc.stdout
+    assert "[trl-bridge bench] workers ready (" in proc.stdout
+    for i, variant in enumerate(("grpo", "bridge_lean", "bridge"), 1):
+        assert re.search(rf"^\[trl-bridge bench\] variant {i}/3 {variant}: step 1/1 \(measured\), [\d.]+ s/step \| "
+                         r"elapsed \S+ \| remaining ", proc.stdout, re.M), variant
+    assert "s/step" not in out.read_text().replace("seconds_per_step", "")  # nothing of it in the results
     result = json.loads(out.read_text())
     grpo, bridge, lean = (result["variants"][v] for v in ("grpo", "bridge", "bridge_lean"))
     assert grpo["phases"]["sft"] == 0 and grpo["phases"]["shadow"] == 0

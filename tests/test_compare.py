@@ -2,6 +2,8 @@
 and the statistics in the table."""
 
 import json
+import re
+import threading
 
 import pytest
 
@@ -95,11 +97,25 @@ def test_compare_runs_every_method_and_writes_results_and_plots(tiny_model_dir, 
 
 
 def test_completed_runs_are_reused_and_changed_settings_refused(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    """Two runs in parallel processes (--jobs 2); a second invocation trains nothing; changed settings are refused."""
+    """Two runs in parallel processes (--jobs 2), with their progress in the terminal; a second invocation trains
+    nothing; changed settings are refused."""
     out = tmp_path / "cmp"
     argv = ["--config", str(_config(tmp_path, tiny_model_dir)), "--methods", "grpo,sft", "--seeds", "0",
-            "--max_steps", "2", "--jobs", "2", "--output_dir", str(out), *TINY_RUN]
+            "--max_steps", "2", "--jobs", "2", "--progress_interval", "0.5", "--output_dir", str(out), *TINY_RUN]
     assert compare_mod.main(argv) == 0
+    printed = capsys.readouterr().out
+    # while they train: the overall line and one line per running run, read from its train.log
+    assert re.search(r"^\[trl-bridge compare\] runs 0/2 done, 2 running, 0 waiting \| elapsed \S+ \| remaining ",
+                     printed, re.M)
+    for method in ("grpo", "sft"):
+        assert re.search(rf"^\[trl-bridge compare\]   {method} seed 0: step \d/2", printed, re.M), method
+        # as each finishes: its last step and s/step, and the overall line
+        assert re.search(rf"^\[trl-bridge compare\] {method} seed 0: done in \S+ \(step 2/2, [\d.]+ s/step\) \| runs "
+                         r"[12]/2 done", printed, re.M), method
+    assert re.search(r"\| runs 2/2 done, 0 running, 0 waiting \| elapsed \S+ \| remaining ~0s$", printed, re.M)
+    assert not any(t.name == "trl-bridge-progress" for t in threading.enumerate())  # the thread ended with the command
+    for name in ("results.md", "results.json"):  # progress goes to the terminal only
+        assert "s/step" not in (out / name).read_text() and "remaining" not in (out / name).read_text(), name
     first = json.loads((out / "results.json").read_text())
     assert all(r["done"] for r in first["runs"])
     assert all(r["peak_rss_mb"] > 100 for r in first["runs"])  # each process's own peak (torch alone is > 100 MB)
@@ -120,7 +136,7 @@ def test_completed_runs_are_reused_and_changed_settings_refused(tiny_model_dir, 
     assert {m: (out / "runs" / m / "seed0" / "done.json").read_text() for m in ("grpo", "sft")} == done_before
 
 
-def test_stopped_grid_trains_only_the_missing_runs(tiny_model_dir, tmp_path, monkeypatch):
+def test_stopped_grid_trains_only_the_missing_runs(tiny_model_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "cmp"
     base = ["--config", str(_config(tmp_path, tiny_model_dir)), "--seeds", "0", "--max_steps", "2", "--in_process",
             "--output_dir", str(out), *TINY_RUN]
@@ -130,6 +146,9 @@ def test_stopped_grid_trains_only_the_missing_runs(tiny_model_dir, tmp_path, mon
     monkeypatch.setattr(compare_mod, "run_stage", lambda stage, in_process=False: trained.append(stage["dir"]) or real(stage, in_process))
     assert compare_mod.main([*base, "--methods", "sft,naive_mixing"]) == 0
     assert trained == [str(out / "runs" / "naive_mixing" / "seed0")]
+    # in process: no progress thread (the run prints its own steps), a line as it finishes; the reused run counts
+    assert re.search(r"^\[trl-bridge compare\] naive_mixing seed 0: done in \S+ \| runs 2/2 done \(1 reused\), "
+                     r"0 running, 0 waiting", capsys.readouterr().out, re.M)
     assert set(json.loads((out / "results.json").read_text())["methods"]) == {"sft", "naive_mixing"}
 
 

@@ -15,7 +15,8 @@ B and the shadow's sampling-time log-probs) / optimizer (the three optimizer ste
 CUDA peak on GPU; both from the start of training), the bytes of training state (weights, gradients, optimizer states)
 and rollout tokens per second; ratios to GRPO; and BRIDGE's algorithmic floor, GRPO's step + one more RL pass + the
 SFT pass, all from the same run. Generation is forced to `max_completion_length` tokens so that every variant
-generates the same number of tokens.
+generates the same number of tokens. While it runs, plain progress lines on stdout give the variant (i/N), its step
+(n/N, warmup or measured), its mean seconds per step, the time elapsed and an estimate of the time remaining.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from .progress import DEFAULT_INTERVAL, BenchProgress, format_duration
 
 VARIANTS = {
     "grpo": None,
@@ -317,9 +320,8 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def bench(config: str, output: str, variants: list[str], warmup: int, steps: int, overrides: list[str]) -> dict:
-    from tqdm.auto import tqdm
-
+def bench(config: str, output: str, variants: list[str], warmup: int, steps: int, overrides: list[str],
+          progress_interval: float = DEFAULT_INTERVAL) -> dict:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
@@ -328,17 +330,21 @@ def bench(config: str, output: str, variants: list[str], warmup: int, steps: int
                   "--report_to", "none", "--logging_steps", "1", "--output_dir", os.path.join(tmp, "run")]
         log_dir = os.path.dirname(os.path.abspath(output)) or "."
         os.makedirs(log_dir, exist_ok=True)
+        progress = BenchProgress(variants, warmup + steps, warmup, progress_interval)
+        progress.say(f"{len(variants)} variants ({', '.join(variants)}), {warmup + steps} optimizer steps each "
+                     f"({warmup} warmup + {steps} measured), taking turns; loading the models (worker logs: "
+                     f"{os.path.join(log_dir, '<variant>.log')})")
         workers = [_Worker(v, common + (VARIANTS[v] or []), log_dir) for v in variants]
         raw = {w.variant: {"steps": [], "memory": None} for w in workers}
         try:
             for w in workers:
                 w.receive()  # ready: model loaded, trainer built
-            with tqdm(total=(warmup + steps) * len(workers), desc="bench", unit="step") as bar:
-                for i in range(warmup + steps):
-                    order = workers[i % len(workers):] + workers[: i % len(workers)]  # rotate who goes first
-                    for w in order:
-                        raw[w.variant]["steps"].append(w.go())
-                        bar.update(1)
+            progress.say(f"workers ready ({format_duration(progress.clock() - progress.start_time)}); training")
+            for i in range(warmup + steps):
+                order = workers[i % len(workers):] + workers[: i % len(workers)]  # rotate who goes first
+                for w in order:
+                    raw[w.variant]["steps"].append(w.go())
+                    progress.step(w.variant, raw[w.variant]["steps"][-1]["total"])
             for w in workers:
                 raw[w.variant]["memory"] = w.receive()["memory"]
                 w.proc.wait()
@@ -371,13 +377,20 @@ def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="trl-bridge bench",
         description="Time and memory of BRIDGE against GRPO and naive mixing, per phase, interleaved step by step. Any "
-        "other option (e.g. --max_completion_length 64) overrides the config for every variant.",
+        "other option (e.g. --max_completion_length 64) overrides the config for every variant. Progress (variant "
+        "i/N, step n/N, s/step, elapsed, remaining) is printed to stdout as plain lines; see --progress_interval.",
     )
     p.add_argument("--config", required=True, help="a `trl-bridge train` YAML config (e.g. configs/bench/tiny.yaml)")
     p.add_argument("--output", required=True, help="JSON file for the results (worker logs go beside it)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {list(VARIANTS)}")
     p.add_argument("--warmup", type=int, default=2, help="optimizer steps per variant not measured (default 2)")
     p.add_argument("--steps", type=int, default=6, help="measured optimizer steps per variant (default 6)")
+    p.add_argument("--progress_interval", type=float, default=DEFAULT_INTERVAL, metavar="SECONDS",
+                   help="progress on stdout, plain lines (a terminal, a CI log or `| tee` alike): one when the workers "
+                   "are ready, one after each variant's first step and the last step, and in between one at most every "
+                   "this many seconds, each with variant i/N, step n/N (warmup or measured), that variant's mean "
+                   f"s/step, elapsed and estimated remaining time; none of it goes into --output (default "
+                   f"{DEFAULT_INTERVAL:g}; 0: only the first and last steps)")
     return p
 
 
@@ -386,13 +399,16 @@ def main(argv=None) -> int:
     if argv[:1] == ["--_worker"]:
         variant, fd, rest = argv[1], int(argv[3]), argv[5:]
         return _worker(variant, fd, rest)
-    args, overrides = make_parser().parse_known_args(argv)
+    parser = make_parser()
+    args, overrides = parser.parse_known_args(argv)
+    if not args.progress_interval >= 0:
+        parser.error(f"--progress_interval must be >= 0 seconds, got {args.progress_interval}")
     if not os.path.isfile(args.config):
         print(f"trl-bridge bench: error: --config {args.config!r} does not exist", file=sys.stderr)
         return 2
     try:
         bench(args.config, args.output, [v.strip() for v in args.variants.split(",") if v.strip()], args.warmup,
-              args.steps, overrides)
+              args.steps, overrides, args.progress_interval)
     except (ValueError, RuntimeError) as err:
         print(f"trl-bridge bench: error: {err}", file=sys.stderr)
         return 2 if isinstance(err, ValueError) else 1

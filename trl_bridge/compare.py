@@ -11,6 +11,11 @@ which keeps the run's exact settings (`config.yaml`, `spec.json`), its log, metr
 whose `done.json` matches its spec is reused, so a grid that was stopped continues where it was; one whose settings
 changed is refused (use another `--output_dir`); nothing already written is deleted.
 
+Progress: while runs train, every `--progress_interval` seconds (default 30) one line gives the runs done / total
+(reused ones count as done), the time elapsed and an estimate of the time remaining ('?' until known), and one line
+per running run its method, seed, step n/N and seconds per step, read from its train.log; a line also follows each
+finished run. Plain lines, the same in a terminal, a CI log or through `| tee`; they never go into the results files.
+
 Writes to `--output_dir`: `results.json` (every run and the per-method aggregates), `results.md` (table: held-out
 accuracy mean ± std over seeds, the paired difference to BRIDGE with a 95% t confidence interval, reward stability,
 steps to `--target_accuracy`, wall time, peak memory) and plots, mean over seeds with a ±1 std band:
@@ -34,6 +39,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import yaml
+
+from .progress import DEFAULT_INTERVAL, CompareProgress, LogFollower, log_size, stage_marker
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Methods: each is the config plus these `trl-bridge train` overrides ("unset" keys are removed from the config).
@@ -247,12 +254,36 @@ def run_stage(stage: dict, in_process: bool = False) -> dict:
     return done
 
 
-def _execute(run: dict, in_process: bool) -> str | None:
-    """Run the stages of one (method, seed) that are not done yet; returns an error message or None."""
-    todo = [s for s in run["stages"] if _done(s) is None]
+def _stage_steps(stage: dict) -> int:
+    """The stage's optimizer steps: the last `--max_steps` of its argv (compare always sets it)."""
+    argv = stage["argv"]
+    return int(argv[len(argv) - 1 - argv[::-1].index("--max_steps") + 1])
+
+
+def _progress_stages(run: dict) -> list[dict]:
+    """The run's stages not done yet, each with where its steps lie in the whole run (for the worker's stage line)."""
+    total, first, todo = sum(_stage_steps(s) for s in run["stages"]), 0, []
+    for stage in run["stages"]:
+        if _done(stage) is None:
+            todo.append({**stage, "progress": {"first_step": first, "steps": _stage_steps(stage), "total": total}})
+        first += _stage_steps(stage)
+    return todo
+
+
+def _label(run: dict) -> str:
+    return f"{run['method']} seed {run['seed']}"
+
+
+def _execute(run: dict, in_process: bool, progress: CompareProgress | None = None) -> str | None:
+    """Run the stages of one (method, seed) that are not done yet; returns an error message or None. With `progress`,
+    the run is registered there (its train.log followed from the size it had when this run started)."""
+    todo = _progress_stages(run)
     if not todo:
         return None
+    key, total = f"{run['method']}/seed{run['seed']}", todo[0]["progress"]["total"]
     if in_process:
+        if progress is not None:
+            progress.started(key, _label(run), total)
         try:
             for stage in todo:
                 run_stage(stage, in_process=True)
@@ -264,6 +295,10 @@ def _execute(run: dict, in_process: bool) -> str | None:
     with open(spec_path, "w") as f:
         json.dump(todo, f)
     log_path = os.path.join(run["dir"], "train.log")
+    if progress is not None:
+        first = todo[0]["progress"]
+        progress.started(key, _label(run), total, LogFollower(log_path, offset=log_size(log_path), total=total,
+                                                              first_step=first["first_step"], stage_steps=first["steps"]))
     env = {**os.environ}
     env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -508,7 +543,7 @@ def write_results(args, runs: list[dict], failed: dict) -> dict:
     records = [collect_run(r) for r in runs]
     summary = aggregate(records, args.target_accuracy)
     os.makedirs(args.output_dir, exist_ok=True)
-    settings = {k: v for k, v in vars(args).items()}
+    settings = {k: v for k, v in vars(args).items() if k != "progress_interval"}  # how it is shown changes no result
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump({"settings": settings, "methods": summary, "runs": records, "failed": failed}, f, indent=2)
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
@@ -556,6 +591,12 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--target_accuracy", type=float, default=0.5, help="held-out accuracy for 'steps to target'")
     parser.add_argument("--smooth", type=int, default=5, help="trailing-mean window of the reward plot")
     parser.add_argument("--output_dir", default="outputs/compare")
+    parser.add_argument("--progress_interval", type=float, default=DEFAULT_INTERVAL, metavar="SECONDS",
+                        help="while runs train, print every this many seconds one overall line (runs done/total, "
+                        "reused, elapsed, estimated remaining time, '?' while unknown) and one line per running run "
+                        "(method, seed, step n/N, s/step measured from its train.log); plain lines, so they read the "
+                        "same in a terminal, a CI log or through `| tee`. A line also follows each finished run. 0: "
+                        f"only those (default {DEFAULT_INTERVAL:g})")
     return parser
 
 
@@ -614,6 +655,8 @@ def parse_args(argv):
         parser.error(f"--reward_noise must lie in [0, 1], got {args.reward_noise}")
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    if not args.progress_interval >= 0:
+        parser.error(f"--progress_interval must be >= 0 seconds, got {args.progress_interval}")
     if not 0.0 < args.cold_start_fraction < 1.0:
         parser.error(f"--cold_start_fraction must lie in (0, 1), got {args.cold_start_fraction}")
     if args.heldout_eval_steps < 1:
@@ -637,33 +680,38 @@ def compare(argv) -> int:
             _done(stage)
     _check_settings(runs)
     todo = [r for r in runs if any(_done(s) is None for s in r["stages"])]
+    reused, jobs = len(runs) - len(todo), 1 if args.in_process else args.jobs
     if args.report_only:
         print(f"[trl-bridge compare] {len(runs) - len(todo)} of {len(runs)} runs completed under {args.output_dir}/runs; "
               "--report_only: training none", flush=True)
         todo = []
     else:
-        print(f"[trl-bridge compare] {len(runs)} runs, {len(runs) - len(todo)} reused, {len(todo)} to train "
-              f"({args.jobs} at a time) under {args.output_dir}/runs", flush=True)
+        every = ("in process: a line as each run finishes" if args.in_process else
+                 f"each run's log: <run>/train.log; progress every {args.progress_interval:g}s"
+                 if args.progress_interval > 0 else "each run's log: <run>/train.log; a line as each run finishes")
+        print(f"[trl-bridge compare] {len(runs)} runs, {reused} reused, {len(todo)} to train ({jobs} at a time) under "
+              f"{args.output_dir}/runs; {every}", flush=True)
     failed: dict[str, str] = {}
     lock = threading.Lock()
+    # in-process runs print their own log lines here, so no progress thread then: a line as each run finishes
+    progress = CompareProgress(len(runs), reused, jobs, interval=0 if args.in_process or not todo else args.progress_interval)
 
     def job(run):
         name = f"{run['method']}/seed{run['seed']}"
-        start = time.perf_counter()
-        error = _execute(run, args.in_process)
+        error = _execute(run, args.in_process, progress)
         with lock:
             if error:
                 failed[name] = error
-            print(f"[trl-bridge compare] {name}: {'FAILED: ' + error if error else 'done'} "
-                  f"({time.perf_counter() - start:.0f}s)", flush=True)
+            progress.emit(progress.finished(name, error))
             write_results(args, runs, failed)  # partial results survive an interruption
 
-    if args.in_process:
-        for run in todo:
-            job(run)
-    else:
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            list(pool.map(job, todo))
+    with progress:  # the progress thread ends with this block, whatever happens in it
+        if args.in_process:
+            for run in todo:
+                job(run)
+        else:
+            with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+                list(pool.map(job, todo))
     write_results(args, runs, failed)
     print(open(os.path.join(args.output_dir, "results.md")).read())
     return 1 if failed else 0
@@ -672,7 +720,10 @@ def compare(argv) -> int:
 def _worker(spec_path: str) -> int:
     with open(spec_path) as f:
         stages = json.load(f)
-    for stage in stages:
+    for i, stage in enumerate(stages, 1):
+        if "progress" in stage:  # where this stage's steps lie in the run, for the parent's progress lines
+            p = stage["progress"]
+            print(stage_marker(i, len(stages), stage["name"], p["first_step"], p["steps"], p["total"]), flush=True)
         run_stage(stage)
     return 0
 
