@@ -65,6 +65,9 @@ METHODS: dict[str, tuple[str, dict, tuple[str, ...]]] = {
                             {"shadow_off_policy": "truncated_is"}, ()),
     "bridge_lean": ("BRIDGE with the lean shadow (shadow_storage: lean: θ̂ trained by momentum-free factored Adafactor)",
                     {"shadow_storage": "lean"}, ()),
+    "bridge_shadow50": ("BRIDGE with the shadow pass on half of each generation batch's prompt groups "
+                        "(shadow_fraction: 0.5, rescaled to be unbiased; an extension beyond the paper)",
+                        {"shadow_fraction": 0.5}, ()),
 }
 DEFAULT_METHODS = "bridge,grpo,sft,cold_start,naive_mixing,bridge_no_meta"
 DIAGNOSTICS = ("bridge/shadow_divergence", "bridge/cooperative_to_sft_grad_ratio", "bridge/cooperative_gain")
