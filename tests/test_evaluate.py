@@ -1,5 +1,6 @@
 """Tests for `trl-bridge eval`: metric math, the generation and --completions paths, output files, the training
-callback and bad-input errors. Generation uses the tiny 2-layer model (seconds on CPU)."""
+callback and bad-input errors. Generation uses the tiny 2-layer model (seconds on CPU); benchmark rows come from the
+small data folder shipped in tests/fixtures/data_dir (`fixture_data_dir`), so these tests run on any machine."""
 
 import itertools
 import json
@@ -97,20 +98,20 @@ def test_parse_per_benchmark():
 # prompts
 
 
-def test_prompts(tiny, benchmarks_dir):
+def test_prompts(tiny, fixture_data_dir):
     _, tok = tiny
     math500 = get_benchmark("math500")
-    row = math500.load(benchmarks_dir, limit=1)[0]
+    row = math500.load(fixture_data_dir, limit=1)[0]
     boxed = build_prompt(math500, row, "default", tok)
     assert boxed.startswith("<|im_start|>user\n" + row["problem"])
     assert "put your final answer within \\boxed{}" in boxed and boxed.endswith("<|im_start|>assistant\n")
     assert build_prompt(math500, row, "plain", tok, "off") == row["problem"] + "\n"
     gpqa = get_benchmark("gpqa_diamond")
-    grow = gpqa.load(benchmarks_dir, limit=1)[0]
+    grow = gpqa.load(fixture_data_dir, limit=1)[0]
     native = build_prompt(gpqa, grow, "default", tok)
     assert native.startswith("<|im_start|>system\n") and "ANSWER: $LETTER" in native
     kk = get_benchmark("knights_knaves_3ppl")
-    krow = kk.load(benchmarks_dir, limit=1)[0]
+    krow = kk.load(fixture_data_dir, limit=1)[0]
     assert build_prompt(kk, krow, "default", tok) == krow["raw_prompt"]  # already holds chat markup
     with pytest.raises(ValueError, match="prompt template"):
         build_prompt(math500, row, "fancy", tok)
@@ -139,7 +140,7 @@ def test_hf_generator_batches_and_samples(tiny):
         assert model.training is training
 
 
-def test_evaluate_end_to_end_with_an_oracle_generator(benchmarks_dir):
+def test_evaluate_end_to_end_with_an_oracle_generator(fixture_data_dir):
     """A generator that answers with the gold answer (math sets) or wrongly (GSM8K) gives pass@1 1 and 0."""
     loaded = {}
 
@@ -149,8 +150,8 @@ def test_evaluate_end_to_end_with_an_oracle_generator(benchmarks_dir):
 
     out = {}
     for name, good in [("math500", True), ("gsm8k", False)]:
-        loaded["rows"], loaded["good"] = get_benchmark(name).load(benchmarks_dir, limit=3), good
-        out[name] = evaluate(generator, None, name, benchmarks_dir, limit=3, samples_per_problem=2, temperature=0.7)
+        loaded["rows"], loaded["good"] = get_benchmark(name).load(fixture_data_dir, limit=3), good
+        out[name] = evaluate(generator, None, name, fixture_data_dir, limit=3, samples_per_problem=2, temperature=0.7)
     assert out["math500"].metrics["math500"]["pass@1"] == 1.0
     assert out["math500"].metrics["math500"]["pass@2"] == 1.0
     assert out["math500"].summary["math_avg"]["pass@1"] == 1.0
@@ -159,12 +160,12 @@ def test_evaluate_end_to_end_with_an_oracle_generator(benchmarks_dir):
     assert len(out["math500"].samples) == 6 and all(s["correct"] for s in out["math500"].samples)
 
 
-def test_cli_generates_and_writes_outputs(tiny_dir, benchmarks_dir, tmp_path, capsys):
+def test_cli_generates_and_writes_outputs(tiny_dir, fixture_data_dir, tmp_path, capsys):
     out_dir = tmp_path / "out"
     rc = main([
         "--model", str(tiny_dir), "--benchmarks", "math500,amc23", "--limit", "2", "--max_new_tokens", "4",
         "--samples_per_problem", "1,amc23=2", "--temperature", "0,amc23=1.0", "--batch_size", "4",
-        "--data_dir", str(benchmarks_dir), "--output_dir", str(out_dir), "--seed", "1",
+        "--data_dir", str(fixture_data_dir), "--output_dir", str(out_dir), "--seed", "1",
     ])
     assert rc == 0
     printed = capsys.readouterr().out
@@ -191,9 +192,9 @@ def _write_jsonl(path, rows):
     return path
 
 
-def test_completions_file_is_graded(benchmarks_dir, tmp_path, capsys):
-    math_rows = get_benchmark("math500").load(benchmarks_dir, limit=3)
-    gpqa_rows = get_benchmark("gpqa_diamond").load(benchmarks_dir, limit=2)
+def test_completions_file_is_graded(fixture_data_dir, tmp_path, capsys):
+    math_rows = get_benchmark("math500").load(fixture_data_dir, limit=3)
+    gpqa_rows = get_benchmark("gpqa_diamond").load(fixture_data_dir, limit=2)
     lines = []
     # math500: problem 0 right twice, problem 1 right once of two, problem 2 wrong twice
     for row, verdicts in zip(math_rows, [(True, True), (True, False), (False, False)]):
@@ -203,7 +204,7 @@ def test_completions_file_is_graded(benchmarks_dir, tmp_path, capsys):
     lines.append({"benchmark": "gpqa_diamond", "id": gpqa_rows[1]["id"], "completion": "no idea"})
     path = _write_jsonl(tmp_path / "completions.jsonl", lines)
 
-    result = grade_completions_file(path, data_dir=benchmarks_dir)
+    result = grade_completions_file(path, data_dir=fixture_data_dir)
     m = result.metrics["math500"]
     assert m["n_problems"] == 3 and m["samples_per_problem"] == 2
     assert m["pass@1"] == pytest.approx((1 + 0.5 + 0) / 3)
@@ -212,20 +213,20 @@ def test_completions_file_is_graded(benchmarks_dir, tmp_path, capsys):
     assert [s["correct"] for s in result.samples if s["benchmark"] == "math500"] == [True, True, True, False, False, False]
 
     out_dir = tmp_path / "graded"
-    assert main(["--completions", str(path), "--data_dir", str(benchmarks_dir), "--output_dir", str(out_dir)]) == 0
+    assert main(["--completions", str(path), "--data_dir", str(fixture_data_dir), "--output_dir", str(out_dir)]) == 0
     summary = json.loads((out_dir / "summary.json").read_text())
     assert summary["benchmarks"]["math500"]["pass@1"] == pytest.approx(0.5)
     assert len((out_dir / "samples.jsonl").read_text().splitlines()) == len(lines)
     assert "| gpqa_diamond | 2 | 1 | 50.0 |" in capsys.readouterr().out
     # --benchmarks and --limit restrict what is graded
-    only = grade_completions_file(path, benchmarks="math500", data_dir=benchmarks_dir, limit=1)
+    only = grade_completions_file(path, benchmarks="math500", data_dir=fixture_data_dir, limit=1)
     assert list(only.metrics) == ["math500"] and only.metrics["math500"]["n_problems"] == 1
 
 
-def test_write_outputs_and_table(benchmarks_dir, tmp_path):
-    rows = get_benchmark("aime24").load(benchmarks_dir, limit=2)
+def test_write_outputs_and_table(fixture_data_dir, tmp_path):
+    rows = get_benchmark("aime24").load(fixture_data_dir, limit=2)
     path = _write_jsonl(tmp_path / "c.jsonl", [{"benchmark": "aime24", "id": r["id"], "completion": "\\boxed{0}"} for r in rows])
-    result = grade_completions_file(path, data_dir=benchmarks_dir)
+    result = grade_completions_file(path, data_dir=fixture_data_dir)
     paths = write_outputs(result, tmp_path / "o")
     assert json.loads(paths["summary"].read_text())["benchmarks"]["aime24"]["pass@1"] == 0.0
     table = format_table(result.summary)
@@ -233,9 +234,9 @@ def test_write_outputs_and_table(benchmarks_dir, tmp_path):
     assert "math avg (1 of 5)" in table
 
 
-def test_oracle_option_checks_the_grader(benchmarks_dir, tmp_path, capsys):
+def test_oracle_option_checks_the_grader(fixture_data_dir, tmp_path, capsys):
     common = ["--benchmarks", "math500,gsm8k,gpqa_diamond,knights_knaves_4ppl", "--limit", "6",
-              "--data_dir", str(benchmarks_dir)]
+              "--data_dir", str(fixture_data_dir)]
     assert main(["--oracle", "gold", *common, "--output_dir", str(tmp_path / "gold")]) == 0
     gold = json.loads((tmp_path / "gold" / "summary.json").read_text())
     assert {name: m["pass@1"] for name, m in gold["benchmarks"].items()} == dict.fromkeys(
@@ -244,7 +245,7 @@ def test_oracle_option_checks_the_grader(benchmarks_dir, tmp_path, capsys):
     shuffled = json.loads((tmp_path / "shuffled" / "summary.json").read_text())
     assert all(m["pass@1"] == 0.0 for m in shuffled["benchmarks"].values())
     capsys.readouterr()
-    assert "amc23" in _error(capsys, ["--oracle", "reference", "--benchmarks", "amc23", "--data_dir", str(benchmarks_dir)])
+    assert "amc23" in _error(capsys, ["--oracle", "reference", "--benchmarks", "amc23", "--data_dir", str(fixture_data_dir)])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -258,8 +259,8 @@ def _error(capsys, argv):
     return err
 
 
-def test_unknown_benchmark_lists_the_valid_ones(capsys, tiny_dir, benchmarks_dir):
-    err = _error(capsys, ["--model", str(tiny_dir), "--benchmarks", "math500,mmlu", "--data_dir", str(benchmarks_dir)])
+def test_unknown_benchmark_lists_the_valid_ones(capsys, tiny_dir, fixture_data_dir):
+    err = _error(capsys, ["--model", str(tiny_dir), "--benchmarks", "math500,mmlu", "--data_dir", str(fixture_data_dir)])
     assert "'mmlu'" in err and "math500" in err and "olympiadbench" in err and "gpqa_diamond" in err
     with pytest.raises(ValueError, match="valid benchmarks"):
         get_benchmark("nope")
@@ -274,12 +275,12 @@ def test_missing_data_dir(capsys, tiny_dir, tmp_path):
     assert "math500" in err and "test.jsonl" in err and "not found" in err
 
 
-def test_missing_model_and_conflicting_options(capsys, tmp_path, benchmarks_dir):
-    assert "--model" in _error(capsys, ["--benchmarks", "math500", "--data_dir", str(benchmarks_dir)])
+def test_missing_model_and_conflicting_options(capsys, tmp_path, fixture_data_dir):
+    assert "--model" in _error(capsys, ["--benchmarks", "math500", "--data_dir", str(fixture_data_dir)])
     path = _write_jsonl(tmp_path / "c.jsonl", [{"benchmark": "math500", "id": "x", "completion": ""}])
     assert "not both --model and --completions" in _error(capsys, ["--model", "m", "--completions", str(path)])
     assert "temperature" in _error(
-        capsys, ["--model", "m", "--benchmarks", "aime24", "--samples_per_problem", "8", "--data_dir", str(benchmarks_dir)]
+        capsys, ["--model", "m", "--benchmarks", "aime24", "--samples_per_problem", "8", "--data_dir", str(fixture_data_dir)]
     )
 
 
@@ -296,16 +297,16 @@ def test_missing_model_and_conflicting_options(capsys, tmp_path, benchmarks_dir)
         ("\n", ["no completions"]),
     ],
 )
-def test_malformed_completions_file(capsys, tmp_path, benchmarks_dir, content, expected):
+def test_malformed_completions_file(capsys, tmp_path, fixture_data_dir, content, expected):
     path = tmp_path / "bad.jsonl"
     path.write_text(content)
-    err = _error(capsys, ["--completions", str(path), "--data_dir", str(benchmarks_dir), "--output_dir", str(tmp_path)])
+    err = _error(capsys, ["--completions", str(path), "--data_dir", str(fixture_data_dir), "--output_dir", str(tmp_path)])
     for fragment in expected:
         assert fragment in err
 
 
-def test_missing_completions_file(capsys, tmp_path, benchmarks_dir):
-    err = _error(capsys, ["--completions", str(tmp_path / "none.jsonl"), "--data_dir", str(benchmarks_dir)])
+def test_missing_completions_file(capsys, tmp_path, fixture_data_dir):
+    err = _error(capsys, ["--completions", str(tmp_path / "none.jsonl"), "--data_dir", str(fixture_data_dir)])
     assert "none.jsonl" in err and "not found" in err
 
 
@@ -350,12 +351,12 @@ def test_vllm_backend_generates(tiny_dir):
 # training callback
 
 
-def test_callback_evaluates_every_n_steps(tiny, benchmarks_dir):
+def test_callback_evaluates_every_n_steps(tiny, fixture_data_dir):
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
     model, tok = tiny
     logged = []
-    cb = BenchmarkEvalCallback(["math500", "gsm8k"], benchmarks_dir, limit=2, every_n_steps=2, max_new_tokens=3,
+    cb = BenchmarkEvalCallback(["math500", "gsm8k"], fixture_data_dir, limit=2, every_n_steps=2, max_new_tokens=3,
                                log_fn=logged.append)
     state, control = TrainerState(), TrainerControl()
     args = TrainingArguments(output_dir="unused", report_to=[])
@@ -368,7 +369,7 @@ def test_callback_evaluates_every_n_steps(tiny, benchmarks_dir):
     assert all(0.0 <= logged[0][k] <= 1.0 for k in logged[0] if "pass@" in k)
 
 
-def test_callback_logs_through_a_real_trainer(tiny, benchmarks_dir, tmp_path):
+def test_callback_logs_through_a_real_trainer(tiny, fixture_data_dir, tmp_path):
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments
 
@@ -378,28 +379,28 @@ def test_callback_logs_through_a_real_trainer(tiny, benchmarks_dir, tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=1, report_to=[],
                              use_cpu=True, logging_steps=100, save_strategy="no")
     trainer = Trainer(model=model, args=args, train_dataset=data, processing_class=tok)
-    cb = BenchmarkEvalCallback("math500", benchmarks_dir, limit=1, every_n_steps=1, max_new_tokens=2).attach(trainer)
+    cb = BenchmarkEvalCallback("math500", fixture_data_dir, limit=1, every_n_steps=1, max_new_tokens=2).attach(trainer)
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "eval/math500/pass@1" in entry]
     assert [entry["step"] for entry in logged] == [1, 2]
     assert len(cb.history) == 2
 
 
-def test_callback_rejects_bad_arguments(benchmarks_dir, tmp_path):
+def test_callback_rejects_bad_arguments(fixture_data_dir, tmp_path):
     with pytest.raises(ValueError, match="every_n_steps"):
-        BenchmarkEvalCallback("math500", benchmarks_dir, every_n_steps=0)
+        BenchmarkEvalCallback("math500", fixture_data_dir, every_n_steps=0)
     with pytest.raises(ValueError, match="valid benchmarks"):
-        BenchmarkEvalCallback("nope", benchmarks_dir)
+        BenchmarkEvalCallback("nope", fixture_data_dir)
     with pytest.raises(FileNotFoundError, match="data_dir"):
         BenchmarkEvalCallback("math500", tmp_path / "missing")
 
 
-def test_math_avg_uses_the_five_math_benchmarks(benchmarks_dir, tmp_path):
+def test_math_avg_uses_the_five_math_benchmarks(fixture_data_dir, tmp_path):
     lines = []
     for name, ok in [("math500", True), ("aime24", False), ("gsm8k", True)]:
-        row = get_benchmark(name).load(benchmarks_dir, limit=1)[0]
+        row = get_benchmark(name).load(fixture_data_dir, limit=1)[0]
         lines.append({"benchmark": name, "id": row["id"], "completion": f"\\boxed{{{row['gold'] if ok else '-1'}}}"})
-    result = grade_completions_file(_write_jsonl(tmp_path / "c.jsonl", lines), data_dir=benchmarks_dir)
+    result = grade_completions_file(_write_jsonl(tmp_path / "c.jsonl", lines), data_dir=fixture_data_dir)
     assert result.summary["math_avg"]["benchmarks"] == ["math500", "aime24"]  # gsm8k is not one of the five
     assert math.isclose(result.summary["math_avg"]["pass@1"], 0.5)
     assert result.flat_metrics()["eval/math_avg/pass@1"] == 0.5

