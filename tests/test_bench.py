@@ -15,7 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_bench_runs_grpo_and_bridge_for_one_step(tmp_path):
     out = tmp_path / "bench.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}
+    pythonpath = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": pythonpath}
     cmd = [sys.executable, "-m", "trl_bridge.cli", "bench", "--config", os.path.join(ROOT, "configs/bench/tiny.yaml"),
            "--output", str(out), "--variants", "grpo,bridge_lean,bridge", "--warmup", "0", "--steps", "1",
            "--max_completion_length", "8", "--per_device_train_batch_size", "4", "--num_generations", "4"]

@@ -144,7 +144,7 @@ class BridgeTrainer(GRPOTrainer):
 
     _tag_names = ["trl", "bridge", "grpo"]
     card_base_model: str | None = None  # what the model card names as base model / datasets / results (set by the CLI)
-    card_datasets: list[str] | None = None
+    card_datasets: list[str | dict] | None = None
     card_eval_results: dict | None = None  # benchmark results ({benchmark: accuracy}); filed in the card's model-index
     card_heldout: dict | None = None  # {"heldout_accuracy_before", "heldout_accuracy_after", "num_problems"}
     card_task: str | None = None  # one sentence describing the task
