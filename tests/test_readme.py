@@ -171,7 +171,7 @@ def test_readme_eval_commands_run(tmp_path, monkeypatch, capsys):
 
 
 def test_readme_log_line_is_what_the_cli_prints():
-    (line,) = [body.strip() for lang, body in readme_blocks() if lang == "text"]
+    (line,) = [body.strip() for lang, body in readme_blocks() if lang == "text" and body.strip().startswith("step ")]
     numbers = dict(re.findall(r"(reward|sft_loss|coop_gain|λ) ([-+]?[\d.]+)", line))
     step, max_steps = map(int, re.match(r"step (\d+)/(\d+)", line).groups())
     logs = {"reward": float(numbers["reward"]), "bridge/sft_loss": float(numbers["sft_loss"]),
