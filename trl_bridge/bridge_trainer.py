@@ -17,7 +17,8 @@ reduce-scatters each parameter once per backward, and gradient checkpointing rec
   * pass B (`_shadow_backward`): θ̂ is swapped into the base parameters' storage (and θ's accumulated gradients are
     set aside), L_RL(θ̂,w) is computed with TRL's own `_compute_loss` on the same rollouts and backpropagated: the
     base parameters receive ∇θ̂ L_RL (step 3); w's new gradient is scaled by −λ and added to w.grad (last term of
-    step 4). Then the weights and gradients are swapped back.
+    step 4). Then the weights and gradients are swapped back. With `shadow_fraction` < 1 (an extension beyond the
+    paper) pass B runs on a drawn subset of whole prompt groups, rescaled to be unbiased (`_shadow_subset`).
   * `BridgeCallback.on_pre_optimizer_step` (between the fused base steps) clips and applies the θ̂ and w updates
     with their own optimizers and learning-rate schedules; the Trainer then applies the θ update (its optimizer holds
     θ only).
