@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from trl_bridge.bench import PHASES, summarise
+from trl_bridge.bench import PHASES, format_table, summarise
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,3 +58,21 @@ def test_summary_floor_and_ratios_from_phase_times():
     assert b["step_vs_grpo"] == pytest.approx(2.0) and b["peak_memory_vs_grpo"] == pytest.approx(1.3)
     assert s["targets"]["bridge"]["overhead_vs_floor"]["met"] is False
     assert s["targets"]["bridge"]["peak_memory_vs_grpo"]["met"] is True
+
+
+def test_options_of_bridge_are_compared_with_bridge_in_the_same_run():
+    """Without GRPO in the run (e.g. `--variants bridge,bridge_shadow50`), the table shows no GRPO ratios and a line per
+    BRIDGE option against BRIDGE: step, shadow phase and peak memory."""
+    def step(total, shadow):
+        return {"total": total, "tokens": 100, "phases": {p: shadow if p == "shadow" else 0.0 for p in PHASES}}
+
+    raw = {"bridge": {"steps": [step(4.0, 2.0)], "memory": {"peak_rss_bytes": 200, "state_bytes": 20}},
+           "bridge_shadow50": {"steps": [step(3.0, 1.0)], "memory": {"peak_rss_bytes": 190, "state_bytes": 20}}}
+    s = summarise(raw, warmup=0)
+    half = s["variants"]["bridge_shadow50"]
+    assert half["step_vs_bridge"] == pytest.approx(0.75) and half["shadow_vs_bridge"] == pytest.approx(0.5)
+    assert half["peak_memory_vs_bridge"] == pytest.approx(0.95)
+    table = format_table(s)
+    assert "nan" not in table
+    assert "bridge_shadow50 vs bridge (same run): step 0.75×, shadow phase 0.50×, peak memory 0.95×" in table
+

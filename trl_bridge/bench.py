@@ -279,6 +279,14 @@ def summarise(raw: dict, warmup: int) -> dict:
             "measured_steps": len(steps),
         }
     summary = {"variants": variants}
+    full = variants.get("bridge")
+    if full:  # BRIDGE's own options (lean shadow, shadow_fraction) against BRIDGE as configured, in the same run
+        for name, v in variants.items():
+            if name.startswith("bridge_"):
+                v["step_vs_bridge"] = v["seconds_per_step"] / full["seconds_per_step"]
+                v["shadow_vs_bridge"] = v["phases"]["shadow"] / full["phases"]["shadow"] if full["phases"]["shadow"] else None
+                mem_key = "cuda_peak_bytes" if "cuda_peak_bytes" in full["memory"] else "peak_rss_bytes"
+                v["peak_memory_vs_bridge"] = v["memory"][mem_key] / full["memory"][mem_key]
     grpo = variants.get("grpo")
     if grpo:
         mem_key = "cuda_peak_bytes" if "cuda_peak_bytes" in grpo["memory"] else "peak_rss_bytes"
@@ -313,10 +321,15 @@ def format_table(summary: dict) -> str:
         rows.append(
             f"| {name} | {v['seconds_per_step']:.3f} | " + " | ".join(f"{v['phases'][p]:.3f}" for p in PHASES)
             + f" | {v['tokens_per_second']:.0f} | {mem:.2f} | {v['memory']['state_bytes'] / 2**30:.3f}"
-            + f" | {v.get('step_vs_grpo', float('nan')):.2f} | {v.get('peak_memory_vs_grpo', float('nan')):.2f}"
+            + "".join(f" | {v[k]:.2f}" if k in v else " | –" for k in ("step_vs_grpo", "peak_memory_vs_grpo"))
             + (f" | {v['overhead_vs_floor']:.2f} |" if "overhead_vs_floor" in v else " | |")
         )
     lines = ["\n".join(rows), ""]
+    for name, v in summary["variants"].items():
+        if "step_vs_bridge" in v:
+            shadow = f"{v['shadow_vs_bridge']:.2f}×" if v["shadow_vs_bridge"] is not None else "–"
+            lines.append(f"{name} vs bridge (same run): step {v['step_vs_bridge']:.2f}×, shadow phase {shadow}, "
+                         f"peak memory {v['peak_memory_vs_bridge']:.2f}×")
     for name, t in summary.get("targets", {}).items():
         for key, r in t.items():
             note = " [target set for the generation-heavy setting]" if key == "step_vs_grpo" else ""
