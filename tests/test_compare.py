@@ -255,3 +255,48 @@ def test_report_only_tabulates_a_grid_in_progress_without_training(tiny_model_di
     assert "| sft | " in table and "(seeds 0)" in table and "| grpo |" not in table
     assert "Not completed yet (3 runs): sft/seed1, grpo/seed0, grpo/seed1." in table
     assert json.loads((out / "results.json").read_text())["methods"]["sft"]["seeds"] == [0]
+
+
+def test_earlier_results_extend_a_grid_without_training_its_runs_again(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """A published grid (results.json only) is extended to more seeds: its runs are tabulated, not trained again, and
+    named in results.md; a grid of other settings, or a file that is no results.json, is refused naming the file."""
+    config = str(_config(tmp_path, tiny_model_dir))
+    base = ["--config", config, "--methods", "sft", "--max_steps", "2", "--in_process", *TINY_RUN]
+    assert compare_mod.main([*base, "--seeds", "0", "--output_dir", str(tmp_path / "first")]) == 0
+    first = json.loads((tmp_path / "first" / "results.json").read_text())
+    published = tmp_path / "published.json"  # the run folders are gone: only the results file is kept
+    published.write_text(json.dumps(first))
+    trained = []
+    real = compare_mod.run_stage
+    monkeypatch.setattr(compare_mod, "run_stage",
+                        lambda stage, in_process=False: trained.append(stage["dir"]) or real(stage, in_process))
+    out = tmp_path / "more"
+    argv = [*base, "--seeds", "0,1", "--output_dir", str(out), "--earlier_results", str(published)]
+    assert compare_mod.main(argv) == 0
+    assert trained == [str(out / "runs" / "sft" / "seed1")]
+    assert "2 runs, 1 reused (1 from --earlier_results), 1 to train" in capsys.readouterr().out
+    result = json.loads((out / "results.json").read_text())
+    assert result["methods"]["sft"]["seeds"] == [0, 1]
+    seed0 = next(r for r in result["runs"] if r["seed"] == 0)
+    assert seed0["source"] == str(published)
+    assert seed0["heldout_accuracy_after"] == first["runs"][0]["heldout_accuracy_after"]
+    assert seed0["reward_curve"] == first["runs"][0]["reward_curve"]
+    seed1 = next(r for r in result["runs"] if r["seed"] == 1)
+    assert "source" not in seed1 and seed1["code"]["trl-bridge"]  # the run trained here names its code
+    table = (out / "results.md").read_text()
+    assert f"Taken from `{published}`" in table and "sft/seed0." in table and "Code: 1 run at commit" in table
+    assert result["settings"]["config_yaml"]["bridge_lambda"] == 0.5  # the config's content, for later extensions
+
+    monkeypatch.setattr(compare_mod, "run_stage", lambda *a, **k: pytest.fail("trained despite refused results"))
+    for flags, what in ((["--max_steps", "3"], "max_steps"), (["--learning_rate", "1e-3"], "flags passed to every run"),
+                        (["--reward_noise", "0.2"], "reward_noise")):
+        argv = [*base, *flags, "--seeds", "0,1", "--output_dir", str(tmp_path / "other"), "--earlier_results",
+                str(published)]
+        assert compare_mod.main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"--earlier_results {published}" in err and what in err, (flags, err)
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"runs": []}')
+    assert compare_mod.main([*base, "--seeds", "0", "--output_dir", str(tmp_path / "o2"), "--earlier_results",
+                             str(broken)]) == 2
+    assert f"--earlier_results {broken}: not a `trl-bridge compare` results.json" in capsys.readouterr().err

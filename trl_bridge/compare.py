@@ -9,7 +9,9 @@ run (`trl-bridge train --help` lists them), and a method's own overrides come af
 in its own process (`--jobs` at a time; peak memory is that process's) under `<output_dir>/runs/<method>/seed<k>/`,
 which keeps the run's exact settings (`config.yaml`, `spec.json`), its log, metrics.jsonl and merged model. A run
 whose `done.json` matches its spec is reused, so a grid that was stopped continues where it was; one whose settings
-changed is refused (use another `--output_dir`); nothing already written is deleted.
+changed is refused (use another `--output_dir`); nothing already written is deleted. `--earlier_results` takes the
+completed runs of an earlier grid of the same settings from its results.json (e.g. a published grid extended to more
+seeds): they are tabulated, not trained again, and results.md names where they came from.
 
 Progress: while runs train, every `--progress_interval` seconds (default 30) one line gives the runs done / total
 (reused ones count as done), the time elapsed and an estimate of the time remaining ('?' until known), and one line
@@ -367,8 +369,52 @@ def collect_run(run: dict) -> dict:
         reward_curve=reward,
         heldout_curve=heldout,
         diagnostics={k: v for k, v in diag.items() if v},
+        code=dones[-1].get("code"),  # versions and git commit that produced it
     )
     return record
+
+
+# the compare settings that change what a run is (with the config and the flags passed on to every run)
+_RUN_SETTINGS = ("max_steps", "reward_noise", "heldout_eval_steps", "cold_start_fraction")
+_RECORD_FIELDS = ("heldout_accuracy_before", "heldout_accuracy_after", "optimizer_steps", "seconds", "peak_rss_mb",
+                  "peak_cuda_mb", "reward_curve", "heldout_curve", "diagnostics")
+
+
+def load_earlier_results(args, extra: list[str], base_yaml: dict) -> dict[tuple[str, int], dict]:
+    """(method, seed) -> completed run record, from each `--earlier_results` results.json of a grid with the same
+    settings (config, steps, reward noise, held-out schedule, cold-start split and flags); refused, naming the file and
+    what differs, otherwise. Only the pairs this invocation asks for are kept; a later file does not replace an earlier."""
+    found: dict[tuple[str, int], dict] = {}
+    for path in args.earlier_results:
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"--earlier_results {path}: cannot be read as a results.json: {err}") from err
+        settings, runs = (data.get("settings"), data.get("runs")) if isinstance(data, dict) else (None, None)
+        if not isinstance(settings, dict) or not isinstance(runs, list) or not isinstance(settings.get("command"), str):
+            raise ValueError(f"--earlier_results {path}: not a `trl-bridge compare` results.json (it needs 'settings' "
+                             "with the 'command', and 'runs')")
+        differ = [k for k in _RUN_SETTINGS if settings.get(k) != getattr(args, k)]
+        if "config_yaml" in settings:  # recorded since the second round; before, only the path
+            differ += [] if settings["config_yaml"] == base_yaml else ["config (its content)"]
+        elif os.path.normpath(str(settings.get("config"))) != os.path.normpath(args.config):
+            differ.append("config")
+        _, earlier_extra = make_parser().parse_known_args(shlex.split(settings["command"])[2:])
+        if earlier_extra != extra:
+            differ.append(f"flags passed to every run ({shlex.join(earlier_extra) or 'none'} there, "
+                          f"{shlex.join(extra) or 'none'} here)")
+        if differ:
+            raise ValueError(f"--earlier_results {path}: its grid was run with other settings ({', '.join(differ)}); "
+                             "only runs of the same settings can be tabulated together")
+        for record in runs:
+            key = (record.get("method"), record.get("seed"))
+            if record.get("done") and key[0] in args.methods and key[1] in args.seeds and key not in found:
+                missing = [k for k in _RECORD_FIELDS if k not in record]
+                if missing:
+                    raise ValueError(f"--earlier_results {path}: run {key[0]}/seed{key[1]} lacks {', '.join(missing)}")
+                found[key] = {**record, "source": path}
+    return found
 
 
 def _mean_std(values):
@@ -435,7 +481,29 @@ def _fmt(v, digits=3):
     return "–" if v is None else f"{v:.{digits}f}"
 
 
-def results_markdown(summary: dict, args, failed: dict) -> str:
+def _provenance_lines(records: list[dict]) -> list[str]:
+    """Which code produced the runs in the table: commits (a '+' marks uncommitted changes), and earlier results."""
+    commits: dict[str, int] = {}
+    earlier: dict[str, list[str]] = {}
+    for r in records:
+        if not r["done"]:
+            continue
+        if r.get("source"):
+            earlier.setdefault(r["source"], []).append(f"{r['method']}/seed{r['seed']}")
+            continue
+        code = r.get("code") or {}
+        name = (code.get("git_commit") or "unknown")[:12] + ("+" if code.get("git_dirty") else "")
+        commits[name] = commits.get(name, 0) + 1
+    lines = []
+    if commits:
+        lines.append("Code: " + ", ".join(f"{n} run{'s' if n > 1 else ''} at commit {c}" for c, n in commits.items()) + ".")
+    for path, names in earlier.items():
+        lines.append(f"Taken from `{path}` (not trained again; commits as recorded there, none for runs made before "
+                     f"runs recorded one): {', '.join(names)}.")
+    return lines
+
+
+def results_markdown(summary: dict, args, failed: dict, records: list[dict] | None = None) -> str:
     noise = f", rewards flipped with p = {args.reward_noise}" if args.reward_noise else ""
     lines = [
         f"Command: `{args.command}`",
@@ -470,6 +538,9 @@ def results_markdown(summary: dict, args, failed: dict) -> str:
             f"{_fmt(s['steps_to_target_mean'], 1)} ({len(reached)}/{len(s['steps_to_target'])}) | "
             f"{_fmt(s['seconds_mean'], 0)} | {_fmt(mem, 0)}{'' if s['peak_cuda_mb_max'] is None else ' (GPU)'} |"
         )
+    provenance = _provenance_lines(records or [])
+    if provenance:
+        lines += ["", *provenance]
     pending = [f"{m}/seed{k}" for m in args.methods for k in args.seeds if k not in summary.get(m, {}).get("seeds", [])]
     if pending:
         lines += ["", f"Not completed yet ({len(pending)} runs): {', '.join(pending)}."]
@@ -542,15 +613,20 @@ def plot_results(records: list[dict], methods: list[str], output_dir: str, smoot
     return written
 
 
-def write_results(args, runs: list[dict], failed: dict) -> dict:
-    records = [collect_run(r) for r in runs]
+def write_results(args, runs: list[dict], failed: dict, earlier: dict | None = None, base_yaml: dict | None = None) -> dict:
+    """Results of the runs completed here and, for the (method, seed) pairs not completed here, of `earlier`."""
+    records = []
+    for run in runs:
+        record = collect_run(run)
+        records.append(record if record["done"] else (earlier or {}).get((run["method"], run["seed"]), record))
     summary = aggregate(records, args.target_accuracy)
     os.makedirs(args.output_dir, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k != "progress_interval"}  # how it is shown changes no result
+    settings["config_yaml"] = base_yaml
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump({"settings": settings, "methods": summary, "runs": records, "failed": failed}, f, indent=2)
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
-        f.write(results_markdown(summary, args, failed))
+        f.write(results_markdown(summary, args, failed, records))
     title = f"{os.path.basename(args.config)}" + (f", reward noise {args.reward_noise}" if args.reward_noise else "")
     plot_results(records, args.methods, args.output_dir, args.smooth, title)
     return summary
@@ -585,6 +661,12 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--report_only", action="store_true",
                         help="train nothing: write results.md / results.json / plots from the runs already completed "
                         "(a grid still in progress, or stopped); the missing ones are listed as not completed")
+    parser.add_argument("--earlier_results", action="append", default=[], metavar="RESULTS_JSON",
+                        help="a results.json of an earlier grid with the same settings (config, steps, reward noise, "
+                        "flags; refused otherwise): its completed (method, seed) runs are tabulated with this grid's "
+                        "and not trained again when this grid has no run of its own for them (e.g. extend a "
+                        "published grid to more seeds); results.md names the file and the runs taken from it; "
+                        "repeatable")
     parser.add_argument("--in_process", action="store_true",
                         help="train in this process, one run after another (tests, debugging); peak memory is then "
                         "the process's resident memory sampled during each run")
@@ -682,7 +764,8 @@ def compare(argv) -> int:
         for stage in run["stages"]:
             _done(stage)
     _check_settings(runs)
-    todo = [r for r in runs if any(_done(s) is None for s in r["stages"])]
+    earlier = load_earlier_results(args, extra, base_yaml)
+    todo = [r for r in runs if any(_done(s) is None for s in r["stages"]) and (r["method"], r["seed"]) not in earlier]
     reused, jobs = len(runs) - len(todo), 1 if args.in_process else args.jobs
     if args.report_only:
         print(f"[trl-bridge compare] {len(runs) - len(todo)} of {len(runs)} runs completed under {args.output_dir}/runs; "
@@ -692,7 +775,9 @@ def compare(argv) -> int:
         every = ("in process: a line as each run finishes" if args.in_process else
                  f"each run's log: <run>/train.log; progress every {args.progress_interval:g}s"
                  if args.progress_interval > 0 else "each run's log: <run>/train.log; a line as each run finishes")
-        print(f"[trl-bridge compare] {len(runs)} runs, {reused} reused, {len(todo)} to train ({jobs} at a time) under "
+        taken = sum(1 for r in runs if (r["method"], r["seed"]) in earlier and any(_done(s) is None for s in r["stages"]))
+        reused_text = f"{reused} reused" + (f" ({taken} from --earlier_results)" if taken else "")
+        print(f"[trl-bridge compare] {len(runs)} runs, {reused_text}, {len(todo)} to train ({jobs} at a time) under "
               f"{args.output_dir}/runs; {every}", flush=True)
     failed: dict[str, str] = {}
     lock = threading.Lock()
@@ -706,7 +791,7 @@ def compare(argv) -> int:
             if error:
                 failed[name] = error
             progress.emit(progress.finished(name, error))
-            write_results(args, runs, failed)  # partial results survive an interruption
+            write_results(args, runs, failed, earlier, base_yaml)  # partial results survive an interruption
 
     with progress:  # the progress thread ends with this block, whatever happens in it
         if args.in_process:
@@ -715,7 +800,7 @@ def compare(argv) -> int:
         else:
             with ThreadPoolExecutor(max_workers=args.jobs) as pool:
                 list(pool.map(job, todo))
-    write_results(args, runs, failed)
+    write_results(args, runs, failed, earlier, base_yaml)
     print(open(os.path.join(args.output_dir, "results.md")).read())
     return 1 if failed else 0
 
