@@ -159,6 +159,7 @@ def test_stopped_grid_trains_only_the_missing_runs(tiny_model_dir, tmp_path, mon
     (["--jobs", "0"], "--jobs"),
     (["--max_steps", "1"], "--max_steps"),
     (["--seed", "4"], "--seed"),
+    (["--methods", "grpo,sft", "--reference", "bridge"], "--reference"),
 ])
 def test_bad_arguments_are_errors_naming_the_option(tmp_path, capsys, flags, message):
     config = tmp_path / "c.yaml"
@@ -286,6 +287,9 @@ def test_earlier_results_extend_a_grid_without_training_its_runs_again(tiny_mode
     table = (out / "results.md").read_text()
     assert f"Taken from `{published}`" in table and "sft/seed0." in table and "Code: 1 run at commit" in table
     assert result["settings"]["config_yaml"]["bridge_lambda"] == 0.5  # the config's content, for later extensions
+    # any method can be the reference of the paired differences: here sft against itself is the only pairing
+    assert compare_mod.main([*argv, "--reference", "sft", "--report_only"]) == 0
+    assert "| Δ vs sft [95% CI] |" in (out / "results.md").read_text()
 
     monkeypatch.setattr(compare_mod, "run_stage", lambda *a, **k: pytest.fail("trained despite refused results"))
     for flags, what in ((["--max_steps", "3"], "max_steps"), (["--learning_rate", "1e-3"], "flags passed to every run"),

@@ -509,13 +509,13 @@ def results_markdown(summary: dict, args, failed: dict, records: list[dict] | No
         f"Command: `{args.command}`",
         "",
         f"Config `{args.config}`, {args.max_steps} optimizer steps per run, seeds {','.join(map(str, args.seeds))}{noise}. "
-        f"Held-out accuracy: greedy, after training (mean ± std over seeds); Δ vs bridge: paired by seed, mean "
+        f"Held-out accuracy: greedy, after training (mean ± std over seeds); Δ vs {args.reference}: paired by seed, mean "
         f"[95% t interval]; reward: the rollouts' {'clean ' if args.reward_noise else ''}mean reward over the last half "
         f"of training, mean ± its step-to-step std (stability); max drop: the held-out curve's largest fall below "
         f"its best so far; steps to {args.target_accuracy}: first held-out evaluation at or above it "
         f"(mean over the seeds that reached it, reached/total).",
         "",
-        "| method | held-out acc. before | after | Δ vs bridge [95% CI] | reward (last half) | max drop | "
+        f"| method | held-out acc. before | after | Δ vs {args.reference} [95% CI] | reward (last half) | max drop | "
         f"steps to {args.target_accuracy} | wall time (s) | peak mem (MB) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -619,7 +619,7 @@ def write_results(args, runs: list[dict], failed: dict, earlier: dict | None = N
     for run in runs:
         record = collect_run(run)
         records.append(record if record["done"] else (earlier or {}).get((run["method"], run["seed"]), record))
-    summary = aggregate(records, args.target_accuracy)
+    summary = aggregate(records, args.target_accuracy, args.reference)
     os.makedirs(args.output_dir, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k != "progress_interval"}  # how it is shown changes no result
     settings["config_yaml"] = base_yaml
@@ -673,6 +673,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cold_start_fraction", type=float, default=0.5, help="cold_start: share of the steps spent on SFT")
     parser.add_argument("--heldout_eval_steps", type=int, default=None,
                         help="held-out accuracy every this many steps (default: the config's, else 5)")
+    parser.add_argument("--reference", default=None,
+                        help="the method every other is compared with (paired by seed) in the Δ column; one of --methods "
+                        "(default: bridge)")
     parser.add_argument("--target_accuracy", type=float, default=0.5, help="held-out accuracy for 'steps to target'")
     parser.add_argument("--smooth", type=int, default=5, help="trailing-mean window of the reward plot")
     parser.add_argument("--output_dir", default="outputs/compare")
@@ -732,6 +735,10 @@ def parse_args(argv):
                          "task_num_validation for the built-in task)")
         if "bridge" not in args.methods:
             args.methods.insert(0, "bridge")
+    if args.reference is None:
+        args.reference = "bridge"
+    elif args.reference not in args.methods:
+        parser.error(f"--reference: {args.reference!r} is not one of --methods ({','.join(args.methods)})")
     if args.reward_noise is None:
         args.reward_noise = float(base_yaml.get("reward_noise") or 0.0)
     if args.heldout_eval_steps is None:
