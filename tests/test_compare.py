@@ -304,3 +304,60 @@ def test_earlier_results_extend_a_grid_without_training_its_runs_again(tiny_mode
     assert compare_mod.main([*base, "--seeds", "0", "--output_dir", str(tmp_path / "o2"), "--earlier_results",
                              str(broken)]) == 2
     assert f"--earlier_results {broken}: not a `trl-bridge compare` results.json" in capsys.readouterr().err
+
+
+def test_a_run_stopped_by_a_signal_resumes_from_its_checkpoint(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """A grid stopped mid-run (SIGTERM: the step finishes, a checkpoint is written) continues that run from its
+    checkpoint on the next invocation, with the same outcome as a run never stopped; done.json and results.md say so."""
+    import os
+    import signal
+
+    from transformers import TrainerCallback
+
+    from trl_bridge.bridge_trainer import BridgeTrainer
+    from trl_bridge.checkpointing import TrainingInterrupted
+
+    base = ["--config", str(_config(tmp_path, tiny_model_dir)), "--methods", "bridge", "--seeds", "0", "--in_process",
+            *TINY_RUN, "--max_steps", "4", "--heldout_eval_steps", "2"]
+    assert compare_mod.main([*base, "--output_dir", str(tmp_path / "never_stopped")]) == 0
+
+    class SigtermInStep2(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    init = BridgeTrainer.__init__
+
+    def init_with_stop(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.add_callback(SigtermInStep2())
+
+    out = tmp_path / "stopped"
+    run_dir = out / "runs" / "bridge" / "seed0"
+    monkeypatch.setattr(BridgeTrainer, "__init__", init_with_stop)
+    with pytest.raises(TrainingInterrupted):
+        compare_mod.main([*base, "--output_dir", str(out)])
+    assert (run_dir / "checkpoint-2").is_dir() and not (run_dir / "done.json").exists()
+    assert json.loads((run_dir / "stopped_attempts.json").read_text())[0]["stopped_after_step"] == 2
+    monkeypatch.setattr(BridgeTrainer, "__init__", init)
+    capsys.readouterr()
+    assert compare_mod.main([*base, "--output_dir", str(out)]) == 0
+    assert "resuming from" in capsys.readouterr().out
+    done = json.loads((run_dir / "done.json").read_text())
+    reference = json.loads((tmp_path / "never_stopped" / "runs" / "bridge" / "seed0" / "done.json").read_text())
+    assert done["spec"]["argv"][-1] == str(run_dir) and done["resumed"][0]["from"] == "checkpoint-2"
+    assert done["heldout"] == reference["heldout"]
+    assert done["seconds"] > done["resumed"][0]["after_seconds"]
+    stopped, never = (json.loads((d / "results.json").read_text())["runs"][0] for d in (out, tmp_path / "never_stopped"))
+    assert stopped["reward_curve"] == never["reward_curve"] and len(stopped["reward_curve"]) == 4
+    assert stopped["heldout_curve"] == never["heldout_curve"] and [s for s, _ in stopped["heldout_curve"]] == [0, 2, 4]
+    assert stopped["diagnostics"] == never["diagnostics"]
+    assert not list(run_dir.glob("checkpoint-*")) and not (run_dir / "stopped_attempts.json").exists()
+    assert "Stopped and resumed from their checkpoint" in (out / "results.md").read_text()
+    # an attempt killed before any checkpoint (a leftover file of the trainer, no checkpoint): the run starts anew
+    seed1 = out / "runs" / "bridge" / "seed1"
+    seed1.mkdir(parents=True)
+    (seed1 / "trainer_state.json").write_text("{}")
+    assert compare_mod.main([*base[:base.index("--seeds")], "--seeds", "1", *base[base.index("--seeds") + 2:],
+                             "--output_dir", str(out)]) == 0
+    assert json.loads((seed1 / "done.json").read_text())["resumed"] is None

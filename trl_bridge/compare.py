@@ -227,10 +227,43 @@ def _provenance() -> dict:
     return versions
 
 
+ATTEMPTS = "stopped_attempts.json"  # per stage folder: the attempts stopped by a signal since the run last started anew
+
+
+def _write_json(path: str, value) -> None:
+    with open(path, "w") as f:
+        json.dump(value, f, indent=2)
+
+
+def _resume_point(run_dir: str, training_args) -> tuple[str | None, list[dict]]:
+    """A stage stopped by SIGINT/SIGTERM (the grid was interrupted) left a complete checkpoint: continue from it (exact
+    resume) instead of starting over, and return the stopped attempts that led to it. Without one, whatever an
+    unfinished attempt left in the run's own folder is cleared (overwrite_output_dir) and the run starts anew. The
+    run's spec is unchanged either way: resuming is how the same run is completed, not another setting."""
+    from .checkpointing import latest_complete_checkpoint
+
+    if training_args.resume_from_checkpoint not in (None, False, ""):  # asked for explicitly: as asked
+        return None, []
+    path = latest_complete_checkpoint(run_dir)
+    attempts_path = os.path.join(run_dir, ATTEMPTS)
+    if path is None:
+        training_args.overwrite_output_dir = True
+        if os.path.exists(attempts_path):
+            os.remove(attempts_path)
+        return None, []
+    training_args.resume_from_checkpoint = path
+    attempts = []
+    if os.path.isfile(attempts_path):
+        with open(attempts_path) as f:
+            attempts = json.load(f)
+    return path, attempts
+
+
 def run_stage(stage: dict, in_process: bool = False) -> dict:
     """Train one stage (its settings are written to its folder first) and write its done.json."""
     import torch
 
+    from .checkpointing import TrainingInterrupted
     from .train_cli import make_parser, run
 
     os.makedirs(stage["dir"], exist_ok=True)
@@ -239,16 +272,27 @@ def run_stage(stage: dict, in_process: bool = False) -> dict:
     with open(os.path.join(stage["dir"], "spec.json"), "w") as f:
         json.dump(_spec(stage), f, indent=2)
     script_args, training_args, model_args = make_parser().parse_args_and_config(stage["argv"])
+    resumed_from, earlier = _resume_point(stage["dir"], training_args)
+    if resumed_from:
+        print(f"[trl-bridge compare] {stage['dir']}: resuming from {resumed_from} (an earlier attempt was stopped)",
+              flush=True)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     with _RssSampler() as sampler:
-        heldout = run(script_args, training_args, model_args)
+        try:
+            heldout = run(script_args, training_args, model_args)
+        except TrainingInterrupted as stop:  # SIGINT/SIGTERM: its checkpoint is written; the next attempt resumes
+            _write_json(os.path.join(stage["dir"], ATTEMPTS), [*earlier, {
+                "seconds": time.perf_counter() - start, "stopped_after_step": stop.step, "checkpoint": stop.checkpoint}])
+            raise
     seconds = time.perf_counter() - start
     done = {
         "spec": _spec(stage),
         "heldout": heldout,
-        "seconds": seconds,
+        # wall time of every attempt that led here (a resumed run's earlier attempts included)
+        "seconds": seconds + sum(a["seconds"] for a in earlier),
+        "resumed": [{"from": os.path.basename(a["checkpoint"]), "after_seconds": a["seconds"]} for a in earlier] or None,
         "optimizer_steps": training_args.max_steps,
         "peak_rss_mb": sampler.peak / 2**20 if in_process else max(_peak_rss_mb(), sampler.peak / 2**20),
         "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
@@ -256,6 +300,16 @@ def run_stage(stage: dict, in_process: bool = False) -> dict:
     }
     with open(os.path.join(stage["dir"], "done.json"), "w") as f:
         json.dump(done, f, indent=2)
+    if resumed_from:  # the run is complete (merged model written): the stopped attempts' checkpoints served their turn
+        import shutil
+
+        from .checkpointing import CHECKPOINT_RE
+
+        for name in os.listdir(stage["dir"]):
+            if CHECKPOINT_RE.match(name):
+                shutil.rmtree(os.path.join(stage["dir"], name), ignore_errors=True)
+        if os.path.exists(os.path.join(stage["dir"], ATTEMPTS)):
+            os.remove(os.path.join(stage["dir"], ATTEMPTS))
     return done
 
 
@@ -370,6 +424,7 @@ def collect_run(run: dict) -> dict:
         heldout_curve=heldout,
         diagnostics={k: v for k, v in diag.items() if v},
         code=dones[-1].get("code"),  # versions and git commit that produced it
+        resumed=[r for d in dones for r in (d.get("resumed") or [])] or None,  # stopped, then resumed from a checkpoint
     )
     return record
 
@@ -494,7 +549,12 @@ def _provenance_lines(records: list[dict]) -> list[str]:
         code = r.get("code") or {}
         name = (code.get("git_commit") or "unknown")[:12] + ("+" if code.get("git_dirty") else "")
         commits[name] = commits.get(name, 0) + 1
+    resumed = [f"{r['method']}/seed{r['seed']} (from {', '.join(x['from'] for x in r['resumed'])})"
+               for r in records if r["done"] and r.get("resumed")]
     lines = []
+    if resumed:
+        lines.append(f"Stopped and resumed from their checkpoint (exact resume; wall time counts every attempt): "
+                     f"{', '.join(resumed)}.")
     if commits:
         lines.append("Code: " + ", ".join(f"{n} run{'s' if n > 1 else ''} at commit {c}" for c, n in commits.items()) + ".")
     for path, names in earlier.items():
