@@ -24,14 +24,18 @@ REPO = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 
 
-def readme_blocks() -> list[tuple[str, str]]:
-    return BLOCK.findall((REPO / "README.md").read_text())
+# docs pages whose bash blocks are checked like the README's (the long sections the README links to)
+DOCS_WITH_COMMANDS = ("docs/comparison.md",)
 
 
-def readme_commands() -> list[list[str]]:
-    """Every command line of the README's bash blocks, as argv (comments dropped)."""
+def readme_blocks(page: str = "README.md") -> list[tuple[str, str]]:
+    return BLOCK.findall((REPO / page).read_text())
+
+
+def readme_commands(pages: tuple[str, ...] = ("README.md",)) -> list[list[str]]:
+    """Every command line of the pages' bash blocks (the README's by default), as argv (comments dropped)."""
     commands = []
-    for lang, body in readme_blocks():
+    for lang, body in [block for page in pages for block in readme_blocks(page)]:
         if lang == "bash":
             commands += [argv for line in body.splitlines() if (argv := shlex.split(line, comments=True))]
     return commands
@@ -82,7 +86,7 @@ def test_readme_has_the_blocks_this_test_runs():
 
 
 def test_every_readme_command_has_a_handler():
-    commands = readme_commands()
+    commands = readme_commands(("README.md", *DOCS_WITH_COMMANDS))
     assert commands
     missing = [" ".join(argv) for argv in commands if handler(argv) is None]
     assert not missing, f"README commands without a handler in tests/test_readme.py: {missing}"
@@ -196,22 +200,24 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     assert trainer.model.get_base_model().config._name_or_path.endswith("SmolLM2-135M-Instruct")
 
 
-def test_readme_compare_commands_build_runs_that_parse(tmp_path):
+def test_readme_compare_commands_build_runs_that_parse(tmp_path, monkeypatch):
     """Dry form (a grid takes hours; `tests/test_compare.py` runs every method for real): each command's arguments
-    are accepted, and every run it would start is a `trl-bridge train` argv that parses."""
-    from trl_bridge.compare import build_runs, parse_args
+    are accepted, every run it would start is a `trl-bridge train` argv that parses, and the earlier results it names
+    are there and were made with its settings."""
+    from trl_bridge.compare import build_runs, load_earlier_results, parse_args
 
-    commands = [argv for argv in readme_commands() if handler(argv) == "compare"]
-    assert commands
+    monkeypatch.chdir(REPO)  # as written: paths relative to the repository root
+    commands = [argv for argv in readme_commands(("README.md", *DOCS_WITH_COMMANDS)) if handler(argv) == "compare"]
+    assert len(commands) > len([argv for argv in readme_commands() if handler(argv) == "compare"]) > 0
     for argv in commands:
-        written = [str(REPO / a) if a.endswith(".yaml") else a for a in argv[2:]]
-        args, extra, base_yaml = parse_args([*written, "--output_dir", str(tmp_path / "cmp")])
+        args, extra, base_yaml = parse_args([*argv[2:], "--output_dir", str(tmp_path / "cmp")])
         runs = build_runs(args, extra, base_yaml)
         assert len(runs) == len(args.methods) * len(args.seeds)
         for run in runs:
             for stage in run["stages"]:
-                tail = stage["argv"][2:]
-                make_parser().parse_args_and_config(["--config", str(REPO / argv[argv.index("--config") + 1]), *tail])
+                make_parser().parse_args_and_config(["--config", argv[argv.index("--config") + 1], *stage["argv"][2:]])
+        earlier = load_earlier_results(args, extra, base_yaml)  # raises when a file is missing or of other settings
+        assert bool(earlier) == bool(args.earlier_results), argv
 
 
 def test_readme_bench_commands_run_one_step(tmp_path):
