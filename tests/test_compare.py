@@ -1,6 +1,7 @@
 """`trl-bridge compare`: every method on one tiny config, results and plots, reuse of completed runs, parallel runs,
 and the statistics in the table."""
 
+import argparse
 import json
 import re
 import threading
@@ -198,6 +199,19 @@ def test_aggregate_paired_difference_interval_and_steps_to_target():
     assert s["bridge"]["heldout_max_drop_mean"] == pytest.approx(0.0)
     assert s["grpo"]["heldout_max_drop_mean"] == pytest.approx(0.0)
     assert s["bridge"]["reward_last_half_mean"] == pytest.approx(0.5) and s["bridge"]["reward_last_half_std"] == 0.0
+    # results.md: every seed's value (seed 3 not completed) and one plain sentence per comparison
+    records += [rec("sft", k, a, [(0, 0.1), (4, a)]) for k, a in ((0, 0.3), (1, 0.5), (2, 0.55))]
+    s = aggregate(records, target=0.55)
+    args = argparse.Namespace(command="trl-bridge compare ...", config="c.yaml", max_steps=4, seeds=[0, 1, 2, 3],
+                              reward_noise=0.0, reference="bridge", target_accuracy=0.55,
+                              methods=["bridge", "grpo", "sft"])
+    md = compare_mod.results_markdown(s, args, {})
+    assert "| grpo | 0.100 | 0.600 ± 0.173 (seeds 0,1,2) | 0.50 / 0.50 / 0.80 / · | -0.100 [-0.348, +0.148] |" in md
+    assert ("- grpo: -0.100 [-0.348, +0.148] (higher on 0, lower on 2, equal on 1 of 3 seeds); not significant at the "
+            "95% level (the interval contains 0), n = 3.") in md
+    assert ("- sft: -0.250 [-0.374, -0.126] (higher on 0, lower on 3, equal on 0 of 3 seeds); **significant** at the "
+            "95% level (the interval excludes 0), n = 3.") in md
+    assert "- bridge:" not in md
 
 
 def test_vary_sweeps_one_setting_on_the_validation_split(tiny_model_dir, tmp_path):

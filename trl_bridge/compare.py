@@ -509,7 +509,8 @@ def aggregate(records: list[dict], target: float, reference: str = "bridge") -> 
         if diffs and method != reference:
             mean = statistics.fmean(diffs)
             half = _t975(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
-            diff = {"mean": mean, "ci95": None if half is None else [mean - half, mean + half], "n": len(diffs)}
+            diff = {"mean": mean, "ci95": None if half is None else [mean - half, mean + half], "n": len(diffs),
+                    "per_seed": diffs}
         last_half = [[v for _, v in r["reward_curve"][len(r["reward_curve"]) // 2:]] for r in runs]
         reached = [_steps_to_target(r["heldout_curve"], target) for r in runs]
         summary[method] = {
@@ -517,6 +518,7 @@ def aggregate(records: list[dict], target: float, reference: str = "bridge") -> 
             "heldout_accuracy_before_mean": before_mean,
             "heldout_accuracy_after_mean": acc_mean,
             "heldout_accuracy_after_std": acc_std,
+            "heldout_accuracy_after_by_seed": {r["seed"]: r["heldout_accuracy_after"] for r in runs},
             "diff_to_reference": diff,
             "reward_last_half_mean": _mean_std([statistics.fmean(v) for v in last_half if v])[0],
             # stability: the step-to-step spread of the reward over the last half of training, averaged over seeds
@@ -563,6 +565,26 @@ def _provenance_lines(records: list[dict]) -> list[str]:
     return lines
 
 
+def _difference_sentences(summary: dict, args) -> list[str]:
+    """One plain sentence per method compared with the reference: the paired difference, on how many seeds it is
+    higher / lower, and whether its 95% interval excludes 0."""
+    out = []
+    for method in [m for m in args.methods if m in summary and summary[m]["diff_to_reference"]]:
+        d = summary[method]["diff_to_reference"]
+        per = d.get("per_seed") or []
+        tally = (f"higher on {sum(x > 0 for x in per)}, lower on {sum(x < 0 for x in per)}, equal on "
+                 f"{sum(x == 0 for x in per)} of {d['n']} seed{'s' if d['n'] > 1 else ''}")
+        if d["ci95"] is None:
+            verdict = "one seed: no interval, nothing can be concluded"
+        elif d["ci95"][0] > 0 or d["ci95"][1] < 0:
+            verdict = f"**significant** at the 95% level (the interval excludes 0), n = {d['n']}"
+        else:
+            verdict = f"not significant at the 95% level (the interval contains 0), n = {d['n']}"
+        interval = "" if d["ci95"] is None else f" [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+        out.append(f"- {method}: {d['mean']:+.3f}{interval} ({tally}); {verdict}.")
+    return out
+
+
 def results_markdown(summary: dict, args, failed: dict, records: list[dict] | None = None) -> str:
     noise = f", rewards flipped with p = {args.reward_noise}" if args.reward_noise else ""
     lines = [
@@ -575,9 +597,9 @@ def results_markdown(summary: dict, args, failed: dict, records: list[dict] | No
         f"its best so far; steps to {args.target_accuracy}: first held-out evaluation at or above it "
         f"(mean over the seeds that reached it, reached/total).",
         "",
-        f"| method | held-out acc. before | after | Δ vs {args.reference} [95% CI] | reward (last half) | max drop | "
-        f"steps to {args.target_accuracy} | wall time (s) | peak mem (MB) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| method | held-out acc. before | after | per seed {' / '.join(map(str, args.seeds))} | Δ vs {args.reference} "
+        f"[95% CI] | reward (last half) | max drop | steps to {args.target_accuracy} | wall time (s) | peak mem (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method in [m for m in args.methods if m in summary]:
         s = summary[method]
@@ -591,13 +613,19 @@ def results_markdown(summary: dict, args, failed: dict, records: list[dict] | No
         reached = [x for x in s["steps_to_target"] if x is not None]
         mem = s["peak_rss_mb_max"] if s["peak_cuda_mb_max"] is None else s["peak_cuda_mb_max"]
         partial = f" (seeds {','.join(map(str, s['seeds']))})" if len(s["seeds"]) < len(args.seeds) else ""
+        by_seed = {int(k): v for k, v in s["heldout_accuracy_after_by_seed"].items()}
+        per_seed = " / ".join("·" if k not in by_seed else _fmt(by_seed[k], 2) for k in args.seeds)
         lines.append(
             f"| {method} | {_fmt(s['heldout_accuracy_before_mean'])} | {_fmt(s['heldout_accuracy_after_mean'])} ± "
-            f"{_fmt(s['heldout_accuracy_after_std'])}{partial} | {delta} | {_fmt(s['reward_last_half_mean'])} ± "
+            f"{_fmt(s['heldout_accuracy_after_std'])}{partial} | {per_seed} | {delta} | {_fmt(s['reward_last_half_mean'])} ± "
             f"{_fmt(s['reward_last_half_std'])} | {_fmt(s['heldout_max_drop_mean'])} | "
             f"{_fmt(s['steps_to_target_mean'], 1)} ({len(reached)}/{len(s['steps_to_target'])}) | "
             f"{_fmt(s['seconds_mean'], 0)} | {_fmt(mem, 0)}{'' if s['peak_cuda_mb_max'] is None else ' (GPU)'} |"
         )
+    sentences = _difference_sentences(summary, args)
+    if sentences:
+        lines += ["", f"Paired by seed, held-out accuracy after training minus {args.reference}'s ('·' in 'per seed': "
+                      "not completed):", *sentences]
     provenance = _provenance_lines(records or [])
     if provenance:
         lines += ["", *provenance]
