@@ -150,6 +150,20 @@ def test_cpu_defaults_turn_off_bf16_and_checkpointing(tmp_path):
     assert args.adapter_learning_rate == args.learning_rate == args.shadow_learning_rate
 
 
+def test_accelerate_launch_cpu_keeps_the_model_on_the_cpu_with_cpu_defaults(tmp_path, monkeypatch):
+    """`accelerate launch --cpu` (ACCELERATE_USE_CPU) on a machine with a GPU: the Trainer's device and the defaults are
+    the CPU's (the Trainer would otherwise move the model to the GPU while accelerate runs on the CPU)."""
+    is_available = torch.cuda.is_available
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    args = BridgeConfig(output_dir=str(tmp_path))
+    assert args.use_cpu is True and args.bf16 is False and args.gradient_checkpointing is False
+    assert args.dataloader_pin_memory is False and args.device.type == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", is_available)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "false")  # without --cpu: as configured
+    assert BridgeConfig(output_dir=str(tmp_path), bf16=False).use_cpu is False
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Bad input: a clear error naming the field, before any training step, nothing written lost
 # ----------------------------------------------------------------------------------------------------------------------

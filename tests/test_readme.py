@@ -230,7 +230,7 @@ def test_readme_bench_commands_run_one_step(tmp_path):
     commands = [argv for argv in readme_commands(("README.md", *DOCS_WITH_COMMANDS)) if handler(argv) == "bench"]
     commands = [list(argv) for argv in dict.fromkeys(map(tuple, commands))]  # a command shown on two pages runs once
     assert commands
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     for i, argv in enumerate(commands):
         if "tiny" not in " ".join(argv) and not _smollm2_installed():
             continue

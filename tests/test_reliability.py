@@ -87,7 +87,8 @@ def cli_setup(tmp_path_factory, tok):
 
 def _start(tmp_path, argv, name, **hooks):
     """`trl-bridge train` (through tests/interrupt_worker.py, with its test hooks) in a real process."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO),
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": pythonpath,
            "BRIDGE_TEST_READY": str(tmp_path / name), **{k: str(v) for k, v in hooks.items()}}
     log = tmp_path / f"{name}.log"
     proc = subprocess.Popen([sys.executable, "-m", "tests.interrupt_worker", *argv], cwd=REPO, env=env,

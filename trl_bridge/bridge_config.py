@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 from dataclasses import dataclass, field
 
@@ -239,7 +240,11 @@ class BridgeConfig(GRPOConfig):
 
     def __post_init__(self):
         self._refuse_engines()
-        has_cuda = torch.cuda.is_available()
+        if not self.use_cpu and os.environ.get("ACCELERATE_USE_CPU", "").strip().lower() in ("1", "true", "yes", "on"):
+            # `accelerate launch --cpu`: accelerate runs on the CPU, so the Trainer must place the model there too (it
+            # reads only `use_cpu`, and would put the model on a visible GPU: a device mismatch at the first step)
+            self.use_cpu = True
+        has_cuda = torch.cuda.is_available() and not self.use_cpu
         # Resolve the CPU-friendly default through the current name: setting the deprecated `gradient_checkpointing`
         # here would make transformers print its deprecation warning on every run.
         if "activation_checkpointing" not in {f.name for f in dataclasses.fields(GRPOConfig)}:
@@ -250,7 +255,7 @@ class BridgeConfig(GRPOConfig):
         elif self.gradient_checkpointing is None and self.activation_checkpointing is None:
             self.activation_checkpointing = has_cuda
         if self.dataloader_pin_memory is None:
-            self.dataloader_pin_memory = _accelerator_available()
+            self.dataloader_pin_memory = _accelerator_available() and not self.use_cpu
         if self.bf16 is None and not self.fp16 and not has_cuda:
             self.bf16 = False
         generation_batch_size_given = self.generation_batch_size is not None
