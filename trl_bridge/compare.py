@@ -276,6 +276,7 @@ def run_stage(stage: dict, in_process: bool = False) -> dict:
     if resumed_from:
         print(f"[trl-bridge compare] {stage['dir']}: resuming from {resumed_from} (an earlier attempt was stopped)",
               flush=True)
+    code = _provenance()  # read before training: the code this run is made with, whatever the tree becomes meanwhile
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -296,7 +297,7 @@ def run_stage(stage: dict, in_process: bool = False) -> dict:
         "optimizer_steps": training_args.max_steps,
         "peak_rss_mb": sampler.peak / 2**20 if in_process else max(_peak_rss_mb(), sampler.peak / 2**20),
         "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
-        "code": _provenance(),  # which code produced it (a grid may be continued by a later version)
+        "code": code,  # which code produced it (a grid may be continued by a later version)
     }
     with open(os.path.join(stage["dir"], "done.json"), "w") as f:
         json.dump(done, f, indent=2)
