@@ -293,7 +293,8 @@ def run_stage(stage: dict, in_process: bool = False) -> dict:
         "heldout": heldout,
         # wall time of every attempt that led here (a resumed run's earlier attempts included)
         "seconds": seconds + sum(a["seconds"] for a in earlier),
-        "resumed": [{"from": os.path.basename(a["checkpoint"]), "after_seconds": a["seconds"]} for a in earlier] or None,
+        "resumed": [{"from": os.path.basename(a["checkpoint"] or "") or None, "after_seconds": a["seconds"]}
+                    for a in earlier] or None,
         "optimizer_steps": training_args.max_steps,
         "peak_rss_mb": sampler.peak / 2**20 if in_process else max(_peak_rss_mb(), sampler.peak / 2**20),
         "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
@@ -552,7 +553,7 @@ def _provenance_lines(records: list[dict]) -> list[str]:
         code = r.get("code") or {}
         name = (code.get("git_commit") or "unknown")[:12] + ("+" if code.get("git_dirty") else "")
         commits[name] = commits.get(name, 0) + 1
-    resumed = [f"{r['method']}/seed{r['seed']} (from {', '.join(x['from'] for x in r['resumed'])})"
+    resumed = [f"{r['method']}/seed{r['seed']} (from {', '.join(str(x['from']) for x in r['resumed'])})"
                for r in records if r["done"] and r.get("resumed")]
     lines = []
     if resumed:
