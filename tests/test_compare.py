@@ -369,6 +369,16 @@ def test_a_run_stopped_by_a_signal_resumes_from_its_checkpoint(tiny_model_dir, t
     assert stopped["diagnostics"] == never["diagnostics"]
     assert not list(run_dir.glob("checkpoint-*")) and not (run_dir / "stopped_attempts.json").exists()
     assert "Stopped and resumed from their checkpoint" in (out / "results.md").read_text()
+    # a checkpoint whose attempt was not recorded (e.g. written by an older version): resumed, said so, time unknown
+    seed2 = out / "runs" / "bridge" / "seed2"
+    argv2 = [*base[:base.index("--seeds")], "--seeds", "2", *base[base.index("--seeds") + 2:], "--output_dir", str(out)]
+    monkeypatch.setattr(BridgeTrainer, "__init__", init_with_stop)
+    with pytest.raises(TrainingInterrupted):
+        compare_mod.main(argv2)
+    monkeypatch.setattr(BridgeTrainer, "__init__", init)
+    (seed2 / "stopped_attempts.json").unlink()
+    assert compare_mod.main(argv2) == 0
+    assert json.loads((seed2 / "done.json").read_text())["resumed"] == [{"from": "checkpoint-2", "after_seconds": None}]
     # an attempt killed before any checkpoint (a leftover file of the trainer, no checkpoint): the run starts anew
     seed1 = out / "runs" / "bridge" / "seed1"
     seed1.mkdir(parents=True)

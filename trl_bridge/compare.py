@@ -293,8 +293,10 @@ def run_stage(stage: dict, in_process: bool = False) -> dict:
         "heldout": heldout,
         # wall time of every attempt that led here (a resumed run's earlier attempts included)
         "seconds": seconds + sum(a["seconds"] for a in earlier),
-        "resumed": [{"from": os.path.basename(a["checkpoint"] or "") or None, "after_seconds": a["seconds"]}
-                    for a in earlier] or None,
+        # the stopped attempts it was resumed after; one of unknown duration when the attempt was not recorded
+        "resumed": ([{"from": os.path.basename(a["checkpoint"] or "") or None, "after_seconds": a["seconds"]}
+                     for a in earlier] or [{"from": os.path.basename(resumed_from), "after_seconds": None}])
+        if resumed_from else None,
         "optimizer_steps": training_args.max_steps,
         "peak_rss_mb": sampler.peak / 2**20 if in_process else max(_peak_rss_mb(), sampler.peak / 2**20),
         "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
@@ -557,7 +559,7 @@ def _provenance_lines(records: list[dict]) -> list[str]:
                for r in records if r["done"] and r.get("resumed")]
     lines = []
     if resumed:
-        lines.append(f"Stopped and resumed from their checkpoint (exact resume; wall time counts every attempt): "
+        lines.append(f"Stopped and resumed from their checkpoint (exact resume; wall time counts every recorded attempt): "
                      f"{', '.join(resumed)}.")
     if commits:
         lines.append("Code: " + ", ".join(f"{n} run{'s' if n > 1 else ''} at commit {c}" for c, n in commits.items()) + ".")
