@@ -75,6 +75,21 @@ def test_follower_places_the_second_stage_after_the_first(tmp_path):
     assert f.describe() == "step 3/4, 3.00 s/step"
 
 
+def test_follower_does_not_count_a_resumed_runs_jump_to_its_checkpoint(tmp_path):
+    """A run resumed from checkpoint-16: the bar shows 0/40, then 17/40 after one real step; s/step is that step's."""
+    log = tmp_path / "train.log"
+    clock = Clock()
+    f = LogFollower(str(log), total=40, stage_steps=40, clock=clock)
+    resumed = "[trl-bridge compare] runs/grpo/seed5: resuming from runs/grpo/seed5/checkpoint-16 (an earlier attempt was stopped)"
+    for chunk, dt in [(stage_marker(1, 1, "grpo", 0, 40, 40) + "\n" + resumed + "\n" + bar(0, 40), 1), (bar(17, 40), 14),
+                      (bar(18, 40), 14), (bar(19, 40), 16)]:
+        log.open("a").write(chunk)
+        clock.t += dt
+        f.poll()
+    assert f.step == 19 and f.seconds_per_step == pytest.approx(15.0)
+    assert f.remaining_seconds() == pytest.approx(21 * 15.0)
+
+
 def test_compare_progress_lines_and_remaining_time(tmp_path):
     clock, printed = Clock(), []
     p = CompareProgress(total=5, reused=1, jobs=2, interval=30, clock=clock, print_fn=printed.append)

@@ -5,7 +5,8 @@
   run's optimizer step from what `trl-bridge train` writes there: its compact per-step lines (``step 3/20 | ...``),
   its progress bar (``15%|█▌   | 3/20 [...]``) and its ``done: 20 steps`` line; `stage_marker` lines (printed by the
   compare worker before each stage) place a stage's steps in the whole run (cold_start trains two stages). Seconds per
-  step are measured from the times at which the step was seen to change.
+  step are measured from the times at which the step was seen to change (a resumed run's jump from 0 to its
+  checkpoint's step is not one).
 - `CompareProgress` holds the runs of one `compare` invocation and prints, from a thread of its own (stopped and joined
   when the `with` block ends), an overall line (runs done / total, reused, elapsed, estimated remaining) and one line
   per running run (method, seed, step n/N, s/step).
@@ -32,6 +33,7 @@ _STEP_LINE = re.compile(r"^step (\d+)/(\d+)(?: \||\s*$)")  # reporting.format_lo
 _REPORTED_SPS = re.compile(r"\| (\d+(?:\.\d+)?) s/step\s*$")
 _BAR = re.compile(r"^\s*\d{1,3}%\|[^|]*\|\s*(\d+)/(\d+) \[")  # the Trainer's tqdm bar (no description before the %)
 _DONE = re.compile(r"^done: (\d+) steps")
+_RESUMED = re.compile(r"^\[trl-bridge compare\] .*: resuming from \S*checkpoint-(\d+)")  # compare.run_stage's line
 _SPS_WINDOW = 8  # s/step: over the last this many observed step changes
 
 
@@ -74,6 +76,7 @@ class LogFollower:
         self.previous_sps: float | None = None  # the s/step of the stages before (cold_start's first stage)
         self._tail = b""
         self._seen = False  # a poll read a step from the trainer's own output
+        self._resumed_at: int | None = None  # the run's step a resumed stage's checkpoint holds, until passed
 
     def poll(self, now: float | None = None) -> int | None:
         now = self.clock() if now is None else now
@@ -99,6 +102,11 @@ class LogFollower:
         # the first sighting of a stage's step (its bar at 0: training starts) and every move after it; several steps
         # read in one poll count as seen together, at this poll's time
         if self._seen and (not self.changes or self.changes[-1][1] != self.step):
+            if self._resumed_at is not None:  # a resumed stage: its bar starts at 0, then jumps past the checkpoint's
+                if self.changes and self.changes[-1][1] <= self._resumed_at:  # step; that jump is no training
+                    self.changes = []
+                if self.step > self._resumed_at:
+                    self._resumed_at = None
             self.changes.append((now, self.step))
             del self.changes[:-_SPS_WINDOW]
         return self.step
@@ -111,6 +119,9 @@ class LogFollower:
             # a new stage: loading its model is no step; its s/step is measured afresh
             self.previous_sps = self.seconds_per_step or self.previous_sps
             self.changes, self.reported_sps, self._seen = [], None, False
+            return
+        if m := _RESUMED.match(text):
+            self._resumed_at = self.first_step + int(m[1])
             return
         n = None
         if m := _STEP_LINE.match(text):
