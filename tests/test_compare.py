@@ -306,6 +306,27 @@ def test_earlier_results_extend_a_grid_without_training_its_runs_again(tiny_mode
     assert compare_mod.main([*argv, "--reference", "sft", "--report_only"]) == 0
     assert "| Δ vs sft [95% CI] |" in (out / "results.md").read_text()
 
+    # a run trained again where the earlier grid has it too: tabulated from here and checked against the earlier record
+    monkeypatch.setattr(compare_mod, "run_stage", lambda *a, **k: pytest.fail("--report_only trained"))
+    again = [*base, "--seeds", "0", "--output_dir", str(tmp_path / "first"), "--report_only", "--earlier_results"]
+    assert compare_mod.main([*again, str(published)]) == 0
+    rerun = json.loads((tmp_path / "first" / "results.json").read_text())["runs"][0]
+    assert "source" not in rerun and rerun["reproduces"] == {"source": str(published), "identical": True, "differs": {}}
+    assert (f"Trained here again and also in `{published}`, reproduced exactly (heldout accuracy before, heldout "
+            "accuracy after, reward curve, heldout curve identical; the table uses the runs made here): sft/seed0."
+            ) in (tmp_path / "first" / "results.md").read_text()
+    other = json.loads(published.read_text())
+    other["runs"][0]["heldout_accuracy_after"] += 0.5
+    other["runs"][0]["reward_curve"][1][1] += 1.0
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert compare_mod.main([*again, str(tmp_path / "other.json")]) == 0
+    rerun = json.loads((tmp_path / "first" / "results.json").read_text())["runs"][0]
+    assert not rerun["reproduces"]["identical"] and set(rerun["reproduces"]["differs"]) == {
+        "heldout_accuracy_after", "reward_curve"}
+    assert rerun["heldout_accuracy_after"] == first["runs"][0]["heldout_accuracy_after"]  # the table keeps this run's
+    table = (tmp_path / "first" / "results.md").read_text()
+    assert "**not** reproduced" in table and "reward_curve at 1 of 2 points" in table
+
     monkeypatch.setattr(compare_mod, "run_stage", lambda *a, **k: pytest.fail("trained despite refused results"))
     for flags, what in ((["--max_steps", "3"], "max_steps"), (["--learning_rate", "1e-3"], "flags passed to every run"),
                         (["--reward_noise", "0.2"], "reward_noise")):

@@ -11,7 +11,9 @@ which keeps the run's exact settings (`config.yaml`, `spec.json`), its log, metr
 whose `done.json` matches its spec is reused, so a grid that was stopped continues where it was; one whose settings
 changed is refused (use another `--output_dir`); nothing already written is deleted. `--earlier_results` takes the
 completed runs of an earlier grid of the same settings from its results.json (e.g. a published grid extended to more
-seeds): they are tabulated, not trained again, and results.md names where they came from.
+seeds): they are tabulated, not trained again, and results.md names where they came from; a run of that grid that
+is also completed here is tabulated from here and checked against it (reproduced exactly, or which of its accuracies
+and curves differ, in results.md and as `reproduces` in results.json).
 
 Progress: while runs train, every `--progress_interval` seconds (default 30) one line gives the runs done / total
 (reused ones count as done), the time elapsed and an estimate of the time remaining ('?' until known), and one line
@@ -542,6 +544,30 @@ def _fmt(v, digits=3):
     return "–" if v is None else f"{v:.{digits}f}"
 
 
+# what a run trained again must give to reproduce an earlier record of the same settings
+_REPRODUCED_FIELDS = ("heldout_accuracy_before", "heldout_accuracy_after", "reward_curve", "heldout_curve")
+
+
+def _reproduction(record: dict, earlier: dict) -> dict:
+    """How a run completed here compares with the earlier grid's record of the same (method, seed): the fields of
+    `_REPRODUCED_FIELDS` that differ (none: reproduced exactly), with the number of steps where a curve differs."""
+    def same(a, b):  # as results.json holds them: tuples as lists, NaN equal to NaN
+        return json.dumps(a) == json.dumps(b)
+
+    differs = {}
+    for key in _REPRODUCED_FIELDS:
+        here, there = record.get(key), earlier.get(key)
+        if same(here, there):
+            continue
+        if isinstance(here, list) and isinstance(there, list):  # curves: [step, value] points
+            a, b = {p[0]: p[1] for p in here}, {p[0]: p[1] for p in there}
+            differs[key] = (f"at {sum(not same(a.get(k), b.get(k)) for k in set(a) | set(b))} of "
+                            f"{len(set(a) | set(b))} points")
+        else:
+            differs[key] = f"{there} there, {here} here"
+    return {"source": earlier["source"], "identical": not differs, "differs": differs}
+
+
 def _provenance_lines(records: list[dict]) -> list[str]:
     """Which code produced the runs in the table: commits (a '+' marks uncommitted changes), and earlier results."""
     commits: dict[str, int] = {}
@@ -566,6 +592,21 @@ def _provenance_lines(records: list[dict]) -> list[str]:
     for path, names in earlier.items():
         lines.append(f"Taken from `{path}` (not trained again; commits as recorded there, none for runs made before "
                      f"runs recorded one): {', '.join(names)}.")
+    checked: dict[str, dict[bool, list[str]]] = {}
+    for r in records:
+        if r["done"] and r.get("reproduces"):
+            rep = r["reproduces"]
+            name = f"{r['method']}/seed{r['seed']}" + ("" if rep["identical"] else " (" + "; ".join(
+                f"{k} {v}" for k, v in rep["differs"].items()) + ")")
+            checked.setdefault(rep["source"], {True: [], False: []})[rep["identical"]].append(name)
+    for path, by in checked.items():
+        what = ", ".join(f.replace("_", " ") for f in _REPRODUCED_FIELDS)
+        if by[True]:
+            lines.append(f"Trained here again and also in `{path}`, reproduced exactly ({what} identical; the table "
+                         f"uses the runs made here): {', '.join(by[True])}.")
+        if by[False]:
+            lines.append(f"Trained here again and also in `{path}`, **not** reproduced (the table uses the runs made "
+                         f"here): {', '.join(by[False])}.")
     return lines
 
 
@@ -710,7 +751,10 @@ def write_results(args, runs: list[dict], failed: dict, earlier: dict | None = N
     records = []
     for run in runs:
         record = collect_run(run)
-        records.append(record if record["done"] else (earlier or {}).get((run["method"], run["seed"]), record))
+        before = (earlier or {}).get((run["method"], run["seed"]))
+        if record["done"] and before is not None:  # trained here as well: does it reproduce the earlier run?
+            record["reproduces"] = _reproduction(record, before)
+        records.append(record if record["done"] or before is None else before)
     summary = aggregate(records, args.target_accuracy, args.reference)
     os.makedirs(args.output_dir, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k != "progress_interval"}  # how it is shown changes no result
