@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from trl_bridge.progress import BenchProgress, CompareProgress, LogFollower, format_duration, stage_marker
+from trl_bridge.progress import BenchProgress, CompareProgress, LogFollower, format_duration, resume_marker, stage_marker
 
 
 class Clock:
@@ -80,7 +80,7 @@ def test_follower_does_not_count_a_resumed_runs_jump_to_its_checkpoint(tmp_path)
     log = tmp_path / "train.log"
     clock = Clock()
     f = LogFollower(str(log), total=40, stage_steps=40, clock=clock)
-    resumed = "[trl-bridge compare] runs/grpo/seed5: resuming from runs/grpo/seed5/checkpoint-16 (an earlier attempt was stopped)"
+    resumed = resume_marker("runs/grpo/seed5", "runs/grpo/seed5/checkpoint-16")
     for chunk, dt in [(stage_marker(1, 1, "grpo", 0, 40, 40) + "\n" + resumed + "\n" + bar(0, 40), 1), (bar(17, 40), 14),
                       (bar(18, 40), 14), (bar(19, 40), 16)]:
         log.open("a").write(chunk)

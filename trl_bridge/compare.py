@@ -44,7 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import yaml
 
-from .progress import DEFAULT_INTERVAL, CompareProgress, LogFollower, log_size, stage_marker
+from .progress import DEFAULT_INTERVAL, CompareProgress, LogFollower, log_size, resume_marker, stage_marker
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Methods: each is the config plus these `trl-bridge train` overrides ("unset" keys are removed from the config).
@@ -276,8 +276,7 @@ def run_stage(stage: dict, in_process: bool = False) -> dict:
     script_args, training_args, model_args = make_parser().parse_args_and_config(stage["argv"])
     resumed_from, earlier = _resume_point(stage["dir"], training_args)
     if resumed_from:
-        print(f"[trl-bridge compare] {stage['dir']}: resuming from {resumed_from} (an earlier attempt was stopped)",
-              flush=True)
+        print(resume_marker(stage["dir"], resumed_from), flush=True)
     code = _provenance()  # read before training: the code this run is made with, whatever the tree becomes meanwhile
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()

@@ -33,7 +33,7 @@ _STEP_LINE = re.compile(r"^step (\d+)/(\d+)(?: \||\s*$)")  # reporting.format_lo
 _REPORTED_SPS = re.compile(r"\| (\d+(?:\.\d+)?) s/step\s*$")
 _BAR = re.compile(r"^\s*\d{1,3}%\|[^|]*\|\s*(\d+)/(\d+) \[")  # the Trainer's tqdm bar (no description before the %)
 _DONE = re.compile(r"^done: (\d+) steps")
-_RESUMED = re.compile(r"^\[trl-bridge compare\] .*: resuming from \S*checkpoint-(\d+)")  # compare.run_stage's line
+_RESUMED = re.compile(r"^\[trl-bridge compare\] .*: resuming from \S*checkpoint-(\d+)")  # resume_marker's line
 _SPS_WINDOW = 8  # s/step: over the last this many observed step changes
 
 
@@ -61,6 +61,12 @@ def stage_marker(index: int, count: int, name: str, first_step: int, steps: int,
     """The line the compare worker prints into `train.log` before stage `index` (1-based) of `count`: the stage's
     steps are the run's steps first_step+1 .. first_step+steps of `total`."""
     return f"{STAGE_PREFIX} {index}/{count} {name}: steps {first_step + 1}..{first_step + steps} of {total}"
+
+
+def resume_marker(run_dir: str, checkpoint: str) -> str:
+    """The line the compare worker prints into `train.log` when a stage resumes from `checkpoint` (its
+    ``checkpoint-<step>`` folder): that stage's bar starts at 0 and jumps to the checkpoint's step, which is no training."""
+    return f"[trl-bridge compare] {run_dir}: resuming from {checkpoint} (an earlier attempt was stopped)"
 
 
 class LogFollower:
