@@ -25,7 +25,7 @@ BLOCK = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 
 
 # docs pages whose bash blocks are checked like the README's (the long sections the README links to)
-DOCS_WITH_COMMANDS = ("docs/comparison.md", "docs/cost.md")
+DOCS_WITH_COMMANDS = ("docs/comparison.md", "docs/cost.md", "docs/scaling.md", "docs/failure_behaviour.md")
 
 
 def readme_blocks(page: str = "README.md") -> list[tuple[str, str]]:
@@ -137,7 +137,7 @@ def test_readme_accelerate_commands_parse(tmp_path):
     """Dry form (8 GPUs needed): accelerate loads the config file and `trl-bridge train` parses the training config."""
     from accelerate.commands.config.config_args import load_config_from_file
 
-    commands = [argv for argv in readme_commands() if handler(argv) == "accelerate_train"]
+    commands = [argv for argv in readme_commands(("README.md", *DOCS_WITH_COMMANDS)) if handler(argv) == "accelerate_train"]
     assert commands
     for argv in commands:
         config_file = argv[argv.index("--config_file") + 1]

@@ -1,4 +1,4 @@
-"""Memory BRIDGE needs for its weights and optimizer states, against GRPO, per GPU under FSDP2 (README "Scaling").
+"""Memory BRIDGE needs for its weights and optimizer states, against GRPO, per GPU under FSDP2 (docs/scaling.md).
 
     python -m trl_bridge.memory --params 3.09e9 --gpus 8
 
