@@ -7,15 +7,15 @@ __all__ = ["BridgeConfig", "BridgeTrainer", "TrainingInterrupted"]
 
 def __getattr__(name):  # lazy: `import trl_bridge` stays cheap for the CLI and the evaluator
     if name == "BridgeConfig":
-        from .bridge_config import BridgeConfig
+        from .trainer.bridge_config import BridgeConfig
 
         return BridgeConfig
     if name == "BridgeTrainer":
-        from .bridge_trainer import BridgeTrainer
+        from .trainer.bridge_trainer import BridgeTrainer
 
         return BridgeTrainer
     if name == "TrainingInterrupted":
-        from .checkpointing import TrainingInterrupted
+        from .trainer.checkpointing import TrainingInterrupted
 
         return TrainingInterrupted
     raise AttributeError(f"module 'trl_bridge' has no attribute {name!r}")

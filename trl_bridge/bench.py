@@ -110,7 +110,7 @@ def _build(variant: str, argv: list[str]):
     from trl import GRPOConfig, GRPOTrainer
     from trl.trainer.utils import create_model_from_path
 
-    from .bridge_config import BridgeConfig
+    from .trainer.bridge_config import BridgeConfig
     from .bridge_trainer import BridgeTrainer, _select_base_params
     from .models import resolve_model_path
     from .rewards import get_reward_funcs

@@ -242,7 +242,7 @@ def _resume_point(run_dir: str, training_args) -> tuple[str | None, list[dict]]:
     resume) instead of starting over, and return the stopped attempts that led to it. Without one, whatever an
     unfinished attempt left in the run's own folder is cleared (overwrite_output_dir) and the run starts anew. The
     run's spec is unchanged either way: resuming is how the same run is completed, not another setting."""
-    from .checkpointing import latest_complete_checkpoint
+    from .trainer.checkpointing import latest_complete_checkpoint
 
     if training_args.resume_from_checkpoint not in (None, False, ""):  # asked for explicitly: as asked
         return None, []
@@ -265,7 +265,7 @@ def run_stage(stage: dict, in_process: bool = False) -> dict:
     """Train one stage (its settings are written to its folder first) and write its done.json."""
     import torch
 
-    from .checkpointing import TrainingInterrupted
+    from .trainer.checkpointing import TrainingInterrupted
     from .train_cli import make_parser, run
 
     os.makedirs(stage["dir"], exist_ok=True)
@@ -308,7 +308,7 @@ def run_stage(stage: dict, in_process: bool = False) -> dict:
     if resumed_from:  # the run is complete (merged model written): the stopped attempts' checkpoints served their turn
         import shutil
 
-        from .checkpointing import CHECKPOINT_RE
+        from .trainer.checkpointing import CHECKPOINT_RE
 
         for name in os.listdir(stage["dir"]):
             if CHECKPOINT_RE.match(name):

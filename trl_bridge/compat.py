@@ -1,4 +1,4 @@
-"""The library versions BridgeTrainer is tested against, checked when `trl_bridge.bridge_config` is imported.
+"""The library versions BridgeTrainer is tested against, checked when `trl_bridge.trainer.bridge_config` is imported.
 
 BridgeTrainer overrides private methods of TRL's `GRPOTrainer` and of transformers' `Trainer` (`_compute_loss`,
 `_generate_and_score_completions`, `_clip_grad_norm`, `_load_from_checkpoint`, ...). A release outside the tested

@@ -39,6 +39,7 @@ from datasets import Dataset, DatasetDict, load_dataset
 
 from .benchmarks import HubSource, _field, get_benchmark, resolve_data_dir
 from .grading import extract_boxed
+from .trainer.dataset_checks import MissingColumnsError, require_columns, validate_rl_dataset, validate_sft_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,6 @@ logger = logging.getLogger(__name__)
 REASONING_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 PROMPT_STYLES = ("chat", "plain")
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-SFT_FORMATS = "'prompt' + 'completion', 'messages', or 'text'"
 
 __all__ = [
     "BUILTIN_SOURCES",
@@ -332,16 +332,6 @@ def _limit(ds: Dataset, limit: int | None) -> Dataset:
     return ds.select(range(min(limit, len(ds))))
 
 
-class MissingColumnsError(ValueError):
-    """A dataset lacks columns the RL or SFT format needs (a `ValueError`)."""
-
-
-def _require_columns(ds: Dataset, columns: Sequence[str], what: str) -> None:
-    missing = [c for c in columns if c not in ds.column_names]
-    if missing:
-        raise MissingColumnsError(f"{what} is missing column(s) {missing}; found columns {ds.column_names}")
-
-
 _CALCULATOR_RE = re.compile(r"<<[^<>]*>>")
 _GSM8K_FINAL_RE = re.compile(r"\n?####\s*(.+?)\s*$", re.S)
 
@@ -379,7 +369,7 @@ def load_gsm8k(
     _check_prompt_style(prompt_style)
     hub_kwargs = {"name": "main"} if path_or_name is not None and _is_hub_name(path_or_name) else {}
     raw = _load_source(path_or_name, "gsm8k", split, data_dir, **hub_kwargs)
-    _require_columns(raw, ["question", "answer"], "GSM8K data")
+    require_columns(raw, ["question", "answer"], "GSM8K data")
     raw = _limit(raw, limit)
     return _rl_and_sft(
         raw["question"],
@@ -409,7 +399,7 @@ def load_math(
     """
     _check_prompt_style(prompt_style)
     raw = _load_source(path_or_name, "math", split, data_dir)
-    _require_columns(raw, ["problem", "solution"], "MATH data")
+    require_columns(raw, ["problem", "solution"], "MATH data")
     golds = raw["answer"] if "answer" in raw.column_names else [None] * len(raw)
     golds = [gold if gold not in (None, "") else extract_boxed(sol) for gold, sol in zip(golds, raw["solution"])]
     keep = [i for i, gold in enumerate(golds) if gold not in (None, "")]
@@ -439,7 +429,7 @@ def load_math_level3to5(
     """
     _check_prompt_style(prompt_style)
     raw = _load_source(path_or_name, "math_level3to5", "train", data_dir)
-    _require_columns(raw, ["prompt", "reward_model"], "MATH level 3-5 data")
+    require_columns(raw, ["prompt", "reward_model"], "MATH level 3-5 data")
     golds = [reward.get("ground_truth") if isinstance(reward, Mapping) else None for reward in raw["reward_model"]]
     keep = [i for i, gold in enumerate(golds) if gold not in (None, "")]
     if len(keep) < len(raw):
@@ -670,84 +660,3 @@ def load_dataset_spec(
             raise
         raise MissingColumnsError(f"{err}; map your columns onto these names with {column_map_option}, e.g. "
                                   f"{column_map_option}: \"{example}\"") from err
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Validation
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def _value_kind(value) -> str | None:
-    """``"text"`` for a string, ``"messages"`` for a non-empty list of {role, content} dicts, else ``None``."""
-    if isinstance(value, str):
-        return "text"
-    if isinstance(value, (list, tuple)) and value and all(
-        isinstance(m, Mapping) and "role" in m and "content" in m for m in value
-    ):
-        return "messages"
-    return None
-
-
-def _describe(value) -> str:
-    return f"{type(value).__name__} {value!r}"[:120]
-
-
-def _check_dataset(ds, name: str) -> None:
-    if isinstance(ds, DatasetDict):
-        raise ValueError(f"{name} is a DatasetDict with splits {list(ds)}; pass one split, e.g. ds['train']")
-    if not isinstance(ds, Dataset):
-        raise ValueError(f"{name} must be a datasets.Dataset, got {type(ds).__name__}")
-    if len(ds) == 0:
-        raise ValueError(f"{name} is empty (0 rows)")
-
-
-def validate_rl_dataset(ds: Dataset, required: Sequence[str] = ("prompt",), name: str = "RL dataset") -> Dataset:
-    """Check an RL dataset for TRL's GRPO: a non-empty `Dataset` with the `required` columns, and a ``prompt`` that
-    is a string or a list of ``{"role", "content"}`` messages (checked on the first row). Returns `ds`.
-
-    Raises ``ValueError`` naming the missing column, the empty dataset or the wrong type.
-    """
-    _check_dataset(ds, name)
-    _require_columns(ds, list(required), name)
-    if "prompt" in ds.column_names and _value_kind(ds[0]["prompt"]) is None:
-        raise ValueError(
-            f"{name}: column 'prompt' must hold strings or lists of {{'role', 'content'}} messages, "
-            f"got {_describe(ds[0]['prompt'])}"
-        )
-    return ds
-
-
-def validate_sft_dataset(ds: Dataset, name: str = "SFT dataset") -> Dataset:
-    """Check an SFT dataset is in one of TRL's SFT formats: ``prompt`` + ``completion`` (both strings or both
-    message lists), ``messages`` (a conversation), or ``text`` (a string); checked on the first row. Returns `ds`.
-
-    Raises ``ValueError`` naming the missing column, the empty dataset or the wrong type.
-    """
-    _check_dataset(ds, name)
-    columns, row = ds.column_names, ds[0]
-    if "prompt" in columns or "completion" in columns:
-        _require_columns(ds, ["prompt", "completion"], f"{name} (prompt-completion format)")
-        kinds = {c: _value_kind(row[c]) for c in ("prompt", "completion")}
-        for column, found in kinds.items():
-            if found is None:
-                raise ValueError(
-                    f"{name}: column {column!r} must hold a string or a list of {{'role', 'content'}} messages, "
-                    f"got {_describe(row[column])}"
-                )
-        if kinds["prompt"] != kinds["completion"]:
-            raise ValueError(
-                f"{name}: 'prompt' is {kinds['prompt']} but 'completion' is {kinds['completion']}; use the same "
-                "format for both (strings, or message lists)"
-            )
-    elif "messages" in columns:
-        if _value_kind(row["messages"]) != "messages":
-            raise ValueError(
-                f"{name}: column 'messages' must hold lists of {{'role', 'content'}} messages, "
-                f"got {_describe(row['messages'])}"
-            )
-    elif "text" in columns:
-        if not isinstance(row["text"], str):
-            raise ValueError(f"{name}: column 'text' must hold strings, got {_describe(row['text'])}")
-    else:
-        raise MissingColumnsError(f"{name} must be in a TRL SFT format: {SFT_FORMATS}; found columns {columns}")
-    return ds

@@ -39,7 +39,7 @@ import yaml
 from transformers import TrainerCallback
 from trl import ModelConfig, TrlParser
 
-from .bridge_config import BridgeConfig
+from .trainer.bridge_config import BridgeConfig
 
 # ModelConfig's LoRA keys have the same meaning as BridgeConfig's, so BridgeConfig's are the ones parsed.
 _SHARED_WITH_BRIDGE = {f.name for f in dataclasses.fields(BridgeConfig)}
@@ -295,7 +295,8 @@ def prepare(script_args: BridgeScriptArguments, training_args: BridgeConfig, mod
     Returns ``(trainer, tokenizer, held-out split or None)``."""
     from transformers import AutoTokenizer
 
-    from .bridge_trainer import BridgeTrainer
+    from .trainer.bridge_trainer import BridgeTrainer
+    from .trainer.checks import probe_reward_funcs
     from .models import explain_model_load_errors, resolve_model_path
     from .rewards import get_reward_funcs, with_reward_noise
 
@@ -324,7 +325,7 @@ def prepare(script_args: BridgeScriptArguments, training_args: BridgeConfig, mod
     with explain_model_load_errors(model_args.model_name_or_path):
         trainer = BridgeTrainer(model=model_path, reward_funcs=reward_funcs, args=training_args, train_dataset=rl,
                                 sft_dataset=sft, processing_class=tokenizer)
-    trainer._check_reward_funcs()  # a reward function that fails on the first row is a user error, reported now
+    probe_reward_funcs(trainer, first_row_only=True)  # a reward function that fails on the first row: reported now
     if script_args.benchmark_eval:
         from .evaluate import BenchmarkEvalCallback
 
@@ -505,7 +506,7 @@ def main(argv=None) -> int:
     except (ValueError, TypeError, OSError, yaml.YAMLError) as err:  # unknown key, invalid value, bad/missing YAML
         print(f"trl-bridge train: error: {_one_line(err)}", file=sys.stderr)
         return 2
-    from .checkpointing import TrainingInterrupted, check_run_start, resume_arguments
+    from .trainer.checkpointing import TrainingInterrupted, check_run_start, resume_arguments
 
     try:  # the checkpoint to resume exists and is complete; output_dir holds no other run (before loading anything)
         check_run_start(training_args)

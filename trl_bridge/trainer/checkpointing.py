@@ -187,6 +187,16 @@ def remove_previous_run_checkpoints(output_dir: str):
         logger.warning("overwrite_output_dir: removed the previous run's checkpoints from %s: %s", output_dir, old)
 
 
+def clear_output_dir(args, resume_from_checkpoint):
+    """Before training starts (main process): an overwritten run's checkpoints and any staging folder of an
+    interrupted checkpoint write go."""
+    if not args.should_save:
+        return
+    if resume_from_checkpoint is None and args.overwrite_output_dir:
+        remove_previous_run_checkpoints(args.output_dir)
+    remove_stale_staging(args.output_dir)
+
+
 def remove_stale_staging(output_dir: str):
     """Staging folders left by a process killed while writing a checkpoint hold nothing usable."""
     if not os.path.isdir(output_dir):
@@ -253,6 +263,15 @@ class StopOnSignal(TrainerCallback):
         os.write(2, (f"\n[trl-bridge] {signal.Signals(signum).name} received: finishing the current step, then writing "
                      "a checkpoint and stopping (Ctrl-C again aborts without a checkpoint)\n").encode())
 
+    def raise_if_stopped(self, trainer):
+        """After `train()`: `TrainingInterrupted` when a signal stopped training before `max_steps`."""
+        if self.stopped_by is not None and trainer.state.global_step < trainer.state.max_steps:
+            step = trainer.state.global_step
+            checkpoint = os.path.join(trainer._get_output_dir(None), f"{PREFIX_CHECKPOINT_DIR}-{step}")
+            raise TrainingInterrupted(self.stopped_by, step, checkpoint if os.path.isdir(checkpoint) else None)
+        if self.signum is not None:
+            logger.warning("A signal arrived after the last training step: training completed.")
+
     def on_step_end(self, args, state, control, **kwargs):
         flag = self.signum or 0
         if self.accelerator.num_processes > 1:
@@ -287,3 +306,42 @@ def resume_arguments(argv: list[str]) -> str:
         elif not arg.startswith("--resume_from_checkpoint="):
             kept.append(arg)
     return shlex.join([*kept, "--resume_from_checkpoint", "last"])
+
+
+def save_checkpoint_atomically(trainer, save, model, trial):
+    """Atomic checkpoints. `save(model, trial)` (the Trainer's and GRPOTrainer's `_save_checkpoint`) writes
+    `checkpoint-N` as usual, but inside the staging folder `tmp-checkpoint-N` (`trainer._staging_root`, which the
+    trainer's `_get_output_dir` returns meanwhile); once every process has written its files they are flushed to disk
+    and the folder is renamed into place, so a process killed mid-write (kill -9, a node lost) leaves a `tmp-` folder,
+    never a `checkpoint-N` that looks complete but is not. The Hub upload and the rotation (`save_total_limit`) run
+    after the rename, on the published folder."""
+    from transformers.trainer_utils import rotate_checkpoints
+
+    args, state = trainer.args, trainer.state
+    run_dir = trainer._get_output_dir(trial=trial)
+    name = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+    staging = staging_dir(run_dir, state.global_step)
+    if args.should_save:
+        shutil.rmtree(staging, ignore_errors=True)  # left by a process killed while writing this very step
+    trainer.accelerator.wait_for_everyone()
+    push = args.push_to_hub
+    trainer._staging_root, args.push_to_hub = staging, False
+    try:
+        save(model, trial)
+    finally:
+        trainer._staging_root, args.push_to_hub = None, push
+    written, final = os.path.join(staging, name), os.path.join(run_dir, name)
+    if state.best_model_checkpoint == written:  # this step is the best so far: point at where it will be
+        state.best_model_checkpoint = final
+        if args.should_save:
+            state.save_to_json(os.path.join(written, "trainer_state.json"))
+    trainer.accelerator.wait_for_everyone()  # every process's files (RNG states, rollouts) are in
+    if args.should_save:
+        publish_checkpoint(written, final)
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    if push:
+        trainer._push_from_checkpoint(final)
+    if args.should_save:
+        rotate_checkpoints(output_dir=run_dir, save_total_limit=args.save_total_limit,
+                           best_model_checkpoint=state.best_model_checkpoint, use_mtime=True)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .compat import check_versions
+from ..compat import check_versions
 
 check_versions()  # before importing trl: an untested trl fails here, naming the tested range
 

@@ -1,0 +1,735 @@
+"""BRIDGE on top of TRL's GRPOTrainer, read top to bottom against BRIDGE.md §3 (the paper's Algorithm 2).
+
+    θ  — the base weights (all, or `trainable_base_parameters`); trained by the Trainer's own optimizer.
+    w  — the LoRA adapter (PEFT); the policy is π(θ+w).
+    θ̂  — the RL-only shadow: a persistent copy of the trainable base weights, initialised to θ⁰.
+
+One meta-step, all gradients at iterate k, in the order of this file:
+  1. rollouts               GRPOTrainer samples once from π(θ+w), scores, computes group advantages (unchanged)
+  2. pass A (θ and w)       ∇ of (1−λ) L_SFT(θ,w) + λ L_RL(θ,w)       → θ.grad, and w.grad's first two terms
+  3. pass B (θ̂ and w)       ∇ of L_RL(θ̂,w) on the same rollouts        → θ̂.grad, and −λ ∇w L_RL(θ̂,w) into w.grad
+  4. the three updates      θ ← θ − α [(1−λ) ∇θ L_SFT(θ,w) + λ ∇θ L_RL(θ,w)]                           (§3.2)
+                            θ̂ ← θ̂ − α ∇θ̂ L_RL(θ̂,w)                                                    (§3.3)
+                            w ← w − β [(1−λ) ∇w L_SFT(θ,w) + λ (∇w L_RL(θ,w) − ∇w L_RL(θ̂,w))]          (§3.4)
+  5. the cooperative gain   J_RL(θ,w) − J_RL(θ̂,w), estimated on the shared rollouts and logged
+
+Passes A and B are ordinary forward+backward pairs through the wrapped model (DDP all-reduces and FSDP2
+reduce-scatters each parameter once per backward); pass B swaps θ̂ into the base parameters' storage
+(`gradient_routing`). `BridgeCallback` applies the θ̂ and w updates between the Trainer's backward and its θ step.
+Everything else is a call into a module named for what it does: `model_setup` (the policy, θ's selection, fp32
+master weights), `checks` (refusals before step 1), `frozen_replay`, `optimizers`, `numeric_faults`, `reference` (the
+KL reference), `checkpoint_state` and `checkpointing` (checkpoints), `model_card`, and the engines (`fsdp2`,
+`vllm_sync`, `export`).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from dataclasses import dataclass, field
+
+from ..compat import check_versions
+
+check_versions()  # before trl is imported: an untested trl/transformers fails here, naming the tested range
+
+import torch
+from accelerate.utils import is_peft_model
+from datasets import Dataset, IterableDataset
+from torch.distributed.fsdp import FSDPModule
+from transformers import TrainerCallback
+from transformers.trainer import TRAINING_ARGS_NAME
+from trl import GRPOConfig, GRPOTrainer
+from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
+
+from ..export import check_exportable, plain_name, save_merged_model
+from ..fsdp2 import clip_grad_norm, full_tensor, reshard, sum_of_squares, total_grad_norm
+from ..profiling import PhaseTimer
+from ..vllm_sync import check_vllm_can_hold_the_policy, keep_vllm_cpu_weights_live, sync_merged_policy
+from . import checks, model_setup
+from .bridge_config import BridgeConfig
+from .checkpoint_state import ENTROPY_STATE, BridgeState, load_rollout_buffer, save_rollout_buffer
+from .checkpointing import (
+    StopOnSignal, check_output_dir, clear_output_dir, resolve_resume_from_checkpoint, save_checkpoint_atomically,
+)
+from .dataset_checks import validate_rl_dataset, validate_sft_dataset
+from .frozen_replay import FrozenPrefixReplay, frozen_prefix_length
+from .gradient_routing import grads_added_with_scale, shadow_in_place, side_effects_set_aside
+from .model_card import write_bridge_model_card
+from .numeric_faults import NumericFaultGuard
+from .optimizers import make_optimizer, make_scheduler
+from .reference import RefModelSyncCallback, load_synced_ref_model, save_synced_ref_model
+from .sft_stream import SFTStream, tokenize_sft_dataset
+
+
+@dataclass
+class StepRecord:
+    """The values that pass between GRPOTrainer's hooks inside one micro-step, in one place. Each field is set and
+    read in the order below and cleared by its reader, so nothing outlives the micro-step that made it.
+
+    rewards_per_func   `_calculate_rewards` → `_generate_and_score_completions` (the same generation): every
+                       function's reward of every rollout, for the cooperative-gain estimate.
+    rl_inputs          pass A (`compute_loss`) → pass B (`training_step`): the micro-batch's rollouts.
+    base_logps         pass A → pass B: π(θ+w)'s per-token log-probs of those rollouts (detached).
+    adapter_sft_grads  pass A on an optimizer step's first micro-batch → after pass B: w's SFT gradient, for the
+                       logged cooperative/SFT gradient ratio.
+    capturing, logps   `_rl_loss_and_logps` ↔ `_get_per_token_logps_and_entropies`: TRL's loss computes the
+                       log-probs inside; the override stores them here while `capturing`.
+    on_logps           pass B with truncated IS on fresh rollouts: the re-weighting of the shadow's advantages by
+                       π(θ̂+w)/π(θ+w), which needs π(θ̂+w)'s log-probs of this very forward; applied by
+                       `_get_per_token_logps_and_entropies` as soon as they exist, before TRL's loss uses the advantages.
+    """
+
+    rewards_per_func: torch.Tensor | None = None
+    rl_inputs: dict | None = None
+    base_logps: torch.Tensor | None = None
+    adapter_sft_grads: list | None = None
+    capturing: bool = False
+    logps: torch.Tensor | None = None
+    on_logps: object = field(default=None, repr=False)
+
+
+class BridgeCallback(TrainerCallback):
+    """Runs the shadow (§3.3) and adapter (§3.4) updates between the fused base-model steps (§3.2)."""
+
+    def __init__(self, trainer: "BridgeTrainer"):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._apply_shadow_and_adapter_updates()
+
+
+class BridgeTrainer(GRPOTrainer):
+    """
+    Trainer for BRIDGE (Chen et al., "Beyond Two-Stage Training: Cooperative SFT and RL for LLM Reasoning",
+    arXiv:2509.06948): cooperative SFT + RL with a fused base θ, an RL-only shadow θ̂ and a LoRA adapter w trained on
+    the cooperative gain.
+
+    A drop-in replacement for [`~trl.GRPOTrainer`] (its parameters, in its order) that takes one more dataset, the
+    keyword-only `sft_dataset` (expert reasoning traces in any TRL SFT format). Rollout generation, reward computation
+    and advantages are GRPOTrainer's, unchanged. What changes, and why:
+      * `compute_loss` (pass A) and `training_step` (pass B): the two gradients of the meta-step.
+      * `_calculate_rewards`, `_generate_and_score_completions`, `_get_per_token_logps_and_entropies`: keep what pass
+        B and the cooperative-gain estimate need (rewards, group ids, both passes' log-probs, the shadow's sampling-time
+        log-probs when GRPOTrainer keeps old log-probs or `shadow_off_policy="truncated_is"`).
+      * `create_optimizer`, `create_scheduler`, `_clip_grad_norm`, `_get_grad_norm`: the Trainer's optimizer and
+        clipping act on θ alone; θ̂ and w get their own optimizers, schedules and clipping (`BridgeCallback`).
+      * `__init__` and `train`: build w, θ̂, the SFT stream and a frozen KL reference, and check everything that can
+        be checked before step 1 (`checks`); SIGINT/SIGTERM end training with a checkpoint (`TrainingInterrupted`).
+      * `_save`, `_save_optimizer_and_scheduler`, `_load_from_checkpoint`, `_load_optimizer_and_scheduler`,
+        `_save_checkpoint`, `_get_output_dir`, `create_model_card`: the merged π(θ+w) export, atomic
+        engine-independent checkpoints (exact resume anywhere) and BRIDGE's model card.
+    At λ = 1 for the whole run none of BRIDGE is built: the run is GRPOTrainer's own. With `use_vllm=True`, vLLM is
+    sent π(θ+w) merged out of place (`vllm_sync`): TRL's in-place merge/unmerge would move θ by float rounding.
+    """
+
+    _tag_names = ["trl", "bridge", "grpo"]
+    card_base_model: str | None = None  # what the model card names as base model / datasets / results (set by the CLI)
+    card_datasets: list[str | dict] | None = None
+    card_eval_results: dict | None = None  # benchmark results ({benchmark: accuracy}); filed in the card's model-index
+    card_heldout: dict | None = None  # {"heldout_accuracy_before", "heldout_accuracy_after", "num_problems"}
+    card_task: str | None = None  # one sentence describing the task
+    _name = "BRIDGE"
+    _paper = {"title": "Beyond Two-Stage Training: Cooperative SFT and RL for LLM Reasoning", "id": "2509.06948"}
+
+    def __init__(
+        self,
+        model,
+        reward_funcs=None,
+        args: BridgeConfig | None = None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset=None,
+        processing_class=None,
+        reward_processing_classes=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+        tools=None,
+        rollout_func=None,
+        environment_factory=None,
+        *,
+        sft_dataset: Dataset | None = None,
+    ):
+        # GRPOTrainer's parameters in GRPOTrainer's order, so positional calls mean the same; `sft_dataset` is keyword-only.
+        self._given_model_name = model if isinstance(model, str) else None  # the model card names it
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path
+            args = BridgeConfig(f"{str(name).split('/')[-1]}-BRIDGE")
+        elif isinstance(args, GRPOConfig) and not isinstance(args, BridgeConfig):
+            args = BridgeConfig.from_grpo_config(args)  # keeps every GRPO value, BRIDGE's defaults; warns
+        if not isinstance(args, BridgeConfig):
+            raise TypeError(f"`args` must be a BridgeConfig (it extends GRPOConfig), got {type(args).__name__}.")
+        if optimizers != (None, None):
+            raise ValueError("`optimizers` is not supported: BRIDGE builds one optimizer per parameter set (θ, θ̂, w).")
+        if train_dataset is None and environment_factory is None:
+            raise ValueError("`train_dataset` is required unless an `environment_factory` is provided.")  # GRPOTrainer's
+        if isinstance(train_dataset, Dataset):
+            validate_rl_dataset(train_dataset, name="`train_dataset` (RL prompts)")
+            checks.check_one_generation_batch(train_dataset, args)
+        # λ = 1 for the whole run is GRPO exactly (no SFT term; θ̂ stays θ; w's gradient is zero): run GRPO alone.
+        self._grpo_only = args.lambda_is_always_one()
+        if sft_dataset is None and not self._grpo_only:
+            raise ValueError(
+                "`sft_dataset` is required: BRIDGE needs expert reasoning traces for L_SFT (only a run with "
+                "bridge_lambda = 1 throughout, i.e. GRPO, can go without)."
+            )
+        if sft_dataset is not None:
+            validate_sft_dataset(sft_dataset, name="`sft_dataset` (expert traces)")
+
+        # The policy π(θ+w): a PeftModel passed in supplies w (its base weights are θ); else w is the `lora_*` adapter.
+        if isinstance(model, str):
+            model = model_setup.load_model(model, args, quantization_config)
+            quantization_config = None  # consumed here, as GRPOTrainer does
+        adapter_weights = ref_weights = None
+        if is_peft_model(model):
+            model, peft_config, adapter_weights, ref_weights = model_setup.adopt_peft_model(model, peft_config, args)
+        # KL reference (beta > 0): the initial policy π(θ⁰+w⁰) = π(θ⁰) (LoRA B starts at zero; a PeftModel's trained
+        # adapter is merged in), frozen; GRPOTrainer is told beta = 0 so that it loads no reference of its own.
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False) if args.beta != 0.0 else None
+        if ref_model is not None and ref_weights is not None:
+            ref_model.load_state_dict(ref_weights)
+        from_args = peft_config is None
+        if self._grpo_only:
+            if peft_config is not None:
+                warnings.warn(
+                    "`peft_config` is ignored: with bridge_lambda = 1 for the whole run BRIDGE is GRPO on the base "
+                    "weights and builds no adapter (its gradient would be zero).", UserWarning, stacklevel=2,
+                )
+            peft_config = None
+        elif peft_config is None:
+            peft_config = model_setup.adapter_config(args)
+        if peft_config is not None:
+            model_setup.check_adapter_config(peft_config)
+            model_setup.check_lora_targets(model, peft_config,
+                                           field="lora_target_modules" if from_args else "peft_config.target_modules")
+        if args.use_vllm and args.vllm_mode == "colocate":
+            keep_vllm_cpu_weights_live()  # vLLM on CPU: weight syncs must reach live weights (a no-op on GPUs)
+        overrides = dict(beta=0.0, sync_ref_model=False) if args.beta != 0.0 else {}
+        with model_setup.fields_overridden(args, **overrides):
+            super().__init__(
+                model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,
+                eval_dataset=eval_dataset, processing_class=processing_class,
+                reward_processing_classes=reward_processing_classes, callbacks=callbacks,
+                quantization_config=quantization_config, peft_config=peft_config, tools=tools,
+                rollout_func=rollout_func, environment_factory=environment_factory,
+            )
+        self.beta = args.beta
+        self.probe_reward_funcs_before_training = rollout_func is None and environment_factory is None
+        if ref_model is not None:
+            if args.disable_dropout:
+                disable_dropout_in_model(ref_model)
+            add_fused_lm_head(ref_model, temperature=self.temperature, cast_lm_head_to_fp32=args.cast_lm_head_to_fp32)
+            self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+            if args.sync_ref_model:  # (beta = 0 with sync_ref_model was refused by GRPOTrainer, as for GRPO users)
+                self.add_callback(RefModelSyncCallback(self))
+        checks.refuse_unsupported_engines(self)
+        if self.use_vllm and not self._grpo_only:  # vLLM samples π(θ+w), merged out of place (θ untouched by a sync)
+            check_vllm_can_hold_the_policy(self.model)
+            sync_merged_policy(self.vllm_generation)
+        # the causal LM GRPOTrainer gave TRL's fused LM head (checked now, not at step 1, in case its layout changed)
+        self._fused_lm = self.model.get_base_model() if is_peft_model(self.model) else self.model
+        model_setup.fused_head_cells(self._fused_lm)
+        if adapter_weights is not None:
+            model_setup.load_adapter_weights(self.model, adapter_weights)
+        if not self._grpo_only:
+            check_exportable(self.model)  # an adapter option the final export could not merge fails now, not after training
+
+        # θ: PEFT froze the base; unfreeze the selected weights (fp32 master weights).  w: the LoRA parameters.
+        self.base_params = model_setup.select_base_params(self.model, args.trainable_base_parameters)
+        if self._grpo_only:  # no PEFT: freeze what is not θ, as PEFT does
+            theta = {id(p) for _, p in self.base_params}
+            for p in self.model.parameters():
+                p.requires_grad_(id(p) in theta)
+        for _, p in self.base_params:
+            p.requires_grad_(True)
+        self.adapter_params = [(n, p) for n, p in self.model.named_parameters() if "lora_" in n and p.requires_grad]
+        model_setup.keep_fp32_master_weights(self.model, self.base_params + self.adapter_params, autocast=args.bf16)
+        self._fsdp2 = bool(self.is_fsdp_enabled and self.accelerator.is_fsdp2)
+        if self._fsdp2 and not self._grpo_only:
+            # One reduce-scatter per backward: FSDP2's no_sync accumulates unsharded gradients inside FSDP, where the
+            # θ/θ̂ swap of pass B cannot separate them.
+            self.accelerator.gradient_state.plugin_kwargs["sync_each_batch"] = True
+        # θ̂ ← θ⁰: a persistent fp32 copy of the trainable base weights only (none at λ = 1 throughout: θ̂ would be θ;
+        # empty without the meta term, which never uses it). FSDP2 shards the model in train(): θ̂ is created sharded
+        # like θ then (`_bind_sharded_params`).
+        self._bound_sharded = False
+        if self._fsdp2 or self._grpo_only:
+            self.shadow_params = None
+        else:
+            self.shadow_params = [torch.nn.Parameter(p.detach().clone()) for _, p in self.base_params] \
+                if args.bridge_meta_term else []
+
+        # L_SFT's data: TRL's SFT tokenisation, then an endless seeded resumable stream of batches.
+        checks.check_chat_template(self.processing_class, train_dataset, sft_dataset)
+        self.sft_stream = None
+        if not self._grpo_only:
+            self.sft_stream = SFTStream(
+                tokenize_sft_dataset(sft_dataset, self._tokenizer, args.sft_max_length),
+                pad_token_id=self._tokenizer.pad_token_id, batch_size=args.sft_per_device_train_batch_size,
+                seed=args.seed, rank=self.accelerator.process_index, world_size=self.accelerator.num_processes,
+            )
+        self.shadow_optimizer = self.adapter_optimizer = None
+        self.shadow_scheduler = self.adapter_scheduler = None
+        self._record = StepRecord()
+        # Decoder layers below every trainable weight compute the same activations in passes A and B: pass B reuses
+        # pass A's output of the highest of them instead of recomputing (single process and DDP).
+        self._frozen_prefix = 0 if self._fsdp2 or not args.share_frozen_activations else frozen_prefix_length(
+            self._fused_lm, [p for _, p in self.base_params + self.adapter_params])
+        self._frozen_replay = FrozenPrefixReplay(self._fused_lm, self._frozen_prefix)
+        self.phases = PhaseTimer()  # seconds per phase of the step, read by `trl-bridge bench`
+        if not self._grpo_only:
+            self.add_callback(BridgeCallback(self))
+        self.numeric_faults = NumericFaultGuard(args.max_consecutive_skipped_steps, args.output_dir)
+        self.checkpoint_state = BridgeState(self)
+        self._staging_root = None
+        self._stop_on_signal = StopOnSignal(self.accelerator)
+        self.add_callback(self._stop_on_signal)
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """Checks everything that can be checked before step 1 (the checkpoint to resume, `output_dir`, the reward
+        functions), then trains with SIGINT/SIGTERM turned into "finish the step, save a checkpoint, stop" (raising
+        `TrainingInterrupted` afterwards). `resume_from_checkpoint` also accepts "last" (= True: the newest complete
+        checkpoint in `output_dir`)."""
+        resume_from_checkpoint = resolve_resume_from_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        check_output_dir(self.args.output_dir, resume_from_checkpoint, self.args.overwrite_output_dir)
+        checks.probe_reward_funcs(self)
+        clear_output_dir(self.args, resume_from_checkpoint)
+        self.accelerator.wait_for_everyone()
+        with self._stop_on_signal.installed():
+            output = super().train(resume_from_checkpoint, *args, **kwargs)
+        self._stop_on_signal.raise_if_stopped(self)
+        return output
+
+    @property
+    def bridge_lambda(self) -> float:
+        """λ at the current optimizer step (constant, scheduled, or alternating; `BridgeConfig.lambda_at`)."""
+        return self.args.lambda_at(self.state.global_step)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # 1. Rollouts, once, from π(θ+w): GRPOTrainer's, plus what pass B and the gain estimate need
+    # ------------------------------------------------------------------------------------------------------------
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        self._record.rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        return self._record.rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        with self.phases("generation"):
+            output = super()._generate_and_score_completions(inputs)
+        if self._grpo_only:
+            return output
+        n_local = output["prompt_ids"].size(0)
+        start = self.accelerator.process_index * n_local
+        rewards_per_func, self._record.rewards_per_func = self._record.rewards_per_func, None
+        weights = self.reward_weights.to(rewards_per_func.device)
+        rewards = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
+        output["bridge_rewards"] = rewards[start : start + n_local]
+        # each row's prompt group (rollouts of one prompt are consecutive in the global batch), kept through TRL's shuffle
+        rows = torch.arange(start, start + n_local, device=rewards.device)
+        output["bridge_group_ids"] = rows // self.num_generations
+        if self.model.training and self.args.bridge_meta_term and self.args.shadow_fraction < 1.0:
+            output["bridge_shadow_rows"] = self._draw_shadow_rows(output["bridge_group_ids"])
+        # θ̂'s own log-probs at sampling time, only when GRPOTrainer keeps θ's (θ moves before these rollouts are used)
+        if self.model.training and output.get("old_per_token_logps") is not None and self.args.bridge_meta_term:
+            with self.phases("shadow_logps"), self._shadow_in_place(keep_grads=True):
+                output["shadow_old_per_token_logps"] = self._no_grad_logps(output)
+        if self.model.training and self.args.shadow_off_policy == "truncated_is":
+            behaviour = self._behaviour_logps(output)
+            if behaviour is not None:
+                output["behaviour_per_token_logps"] = behaviour
+        return output
+
+    def _shadow_groups(self) -> tuple[int, int]:
+        """(G, k): prompt groups per generation batch, and how many of them the shadow pass draws (`shadow_fraction`)."""
+        groups = self.args.generation_batch_size // self.num_generations
+        return groups, max(1, round(self.args.shadow_fraction * groups))
+
+    def _draw_shadow_rows(self, group_ids):
+        """Which local rollouts the shadow pass uses: the rows of k prompt groups drawn uniformly without replacement,
+        seeded by the run's seed and the micro-step of generation (the same on every process; stored with the
+        buffered rollouts, so a resumed run uses the same draw)."""
+        groups, drawn = self._shadow_groups()
+        generator = torch.Generator().manual_seed(self.args.seed * 1_000_003 + self._step)
+        chosen = torch.zeros(groups, dtype=torch.bool)
+        chosen[torch.randperm(groups, generator=generator)[:drawn]] = True
+        return chosen.to(group_ids.device)[group_ids]
+
+    def _behaviour_logps(self, output):
+        """The log-probs that truncated IS divides by: the policy the rollouts are corrected to. With vLLM and TRL's
+        importance-sampling correction, TRL already re-weights every token by π(θ+w)/π_vLLM in both passes, so the
+        shadow's ratio is against π(θ+w) at sampling time; with vLLM uncorrected, against vLLM's own sampling log-probs;
+        otherwise against π(θ+w) at sampling time (None: pass A's log-probs, θ and w have not moved since)."""
+        if self.use_vllm and not self.vllm_importance_sampling_correction:
+            return output.get("sampling_per_token_logps")
+        return output.get("old_per_token_logps")
+
+    @torch.no_grad()
+    def _no_grad_logps(self, batch):
+        input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+        attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+        logps, _, _ = super()._get_per_token_logps_and_entropies(
+            self.model, input_ids, attention_mask, batch["completion_ids"].size(1),
+            batch_size=self.args.per_device_train_batch_size,
+        )
+        return logps
+
+    # ------------------------------------------------------------------------------------------------------------
+    # 2. Pass A: ∇ of (1−λ) L_SFT(θ,w) + λ L_RL(θ,w) into θ.grad (§3.2) and w.grad (§3.4, first two terms)
+    # ------------------------------------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self._grpo_only and self.model.training:  # λ = 1 throughout: GRPO's loss alone, nothing else computed
+            self._metrics["train"]["bridge/lambda"].append(1.0)
+        if self._grpo_only or not self.model.training:  # evaluation: the RL loss of π(θ+w), as GRPOTrainer reports it
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        lam = self.bridge_lambda
+        # Two forward+backward pairs (one backward per forward, which FSDP2 needs): the SFT half is back-propagated
+        # here; the Trainer back-propagates the returned λ L_RL (the detached SFT term only makes the logged loss whole).
+        first_micro_batch = self._step % self.current_gradient_accumulation_steps == 0
+        with self.phases("sft"):
+            sft_loss = self._sft_loss(model)
+            self.accelerator.backward((1.0 - lam) * sft_loss)
+        if first_micro_batch:  # w's SFT gradient, for the cooperative/SFT ratio logged after pass B
+            self._record.adapter_sft_grads = [None if p.grad is None else p.grad.detach().clone()
+                                              for _, p in self.adapter_params]
+        with self._frozen_replay.recording(self.args.bridge_meta_term and self.model.training):
+            rl_loss, base_logps = self._rl_loss_and_logps(model, inputs)
+        self._record.rl_inputs, self._record.base_logps = inputs, base_logps
+        ga = self.current_gradient_accumulation_steps
+        self._log_mean("bridge/rl_loss", rl_loss.detach() * ga)
+        self._log_mean("bridge/sft_loss", sft_loss.detach() * ga)
+        self._log_mean("bridge/lambda", torch.tensor(lam, device=rl_loss.device))
+        return lam * rl_loss + ((1.0 - lam) * sft_loss).detach()
+
+    def _sft_loss(self, model):
+        """L_SFT: token-mean NLL of a batch of expert traces (prompt tokens carry label −100), scaled for accumulation.
+        Through TRL's fused LM head at temperature 1: the (batch, length, vocabulary) logits are never materialised."""
+        batch = {k: v.to(self.accelerator.device) for k, v in self.sft_stream.next_batch().items()}
+        with self.accelerator.autocast(), model_setup.fused_head_for_sft(self._fused_lm):
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                        fused_lm_head=True)
+        return out.loss / self.current_gradient_accumulation_steps
+
+    def _rl_loss_and_logps(self, model, inputs):
+        """L_RL: TRL's GRPO loss on the rollouts (any `loss_type`, clipping, KL), plus the per-token log-probs it
+        computed (detached)."""
+        self._record.capturing = True
+        try:
+            loss = self._compute_loss(model, inputs)
+        finally:
+            self._record.capturing = False
+        logps, self._record.logps = self._record.logps, None
+        return loss, logps
+
+    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
+        out = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+        if self._record.capturing:
+            self._record.logps = out[0].detach()
+            if self._record.on_logps is not None:  # pass B, truncated IS on fresh rollouts (see `_shadow_backward`)
+                on_logps, self._record.on_logps = self._record.on_logps, None
+                on_logps(out[0].detach())
+        return out
+
+    # ------------------------------------------------------------------------------------------------------------
+    # 3. Pass B: ∇θ̂ L_RL(θ̂,w) into θ̂.grad (§3.3) and −λ ∇w L_RL(θ̂,w) into w.grad (§3.4, last term)
+    # ------------------------------------------------------------------------------------------------------------
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        with self.phases("training_step"):
+            loss = super().training_step(model, inputs, num_items_in_batch)  # rollouts when due + pass A
+        record = self._record
+        if self.model.training and record.rl_inputs is not None:
+            start = self.phases.clock()
+            if self.args.bridge_meta_term:  # False: the "w/o J_meta" ablation, no shadow
+                with self.phases("shadow"):
+                    self._shadow_backward(model, record.rl_inputs, record.base_logps, lam=self.bridge_lambda)
+            record.rl_inputs = record.base_logps = None
+            if record.adapter_sft_grads is not None:
+                self._log_cooperative_to_sft_ratio()
+            # GRPOTrainer's `step_time` is taken inside its training_step: add pass B to it
+            if self._step % self.current_gradient_accumulation_steps == 0 and self._metrics["train"]["step_time"]:
+                self._metrics["train"]["step_time"][-1] += self.phases.clock() - start
+            else:
+                self._current_train_step_time += self.phases.clock() - start
+        return loss
+
+    def _shadow_backward(self, model, inputs, base_logps, lam):
+        rows, scale = None, 1.0
+        if "bridge_shadow_rows" in inputs:  # shadow_fraction < 1: the drawn prompt groups only, rescaled (unbiased)
+            inputs, base_logps, rows, scale = self._shadow_subset(inputs, base_logps)
+        shadow_inputs = dict(inputs)
+        # The shadow's PPO ratio is against its own log-probs at sampling time when GRPOTrainer keeps old log-probs
+        # (num_iterations > 1, ...), else against its current ones, detached (ratio 1), exactly as for θ.
+        if inputs.get("old_per_token_logps") is not None:
+            shadow_inputs["old_per_token_logps"] = inputs["shadow_old_per_token_logps"]
+        if self.args.shadow_off_policy == "truncated_is":
+            # rollouts come from π(θ+w): re-weight each token by min(π(θ̂+w)/π(θ+w), C), detached (BRIDGE.md §5), with
+            # both policies' log-probs at sampling time. When θ and θ̂ have not moved since sampling (no old log-probs
+            # kept), those are pass A's log-probs and pass B's own, applied as soon as pass B has computed them.
+            behaviour = inputs.get("behaviour_per_token_logps", base_logps)
+            if "shadow_old_per_token_logps" in inputs:
+                shadow_inputs["advantages"] = self._truncated_is_advantages(
+                    inputs["advantages"], inputs["shadow_old_per_token_logps"], behaviour)
+            else:
+                def reweight(shadow_logps):
+                    shadow_inputs["advantages"] = self._truncated_is_advantages(
+                        shadow_inputs["advantages"], shadow_logps, behaviour)
+                self._record.on_logps = reweight
+        with self._shadow_in_place(), grads_added_with_scale(self.adapter_params, -lam), \
+                side_effects_set_aside(self, ENTROPY_STATE), self._frozen_replay.replaying(rows):
+            shadow_loss, shadow_logps = self._rl_loss_and_logps(model, shadow_inputs)
+            if scale != 1.0:
+                shadow_loss = shadow_loss * scale
+            self.accelerator.backward(shadow_loss)
+        ga = self.current_gradient_accumulation_steps
+        self._log_mean("bridge/rl_loss_shadow", shadow_loss.detach() * ga)
+        # 5. the cooperative gain of this micro-batch's rollouts (logged; the adapter's gradient already holds it)
+        gain = self._cooperative_gain(inputs, base_logps, shadow_logps) if scale != 0.0 else float("nan")
+        self._log_mean("bridge/cooperative_gain", gain)
+
+    def _shadow_in_place(self, keep_grads: bool = False):
+        return shadow_in_place(self.model, self.base_params, self.shadow_params, keep_grads=keep_grads)
+
+    def _shadow_subset(self, inputs, base_logps):
+        """`shadow_fraction` < 1: the micro-batch's rows of the drawn prompt groups, and the factor that makes the
+        subset's L_RL(θ̂,w) gradient unbiased for the full micro-batch's. Each row is drawn with probability f = k/G
+        (k of the generation batch's G groups), so (subset loss × c) / f is unbiased, where c turns the subset loss
+        into the full loss restricted to the subset (TRL normalises per row for grpo/sapo/luspo/dr_grpo, per token of
+        the micro-batch for bnpo, by a batch-wide constant for dapo/cispo/vespo). A micro-batch without a drawn row
+        still runs pass B on one row, at scale 0, so that every process takes part in the gradient collectives."""
+        chosen = inputs["bridge_shadow_rows"]
+        size = chosen.numel()
+        rows = chosen.nonzero().squeeze(1)
+        if rows.numel() == 0:
+            rows, factor = rows.new_zeros(1), 0.0
+        elif self.loss_type == "bnpo":
+            mask = inputs["completion_mask"] if inputs.get("tool_mask") is None else inputs["completion_mask"] * inputs["tool_mask"]
+            factor = float(mask[rows].sum().clamp(min=1.0) / mask.sum().clamp(min=1.0))
+        elif self.loss_type in ("grpo", "sapo", "luspo", "dr_grpo"):
+            factor = rows.numel() / size
+        else:  # dapo, cispo, vespo: the normaliser is num_items_in_batch, the same for any subset
+            factor = 1.0
+        groups, drawn = self._shadow_groups()
+        subset = {k: v[rows] if torch.is_tensor(v) and v.dim() >= 1 and v.size(0) == size else v for k, v in inputs.items()}
+        return subset, base_logps[rows], rows, factor * groups / drawn
+
+    def _truncated_is_advantages(self, advantages, shadow_logps, behaviour_logps):
+        ratio = torch.exp(shadow_logps - behaviour_logps).clamp(max=self.args.shadow_is_cap)
+        return (advantages.unsqueeze(1) if advantages.dim() == 1 else advantages) * ratio
+
+    # ------------------------------------------------------------------------------------------------------------
+    # 4. The three updates: θ̂ (§3.3) and w (§3.4) here, before the Trainer's own θ step (§3.2)
+    # ------------------------------------------------------------------------------------------------------------
+    def _apply_shadow_and_adapter_updates(self):
+        reshard(self.model)  # no unsharded FSDP2 copy may outlive the update
+        max_norm = self.args.max_grad_norm if self.args.max_grad_norm and self.args.max_grad_norm > 0 else float("inf")
+        shadow_norm = clip_grad_norm(self.shadow_params, max_norm)
+        adapter_norm = clip_grad_norm([p for _, p in self.adapter_params], max_norm)
+        self._metrics["train"]["bridge/grad_norm_shadow"].append(shadow_norm)
+        self._metrics["train"]["bridge/grad_norm_adapter"].append(adapter_norm)
+        if self.numeric_faults.step_is_faulty(self.state.global_step + 1, shadow_norm, adapter_norm):
+            self._drop_step()
+            return
+        self.adapter_optimizer.step()  # w ← w − β [(1−λ) ∇w L_SFT(θ,w) + λ (∇w L_RL(θ,w) − ∇w L_RL(θ̂,w))]
+        self.adapter_scheduler.step()
+        self.adapter_optimizer.zero_grad(set_to_none=True)
+        if self.shadow_optimizer is None:  # bridge_meta_term=False: no shadow
+            return
+        # ‖θ̂−θ‖/‖θ‖ at iterate k: ~0 means the shadow has not separated from θ, so the cooperative term vanishes and
+        # BRIDGE has degenerated to naive mixing (e.g. half-precision updates rounding away).
+        diff = sum_of_squares(s - p for (_, p), s in zip(self.base_params, self.shadow_params))
+        norm = sum_of_squares(p for _, p in self.base_params)
+        self._metrics["train"]["bridge/shadow_divergence"].append((diff / max(norm, 1e-30)) ** 0.5)
+        self.shadow_optimizer.step()  # θ̂ ← θ̂ − α ∇θ̂ L_RL(θ̂,w)
+        self.shadow_scheduler.step()
+        self.shadow_optimizer.zero_grad(set_to_none=True)
+        # θ ← θ − α [(1−λ) ∇θ L_SFT(θ,w) + λ ∇θ L_RL(θ,w)]: the Trainer's optimizer step, right after this callback
+
+    def _drop_step(self):
+        """A numeric fault (`numeric_faults`): no set moves; the three schedules still advance with `global_step`."""
+        for p in [p for _, p in self.base_params] + list(self.shadow_params) + [p for _, p in self.adapter_params]:
+            p.grad = None
+        for scheduler in (self.shadow_scheduler, self.adapter_scheduler):
+            if scheduler is not None:
+                scheduler.step()
+
+    def _clip_grad_norm(self, model):
+        """The Trainer's clipping (and its logged `grad_norm`) covers θ alone; θ̂ and w are clipped separately."""
+        if self._grpo_only:
+            return super()._clip_grad_norm(model)
+        norm = clip_grad_norm([p for _, p in self.base_params], self.args.max_grad_norm)
+        self._metrics["train"]["bridge/grad_norm_base"].append(norm)
+        return norm
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        if self._grpo_only:
+            return super()._get_grad_norm(model, grad_norm)
+        if grad_norm is None:
+            grad_norm = total_grad_norm([p for _, p in self.base_params])
+            self._metrics["train"]["bridge/grad_norm_base"].append(grad_norm)
+        self.numeric_faults.base_grad_norm = float(grad_norm)
+        return super()._get_grad_norm(model, grad_norm)
+
+    def create_optimizer(self, model=None):
+        """θ in the Trainer's optimizer (θ̂ and w get theirs in `create_scheduler`, once the model is prepared)."""
+        if self._grpo_only:  # θ = every parameter that requires grad: the Trainer's own optimizer, as for GRPO
+            return super().create_optimizer(model)
+        if self.optimizer is None:
+            self.optimizer = make_optimizer(self, self._peft_named(self.base_params), self.args.learning_rate)
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self._grpo_only:
+            return super().create_scheduler(num_training_steps, optimizer)
+        if self.lr_scheduler is None:
+            self.lr_scheduler = make_scheduler(self.args, self.optimizer if optimizer is None else optimizer,
+                                               num_training_steps)
+            self._created_lr_scheduler = True
+        if self.adapter_optimizer is not None:
+            return self.lr_scheduler
+        self._bind_sharded_params()  # called after accelerate prepared (and, under FSDP2, sharded) the model
+        if self.shadow_params:
+            shadow_named = list(zip([n for n, _ in self._peft_named(self.base_params)], self.shadow_params))
+            self.shadow_optimizer = make_optimizer(self, shadow_named, self.args.shadow_learning_rate,
+                                                   lean=self.args.shadow_storage == "lean")
+            self.shadow_scheduler = make_scheduler(self.args, self.shadow_optimizer, num_training_steps)
+        self.adapter_optimizer = make_optimizer(self, self.adapter_params, self.args.adapter_learning_rate)
+        self.adapter_scheduler = make_scheduler(self.args, self.adapter_optimizer, num_training_steps)
+        return self.lr_scheduler
+
+    def _bind_sharded_params(self):
+        """FSDP2: `fully_shard` replaced every parameter by a DTensor one. Re-bind θ and w by name, create θ̂ sharded
+        exactly like θ (same mesh and placements: each rank holds its shard of θ̂ and of θ̂'s optimizer state), and
+        make TRL's fused LM head, which reads `lm_head.weight` without calling `lm_head`, see the gathered weight."""
+        if not self._fsdp2 or self._bound_sharded:
+            return
+        self._bound_sharded = True
+        named = dict(self.model.named_parameters())
+        by_plain = {plain_name(n): p for n, p in named.items() if "lora_" not in n}
+        self.base_params = [(n, by_plain[n]) for n, _ in self.base_params]
+        self.adapter_params = [(n, named[n]) for n, _ in self.adapter_params]
+        self.shadow_params = [torch.nn.Parameter(p.detach().clone()) for _, p in self.base_params] \
+            if self.args.bridge_meta_term else []  # θ̂ ← θ⁰, sharded
+        base = self.accelerator.unwrap_model(self.model).get_base_model()
+        head = base.get_output_embeddings()
+        if isinstance(head, FSDPModule):
+            # accelerate puts lm_head in its own FSDP unit, gathered only when lm_head.forward runs; the fused head
+            # never calls it. Gather it when the backbone finishes: its gradient then reaches FSDP's reduce-scatter.
+            base.base_model.register_forward_hook(lambda *_: head.unshard())
+
+    def _peft_named(self, plain_named):
+        """(plain name, param) -> (the name the param has in self.model, param), for weight-decay grouping."""
+        by_id = {id(p): n for n, p in self.model.named_parameters()}
+        return [(by_id[id(p)], p) for _, p in plain_named]
+
+    # ------------------------------------------------------------------------------------------------------------
+    # 5. The cooperative gain J_RL(θ,w) − J_RL(θ̂,w), and how much of w's gradient it is
+    # ------------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _cooperative_gain(self, inputs, base_logps, shadow_logps):
+        """Estimate on the shared rollouts (`cooperative_gain_estimate`). The proposal is the sampling policy: its
+        log-probs as TRL keeps them (vLLM's `sampling_per_token_logps`, else `old_per_token_logps`), else π(θ+w) from
+        pass A (θ and w have not moved since sampling)."""
+        proposal = inputs.get("sampling_per_token_logps")
+        proposal = inputs.get("old_per_token_logps") if proposal is None else proposal
+        return cooperative_gain_estimate(
+            inputs["bridge_rewards"], inputs["completion_mask"], inputs.get("bridge_group_ids"),
+            base_logps if proposal is None else proposal, base_logps, shadow_logps,
+        )
+
+    def _log_cooperative_to_sft_ratio(self):
+        """‖λ(∇w L_RL(θ,w) − ∇w L_RL(θ̂,w))‖ / ‖(1−λ)∇w L_SFT(θ,w)‖ on the step's first micro-batch: near 0, w is trained
+        on SFT alone (BRIDGE has become LoRA-SFT)."""
+        sft, self._record.adapter_sft_grads = self._record.adapter_sft_grads, None
+        total = [p.grad for _, p in self.adapter_params]
+        coop = [t if s is None else t - s for t, s in zip(total, sft) if t is not None]
+        sft_sq = sum_of_squares([g for g in sft if g is not None])
+        if sft_sq > 0:
+            self._metrics["train"]["bridge/cooperative_to_sft_grad_ratio"].append((sum_of_squares(coop) / sft_sq) ** 0.5)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Logging, export and checkpoints (each a call into the module that does it)
+    # ------------------------------------------------------------------------------------------------------------
+    def _log_mean(self, name: str, value: torch.Tensor):
+        value = torch.as_tensor(value, device=self.accelerator.device, dtype=torch.float32).reshape(1)
+        values = self.accelerator.gather(value)
+        self.numeric_faults.note_loss(name, values)  # a NaN/inf loss on any process makes the step a numeric fault
+        self._metrics["train"][name].append(values.nanmean().item())
+
+    def log(self, logs, start_time=None):
+        if "loss" in logs:  # a training-step log: the number of steps skipped for a numeric fault so far
+            logs["bridge/skipped_steps"] = self.numeric_faults.skipped
+        super().log(logs, start_time)
+
+    def shadow_state_dict(self) -> dict[str, torch.Tensor]:
+        """θ̂, keyed like the plain base model's state dict (only the trainable weights have a shadow). Full tensors
+        (under FSDP2 every rank must call it: the shards are gathered). At λ = 1 throughout θ̂ is θ (no copy is kept)."""
+        if self._grpo_only:
+            return {name: full_tensor(p).clone() for name, p in self.base_params}
+        return {name: full_tensor(s).clone() for (name, _), s in zip(self.base_params, self.shadow_params)}
+
+    def _save(self, output_dir=None, state_dict=None):
+        """`save_model` writes the merged policy π(θ+w) as a plain model folder (loadable with AutoModelForCausalLM)."""
+        if self._grpo_only:  # a plain model (no adapter): the Trainer's own save
+            return super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        # Under FSDP2 the Trainer passes the gathered full state dict of the PEFT model; else the live model is read.
+        save_merged_model(self.accelerator.unwrap_model(self.model), self.processing_class, output_dir, state_dict=state_dict)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None, **kwargs):
+        if self.is_world_process_zero():
+            write_bridge_model_card(self, model_name=model_name, dataset_name=dataset_name)
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        save_synced_ref_model(self, output_dir)
+        if self._grpo_only:  # θ alone, in the Trainer's optimizer: its own files (and GRPOTrainer's rollout buffer)
+            save_rollout_buffer(self, output_dir)
+            return super()._save_optimizer_and_scheduler(output_dir)
+        self.checkpoint_state.save(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if self._grpo_only:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self.checkpoint_state.load_tensors(resume_from_checkpoint)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        if checkpoint is None:
+            return
+        load_synced_ref_model(self, checkpoint)
+        if self._grpo_only:
+            load_rollout_buffer(self, checkpoint)
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        self.checkpoint_state.load(checkpoint)
+
+    def _save_checkpoint(self, model, trial):
+        save_checkpoint_atomically(self, super()._save_checkpoint, model, trial)
+
+    def _get_output_dir(self, trial):
+        return self._staging_root if getattr(self, "_staging_root", None) else super()._get_output_dir(trial)
+
+
+def cooperative_gain_estimate(rewards, mask, group_ids, proposal_logps, base_logps, shadow_logps) -> torch.Tensor:
+    """Ĵ(θ,w) − Ĵ(θ̂,w): each policy's mean reward estimated by self-normalised importance sampling from rollouts
+    drawn from the proposal q, with sequence weights π(y)/q(y) (per-token log-probs summed over `mask`, log-ratios
+    clamped to ±20) normalised *within each prompt's group*: one estimate of E_{y~π(·|x)}[r] per prompt x, averaged
+    over the groups weighted by their number of rollouts. (Normalising over the whole micro-batch would also move
+    weight between prompts, i.e. change the prompt distribution.) A group with one rollout in the micro-batch
+    contributes its reward to both terms, so nothing to the gain. `group_ids` None: one group."""
+    rewards = torch.nan_to_num(rewards.float(), nan=0.0)
+    mask = mask.float()
+    if group_ids is None:
+        group_ids = torch.zeros_like(rewards, dtype=torch.long)
+    _, group = torch.unique(group_ids, return_inverse=True)
+    n_groups = int(group.max()) + 1
+    sizes = torch.bincount(group, minlength=n_groups).float()
+
+    def snis(logps):
+        log_w = ((logps.float() - proposal_logps.float()) * mask).sum(-1).clamp(-20.0, 20.0)
+        peak = torch.full((n_groups,), -torch.inf, device=log_w.device).scatter_reduce(0, group, log_w, "amax")
+        unnormalised = torch.exp(log_w - peak[group])
+        weights = unnormalised / torch.zeros(n_groups, device=log_w.device).index_add_(0, group, unnormalised)[group]
+        per_group = torch.zeros(n_groups, device=log_w.device).index_add_(0, group, weights * rewards)
+        return (per_group * sizes).sum() / sizes.sum()
+
+    return snis(base_logps) - snis(shadow_logps)
