@@ -40,7 +40,7 @@ class AtTrainBegin(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         t = self.trainer
-        self.state = {k: v.clone() for k, v in t._bridge_tensors().items()}
+        self.state = {k: v.clone() for k, v in t.checkpoint_state.tensors().items()}
         opt = t.shadow_optimizer.state_dict()["state"]
         first = opt[0].get("exp_avg", opt[0].get("exp_avg_sq_row", opt[0].get("exp_avg_sq"))) if opt else None
         self.state["shadow_exp_avg_0"] = t._bridge_full(first).clone() if first is not None else torch.zeros(())
@@ -94,7 +94,7 @@ def main(mode, out_dir, checkpoint=None):
     trainer.add_callback(begin)
     trainer.train(resume_from_checkpoint=checkpoint)
     rank = trainer.accelerator.process_index
-    state = {k: v.clone() for k, v in trainer._bridge_tensors().items()}  # collective under FSDP2
+    state = {k: v.clone() for k, v in trainer.checkpoint_state.tensors().items()}  # collective under FSDP2
     shadow_opt = trainer.shadow_optimizer.state_dict()["state"]
     stats = {
         "engine": str(trainer.accelerator.distributed_type),

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from trl_bridge.bridge_trainer import BridgeTrainer
+from trl_bridge.trainer.bridge_trainer import BridgeTrainer
 from trl_bridge.train_cli import main
 
 

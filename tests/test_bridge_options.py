@@ -86,7 +86,7 @@ def test_truncated_is_shadow_weights_are_capped(tok, tmp_path):
     def spy(model, inputs):
         out = original(model, inputs)
         if inputs["advantages"].dim() == 2:  # the shadow's re-weighted advantages (set once pass B has its log-probs)
-            base = trainer._rl_inputs[0]["advantages"].unsqueeze(1)
+            base = trainer._record.rl_inputs["advantages"].unsqueeze(1)
             ratio = torch.where(base != 0, inputs["advantages"] / base, torch.ones_like(inputs["advantages"]))
             seen.append(ratio)
         return out

@@ -350,8 +350,8 @@ def test_a_run_stopped_by_a_signal_resumes_from_its_checkpoint(tiny_model_dir, t
 
     from transformers import TrainerCallback
 
-    from trl_bridge.bridge_trainer import BridgeTrainer
-    from trl_bridge.checkpointing import TrainingInterrupted
+    from trl_bridge.trainer.bridge_trainer import BridgeTrainer
+    from trl_bridge.trainer.checkpointing import TrainingInterrupted
 
     base = ["--config", str(_config(tmp_path, tiny_model_dir)), "--methods", "bridge", "--seeds", "0", "--in_process",
             *TINY_RUN, "--max_steps", "4", "--heldout_eval_steps", "2"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from trl_bridge import BridgeConfig
-from trl_bridge.bridge_trainer import cooperative_gain_estimate
+from trl_bridge.trainer.bridge_trainer import cooperative_gain_estimate
 from trl_bridge.data import make_arithmetic_task
 from trl_bridge.rewards import with_reward_noise
 from trl_bridge.tiny import make_tiny_tokenizer

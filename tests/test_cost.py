@@ -53,7 +53,7 @@ def test_truncated_is_on_fresh_rollouts_adds_no_forward(tok, tmp_path):
     original = trainer._rl_loss_and_logps
 
     def spy(model, inputs):
-        if trainer._reweight_after_logps is None:
+        if trainer._record.on_logps is None:
             return original(model, inputs)
         base_adv = inputs["advantages"].unsqueeze(1)
         shadow = no_grad_logps(inputs)  # pass B runs with θ̂ in the base weights' place
@@ -93,7 +93,7 @@ def test_step_time_includes_the_shadow_pass(tok, tmp_path):
     trainer.train()
     step_times = [h["step_time"] for h in trainer.state.log_history if "step_time" in h]
     assert len(step_times) == 2 and min(step_times) >= 0.5  # two micro-batches, each with a 0.25 s pass B
-    assert trainer.phase_seconds["shadow"] >= 1.0 and trainer.phase_seconds["sft"] > 0
+    assert trainer.phases.seconds["shadow"] >= 1.0 and trainer.phases.seconds["sft"] > 0
 
 
 def test_lean_shadow_keeps_no_full_size_optimizer_state_and_trains(tok, tmp_path):

@@ -130,7 +130,7 @@ def test_positional_parameters_are_grpotrainers_and_sft_dataset_is_keyword_only(
 
 
 def test_quantization_config_reaches_the_model_loader_as_in_grpotrainer(tok, tmp_path, monkeypatch):
-    import trl_bridge.bridge_trainer as bt
+    import trl_bridge.trainer.model_setup as bt
 
     seen = {}
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from trl_bridge import BridgeConfig, BridgeTrainer
-from trl_bridge.checkpointing import TrainingInterrupted
+from trl_bridge.trainer.checkpointing import TrainingInterrupted
 from trl_bridge.tiny import make_tiny_model, make_tiny_tokenizer
 from trl_bridge.train_cli import main as train_main
 

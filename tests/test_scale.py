@@ -8,7 +8,7 @@ from peft import LoraConfig
 from transformers import TrainerCallback
 
 from trl_bridge import BridgeConfig, BridgeTrainer
-from trl_bridge.bridge_config import SUPPORTED_OPTIMIZERS, SUPPORTED_SCHEDULERS
+from trl_bridge.trainer.bridge_config import SUPPORTED_OPTIMIZERS, SUPPORTED_SCHEDULERS
 from trl_bridge.tiny import make_tiny_model, make_tiny_tokenizer
 
 from .test_bridge_trainer import digit_reward, make_trainer, rl_dataset, sft_dataset

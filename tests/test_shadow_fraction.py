@@ -84,7 +84,7 @@ def test_shadow_fraction_one_leaves_training_bit_identical(tok, tmp_path):  # no
     everything._shadow_groups = lambda: (4, 4)
     everything._draw_shadow_rows = lambda group_ids: torch.ones_like(group_ids, dtype=torch.bool)
     everything.train()
-    for a, b in ((default._bridge_tensors(), everything._bridge_tensors()),):
+    for a, b in ((default.checkpoint_state.tensors(), everything.checkpoint_state.tensors()),):
         for name in a:
             assert torch.equal(a[name], b[name]), name
 
@@ -96,11 +96,11 @@ def test_shadow_fraction_resumes_exactly(tok, tmp_path):  # noqa: F811
                 per_device_train_batch_size=4, num_generations=2, gradient_accumulation_steps=2, steps_per_generation=4)
     full = make_trainer(tok, tmp_path / "full", **opts)
     full.train()
-    expected = full._bridge_tensors()
+    expected = full.checkpoint_state.tensors()
     for step in (1, 2):
         resumed = make_trainer(tok, tmp_path / f"resumed{step}", **opts)
         resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "out" / f"checkpoint-{step}"))
-        got = resumed._bridge_tensors()
+        got = resumed.checkpoint_state.tensors()
         for name in expected:
             assert torch.equal(expected[name], got[name]), (step, name)
     divergence = [h["bridge/shadow_divergence"] for h in full.state.log_history if "bridge/shadow_divergence" in h]

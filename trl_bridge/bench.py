@@ -107,11 +107,13 @@ def _build(variant: str, argv: list[str]):
     import dataclasses
 
     from transformers import AutoTokenizer
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOConfig
     from trl.trainer.utils import create_model_from_path
 
+    from .profiling import ProfiledGRPOTrainer
     from .trainer.bridge_config import BridgeConfig
-    from .bridge_trainer import BridgeTrainer, _select_base_params
+    from .trainer.bridge_trainer import BridgeTrainer
+    from .trainer.model_setup import select_base_params
     from .models import resolve_model_path
     from .rewards import get_reward_funcs
     from .train_cli import load_datasets, make_parser
@@ -139,7 +141,7 @@ def _build(variant: str, argv: list[str]):
     if variant != "grpo":
         return BridgeTrainer(model=model, reward_funcs=reward_funcs, args=args, train_dataset=rl, sft_dataset=sft,
                              processing_class=tokenizer)
-    theta = {n for n, _ in _select_base_params(model, args.trainable_base_parameters)}
+    theta = {n for n, _ in select_base_params(model, args.trainable_base_parameters)}
     for n, p in model.named_parameters():
         p.requires_grad_(n in theta)  # the same θ as BRIDGE's
     # GRPOConfig with what this run set (fields GRPOConfig derives in __post_init__ stay underived where unchanged)
@@ -148,7 +150,8 @@ def _build(variant: str, argv: list[str]):
     always = {"bf16", "gradient_checkpointing", "logging_steps", "per_device_train_batch_size", "num_generations"}
     grpo_args = GRPOConfig(**{k: v for k, v in vars(args).items()
                               if k in names and (k in always or v != getattr(default, k, None))})
-    return GRPOTrainer(model=model, reward_funcs=reward_funcs, args=grpo_args, train_dataset=rl, processing_class=tokenizer)
+    return ProfiledGRPOTrainer(model=model, reward_funcs=reward_funcs, args=grpo_args, train_dataset=rl,
+                               processing_class=tokenizer)
 
 
 def _worker(variant: str, fd: int, argv: list[str]) -> int:
@@ -158,32 +161,9 @@ def _worker(variant: str, fd: int, argv: list[str]) -> int:
     out = os.fdopen(fd, "w", buffering=1)
     trainer = _build(variant, argv)
     cuda = torch.cuda.is_available()
-    if hasattr(trainer, "synchronize_phases"):
-        trainer.synchronize_phases = True
-
-    def clock():
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    acc = {"gen": 0.0, "ts": 0.0, "tokens": 0}
-    generate, training_step = trainer._generate_and_score_completions, trainer.training_step
-
-    def timed_generate(inputs):
-        start = clock()
-        batch = generate(inputs)
-        acc["gen"] += clock() - start
-        acc["tokens"] += int(batch["completion_mask"].sum()) + int(batch["prompt_mask"].sum())
-        return batch
-
-    def timed_training_step(*a, **k):
-        start = clock()
-        loss = training_step(*a, **k)
-        acc["ts"] += clock() - start
-        return loss
-
-    trainer._generate_and_score_completions, trainer.training_step = timed_generate, timed_training_step
-    phases = getattr(trainer, "phase_seconds", {})
+    phases = trainer.phases  # BridgeTrainer's and ProfiledGRPOTrainer's PhaseTimer (trl_bridge.profiling)
+    phases.synchronize = True
+    clock = phases.clock
 
     class Turns(TrainerCallback):
         def _wait(self):
@@ -198,8 +178,8 @@ def _worker(variant: str, fd: int, argv: list[str]) -> int:
 
         def on_step_begin(self, args, state, control, **kw):
             self._wait()
-            acc.update(gen=0.0, ts=0.0, tokens=0)
             phases.clear()
+            self.tokens0 = state.num_input_tokens_seen
             self.t0 = clock()
 
         def on_pre_optimizer_step(self, args, state, control, **kw):
@@ -210,16 +190,19 @@ def _worker(variant: str, fd: int, argv: list[str]) -> int:
 
         def on_step_end(self, args, state, control, **kw):
             total = clock() - self.t0
-            shadow_logps, pass_b, sft = phases.get("shadow_logps", 0.0), phases.get("shadow", 0.0), phases.get("sft", 0.0)
-            step = {
-                "generation": acc["gen"] - shadow_logps,
-                "rl": acc["ts"] - acc["gen"] - sft - pass_b,
+            seconds = phases.seconds
+            shadow_logps, pass_b, sft = seconds["shadow_logps"], seconds["shadow"], seconds["sft"]
+            generation, training_step = seconds["generation"], seconds["training_step"]
+            step = {  # "training_step" holds the rollouts when due and pass A; pass B follows it
+                "generation": generation,
+                "rl": training_step - generation - shadow_logps - sft,
                 "sft": sft,
                 "shadow": pass_b + shadow_logps,
                 "optimizer": self.opt,
-                "other": total - acc["ts"] - self.opt,
+                "other": total - training_step - pass_b - self.opt,
             }
-            out.write(json.dumps({"step": state.global_step, "total": total, "phases": step, "tokens": acc["tokens"]}) + "\n")
+            tokens = int(state.num_input_tokens_seen - self.tokens0)
+            out.write(json.dumps({"step": state.global_step, "total": total, "phases": step, "tokens": tokens}) + "\n")
 
     trainer.callback_handler.callbacks.insert(0, Turns())  # before BridgeCallback: its updates count as "optimizer"
     trainer.train()
