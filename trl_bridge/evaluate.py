@@ -442,12 +442,16 @@ def grade_completions_file(
     metrics, records = {}, []
     t0 = time.perf_counter()
     for name in names:
-        all_rows = get_benchmark(name).load(data_path)
+        bench = get_benchmark(name)
+        all_rows = bench.load(data_path)
         by_id = {row["id"]: row for row in all_rows}
         allowed = {row["id"] for row in all_rows[:limit]} if limit else set(by_id)
         grouped: dict[str, list[str]] = {}
         for line in (r for r in lines if str(r["benchmark"]) == name):
             row_id = str(line["id"])
+            if row_id in bench.excluded_ids:
+                raise ValueError(f"completions: {path}:{line['_line']} id {row_id!r} of {name} is graded from neither "
+                                 "data source (only one of them has it; see docs/evaluation.md); remove its lines")
             if row_id not in by_id:
                 raise ValueError(f"completions: {path}:{line['_line']} id {row_id!r} is not a row id of {name}")
             if row_id in allowed:
