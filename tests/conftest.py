@@ -49,7 +49,7 @@ def fixture_data_dir():
     return FIXTURES / "data_dir"
 
 
-#: (repo, config, split, data_files) of every Hub dataset the builtin training sets load (`trl_bridge.data.
+#: (repo, config, split, data_files) of every Hub dataset the builtin training sets load (`trl_bridge.tasks.data.
 #: BUILTIN_SOURCES`) -> its fixture in tests/fixtures/hub: a few rows in that Hub dataset's own schema.
 HUB_FIXTURES = {
     ("hkust-nlp/SimpleRL-Zoo-Data", None, "train", "simplelr_qwen_level3to5/train.parquet"):

@@ -54,7 +54,7 @@ def vllm_sync_changes_nothing(trainer, out_dir, rank):
 
     from trl.generation.vllm_generation import VLLMGeneration
 
-    from trl_bridge.vllm_sync import sync_merged_policy
+    from trl_bridge.engines.vllm_sync import sync_merged_policy
 
     pushed = {}
     engine = types.SimpleNamespace(load_weights=lambda weights: pushed.update({n: t.detach().cpu().clone() for n, t in weights}))

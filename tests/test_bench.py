@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from trl_bridge.bench import PHASES, format_table, summarise
+from trl_bridge.experiments.bench import PHASES, format_table, summarise
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

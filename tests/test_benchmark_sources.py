@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 
 from trl_bridge import benchmarks
-from trl_bridge.benchmarks import (
+from trl_bridge.tasks.benchmarks import (
     OLYMPIADBENCH_LOCAL_ONLY_IDS,
     available_benchmarks,
     build_prompt,
@@ -19,7 +19,7 @@ from trl_bridge.benchmarks import (
     knights_knaves_prompt,
     oracle_completions,
 )
-from trl_bridge.evaluate import main as eval_main
+from trl_bridge.evaluation.evaluate import main as eval_main
 
 KK_QUIZ = ("A very special island is inhabited only by knights and knaves. Knights always tell the truth, and knaves "
            "always lie. You meet 3 inhabitants: {a}, Ben, and Cy. {a} said that Cy is a knave. Ben said that {a} is a "

@@ -8,9 +8,9 @@ import threading
 
 import pytest
 
-import trl_bridge.compare as compare_mod
+import trl_bridge.experiments.compare as compare_mod
 from trl_bridge.cli import main as cli_main
-from trl_bridge.compare import METHODS, aggregate
+from trl_bridge.experiments.compare import METHODS, aggregate
 
 from .test_train_cli import TINY_RUN
 

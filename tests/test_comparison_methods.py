@@ -10,8 +10,8 @@ import torch
 
 from trl_bridge import BridgeConfig
 from trl_bridge.trainer.bridge_trainer import cooperative_gain_estimate
-from trl_bridge.data import make_arithmetic_task
-from trl_bridge.rewards import with_reward_noise
+from trl_bridge.tasks.data import make_arithmetic_task
+from trl_bridge.tasks.rewards import with_reward_noise
 from trl_bridge.tiny import make_tiny_tokenizer
 from trl_bridge.train_cli import main as train_main
 

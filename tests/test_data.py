@@ -1,4 +1,4 @@
-"""Tests for trl_bridge.data: the arithmetic task, the GSM8K/MATH loaders (Hub sources answered at the
+"""Tests for trl_bridge.tasks.data: the arithmetic task, the GSM8K/MATH loaders (Hub sources answered at the
 `datasets.load_dataset` boundary from fixtures in the Hub schemas, the local copies from the fixture data folder, and
 whole-file counts on the full local copies where TRL_BRIDGE_DATA_DIR names them), specs and validation."""
 
@@ -11,8 +11,8 @@ import pytest
 from datasets import Dataset, DatasetDict
 
 from trl_bridge import data
-from trl_bridge.benchmarks import get_benchmark
-from trl_bridge.data import (
+from trl_bridge.tasks.benchmarks import get_benchmark
+from trl_bridge.tasks.data import (
     BUILTIN_SOURCES,
     REASONING_INSTRUCTION,
     dataset_source,
@@ -25,8 +25,8 @@ from trl_bridge.data import (
     validate_rl_dataset,
     validate_sft_dataset,
 )
-from trl_bridge.grading import extract_boxed
-from trl_bridge.rewards import completion_text, math_correctness_reward
+from trl_bridge.tasks.grading import extract_boxed
+from trl_bridge.tasks.rewards import completion_text, math_correctness_reward
 
 from .conftest import FIXTURES, HUB_FIXTURES
 
@@ -207,7 +207,7 @@ def test_missing_local_copy_names_the_folder_and_the_hub_dataset(tmp_path, monke
 
 
 def test_math_full_train_drops_rows_without_answer(full_data, caplog):
-    with caplog.at_level(logging.WARNING, logger="trl_bridge.data"):
+    with caplog.at_level(logging.WARNING, logger="trl_bridge.tasks.data"):
         ds = load_math()
     assert len(ds["rl"]) == len(ds["sft"]) == 7496  # 2 rows have answer None, 2 have an empty \boxed{}
     assert "dropped 4 of 7500" in caplog.text
@@ -219,7 +219,7 @@ def test_math_full_train_drops_rows_without_answer(full_data, caplog):
 
 
 def test_math_from_the_data_folder(fixture_data_dir, caplog):
-    with caplog.at_level(logging.WARNING, logger="trl_bridge.data"):
+    with caplog.at_level(logging.WARNING, logger="trl_bridge.tasks.data"):
         ds = load_math(data_dir=fixture_data_dir)
     assert len(ds["rl"]) == len(ds["sft"]) == 4 and "dropped 1 of 5" in caplog.text  # the row without an answer
     assert math_correctness_reward(ds["sft"]["completion"], answer=ds["rl"]["answer"]) == [1.0] * 4
@@ -233,7 +233,7 @@ def test_math_without_answer_column_uses_last_boxed(tmp_path, caplog):
         {"problem": "2+2?", "solution": "First \\boxed{3} is wrong; it is $\\boxed{4}$."},
         {"problem": "x?", "solution": "no final answer"},
     ]
-    with caplog.at_level(logging.WARNING, logger="trl_bridge.data"):
+    with caplog.at_level(logging.WARNING, logger="trl_bridge.tasks.data"):
         ds = load_math(_write_jsonl(tmp_path / "m.jsonl", rows))
     assert ds["rl"]["answer"] == ["4"]
     assert "dropped 1 of 2" in caplog.text
@@ -305,7 +305,7 @@ def test_hub_rows_map_onto_the_local_format(hub_training_data, fixture_data_dir,
     solutions = [r["solution"] for r in _hub_rows("DigitalLearningGmbH__MATH-lighteval__default__train.jsonl")]
     assert math["rl"]["answer"] == [extract_boxed(s) for s in solutions[:4]]
     assert math_correctness_reward(math["sft"]["completion"], answer=math["rl"]["answer"]) == [1.0] * 4
-    with caplog.at_level(logging.WARNING, logger="trl_bridge.data"):
+    with caplog.at_level(logging.WARNING, logger="trl_bridge.tasks.data"):
         hub = load_math_level3to5()["rl"]
     assert "dropped 1 of 5" in caplog.text  # SimpleRL-Zoo-Data has rows without gt_answer (two on the Hub)
     local = load_math_level3to5(data_dir=fixture_data_dir)["rl"]

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from trl_bridge.benchmarks import build_prompt, get_benchmark
-from trl_bridge.evaluate import (
+from trl_bridge.tasks.benchmarks import build_prompt, get_benchmark
+from trl_bridge.evaluation.evaluate import (
     BenchmarkEvalCallback,
     HFGenerator,
     compute_metrics,
@@ -340,7 +340,7 @@ def test_help_lists_every_option(capsys):
 def test_vllm_backend_missing_gives_a_clear_error(monkeypatch):
     import sys
 
-    from trl_bridge.evaluate import VLLMGenerator
+    from trl_bridge.evaluation.evaluate import VLLMGenerator
 
     monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` fail even where it is installed
     with pytest.raises(ImportError, match="pip install 'trl-bridge\\[vllm\\]'"):
@@ -352,7 +352,7 @@ def test_vllm_backend_generates(tiny_dir):
     pytest.importorskip("vllm")
     if not torch.cuda.is_available():
         pytest.skip("vLLM needs a CUDA GPU")
-    from trl_bridge.evaluate import VLLMGenerator
+    from trl_bridge.evaluation.evaluate import VLLMGenerator
 
     gen = VLLMGenerator(str(tiny_dir), max_new_tokens=4, gpu_memory_utilization=0.2)
     out = gen(["What is 1 + 1?", "Hi"], 2, 1.0)

@@ -15,7 +15,7 @@ import pytest
 from datasets import Dataset
 
 from trl_bridge import BridgeConfig, BridgeTrainer, models
-from trl_bridge.evaluate import main as eval_main
+from trl_bridge.evaluation.evaluate import main as eval_main
 from trl_bridge.tiny import make_tiny_model, make_tiny_tokenizer
 from trl_bridge.train_cli import format_help
 from trl_bridge.train_cli import main as train_main
@@ -254,7 +254,7 @@ def test_project_license_is_an_spdx_string(monkeypatch):
 
 
 def test_compare_help_is_clean():
-    proc = subprocess.run([sys.executable, "-m", "trl_bridge.compare", "--help"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "trl_bridge.experiments.compare", "--help"], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
     assert proc.returncode == 0
     assert "BRIDGE.md" not in proc.stdout and "        --max_steps" not in proc.stdout

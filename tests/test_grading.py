@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from trl_bridge.benchmarks import (
+from trl_bridge.tasks.benchmarks import (
     MATH_BENCHMARKS,
     clean_olympiad_answer,
     extract_choice,
@@ -17,7 +17,7 @@ from trl_bridge.benchmarks import (
     gsm8k_gold,
     oracle_completions,
 )
-from trl_bridge.grading import extract_boxed, extract_final_answer, verify_math
+from trl_bridge.tasks.grading import extract_boxed, extract_final_answer, verify_math
 
 # ---------------------------------------------------------------------------------------------------------------------
 # verify_math / extract_final_answer

@@ -21,7 +21,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from trl_bridge import BridgeConfig, BridgeTrainer
 from trl_bridge.compat import TESTED_VERSIONS, check_versions
-from trl_bridge.export import merged_state_dict
+from trl_bridge.engines.export import merged_state_dict
 from trl_bridge.tiny import make_tiny_model, make_tiny_tokenizer
 
 from .test_bridge_trainer import digit_reward, rl_dataset, sft_dataset

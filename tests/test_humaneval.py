@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from trl_bridge.humaneval import (
+from trl_bridge.tasks.humaneval import (
     build_program,
     code_execution_reward,
     extract_code,
@@ -210,6 +210,6 @@ def test_reward_input_errors():
 
 
 def test_reward_is_registered_for_the_train_cli():
-    rewards = pytest.importorskip("trl_bridge.rewards")
+    rewards = pytest.importorskip("trl_bridge.tasks.rewards")
     (func,) = rewards.get_reward_funcs(["code_execution"])
     assert func is code_execution_reward

@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from trl_bridge.progress import BenchProgress, CompareProgress, LogFollower, format_duration, resume_marker, stage_marker
+from trl_bridge.experiments.progress import BenchProgress, CompareProgress, LogFollower, format_duration, resume_marker, stage_marker
 
 
 class Clock:

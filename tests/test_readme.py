@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from trl_bridge import models
-from trl_bridge.evaluate import main as eval_main
-from trl_bridge.reporting import format_log_line
+from trl_bridge.evaluation.evaluate import main as eval_main
+from trl_bridge.trainer.reporting import format_log_line
 from trl_bridge.tiny import make_tiny_model, make_tiny_tokenizer
 from trl_bridge.train_cli import main as train_main
 from trl_bridge.train_cli import make_parser
@@ -155,7 +155,7 @@ def test_readme_eval_commands_run(tmp_path, monkeypatch, capsys):
     import datasets
 
     from tests.test_benchmark_sources import HUB_ROWS
-    from trl_bridge.benchmarks import available_benchmarks, get_benchmark
+    from trl_bridge.tasks.benchmarks import available_benchmarks, get_benchmark
 
     by_source = {(b.hub.repo, b.hub.config, b.hub.split): HUB_ROWS[name]
                  for name in available_benchmarks() if (b := get_benchmark(name)).hub is not None}
@@ -204,7 +204,7 @@ def test_readme_compare_commands_build_runs_that_parse(tmp_path, monkeypatch):
     """Dry form (a grid takes hours; `tests/test_compare.py` runs every method for real): each command's arguments
     are accepted, every run it would start is a `trl-bridge train` argv that parses, and the earlier results it names
     are there and were made with its settings."""
-    from trl_bridge.compare import build_runs, load_earlier_results, parse_args
+    from trl_bridge.experiments.compare import build_runs, load_earlier_results, parse_args
 
     monkeypatch.chdir(REPO)  # as written: paths relative to the repository root
     commands = [argv for argv in readme_commands(("README.md", *DOCS_WITH_COMMANDS)) if handler(argv) == "compare"]

@@ -1,4 +1,4 @@
-"""Tests for trl_bridge.reporting: metrics JSONL, training-curve figure/PNG, and the model card."""
+"""Tests for trl_bridge.trainer.reporting: metrics JSONL, training-curve figure/PNG, and the model card."""
 
 import json
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from trl_bridge.reporting import (
+from trl_bridge.trainer.reporting import (
     CURVE_PANELS,
     HELDOUT_PANEL_TITLE,
     CompactLogCallback,
@@ -223,7 +223,7 @@ def test_model_card_local_base_model_and_no_eval(tmp_path):
 
 
 def test_model_card_names_each_dataset_source_and_revision(tmp_path):
-    """Source records (`trl_bridge.data.dataset_source` plus role, split and rows, as `trl-bridge train` passes them):
+    """Source records (`trl_bridge.tasks.data.dataset_source` plus role, split and rows, as `trl-bridge train` passes them):
     the metadata lists the Hub repositories the data was downloaded from, the body where each dataset came from."""
     revision = "0530c78699ea5e8eb5530600900e1f328b48acad"
     datasets = [

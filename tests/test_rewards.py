@@ -1,9 +1,9 @@
-"""Tests for trl_bridge.rewards: math correctness in TRL's signature, seeded reward noise, and the registry."""
+"""Tests for trl_bridge.tasks.rewards: math correctness in TRL's signature, seeded reward noise, and the registry."""
 
 import pytest
 
 from trl_bridge import rewards
-from trl_bridge.rewards import (
+from trl_bridge.tasks.rewards import (
     boxed_format_reward,
     completion_text,
     get_reward_funcs,
@@ -114,7 +114,7 @@ def test_noise_rejects_bad_arguments_and_non_binary_rewards():
 def test_registry_names_dotted_paths_and_errors():
     assert get_reward_funcs(["math_correctness"]) == [math_correctness_reward]
     assert get_reward_funcs("math_correctness, boxed_format") == [math_correctness_reward, boxed_format_reward]
-    assert get_reward_funcs(["trl_bridge.rewards.boxed_format_reward"]) == [boxed_format_reward]
+    assert get_reward_funcs(["trl_bridge.tasks.rewards.boxed_format_reward"]) == [boxed_format_reward]
     custom = _constant(1.0)
     assert get_reward_funcs([custom]) == [custom]
     with pytest.raises(ValueError, match="math_correctness") as info:
@@ -123,16 +123,16 @@ def test_registry_names_dotted_paths_and_errors():
     with pytest.raises(ValueError, match="cannot import module 'no_such_pkg.mod'"):
         get_reward_funcs(["no_such_pkg.mod.func"])
     with pytest.raises(ValueError, match="no attribute 'nope'"):
-        get_reward_funcs(["trl_bridge.rewards.nope"])
+        get_reward_funcs(["trl_bridge.tasks.rewards.nope"])
     with pytest.raises(TypeError, match="not a callable"):
-        get_reward_funcs(["trl_bridge.rewards.REWARD_REGISTRY"])
+        get_reward_funcs(["trl_bridge.tasks.rewards.REWARD_REGISTRY"])
     with pytest.raises(ValueError, match="no reward functions"):
         get_reward_funcs([])
 
 
 def test_code_execution_is_loaded_lazily_from_humaneval_module():
     try:
-        from trl_bridge.humaneval import code_execution_reward
+        from trl_bridge.tasks.humaneval import code_execution_reward
     except ImportError:
         with pytest.raises(ImportError):
             rewards.REWARD_REGISTRY["code_execution"]()

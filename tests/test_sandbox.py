@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from trl_bridge.sandbox import SandboxResult, run_many, run_python
+from trl_bridge.tasks.sandbox import SandboxResult, run_many, run_python
 
 REPO = Path(__file__).resolve().parents[1]
 AS_ROOT = os.geteuid() == 0
@@ -302,7 +302,7 @@ def test_killing_the_parent_or_its_process_group_does_not_reach_it():
         f"""
         import os, sys
         sys.path.insert(0, {str(REPO)!r})
-        from trl_bridge.sandbox import run_python
+        from trl_bridge.tasks.sandbox import run_python
         code = {attack!r}.replace("PARENT_PID", str(os.getpid())).replace("PARENT_PGID", str(os.getpgrp()))
         result = run_python(code, timeout=10)
         print("SURVIVED", result.status, result.reason)
@@ -335,7 +335,7 @@ def test_unprivileged_caller_gets_the_same_api(tmp_path):
     python = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")
     if python is None:
         pytest.skip("no system python3 readable by other users")
-    check = subprocess.run(["/bin/sh", "-c", f"test -r {REPO}/trl_bridge/sandbox.py"], user=65534, group=65534,
+    check = subprocess.run(["/bin/sh", "-c", f"test -r {REPO}/trl_bridge/tasks/sandbox.py"], user=65534, group=65534,
                            extra_groups=[], capture_output=True)
     if check.returncode != 0:
         pytest.skip("the repository is not readable by uid 65534")

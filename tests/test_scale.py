@@ -207,7 +207,7 @@ def test_cooperative_ratio_is_zero_without_rl_and_positive_with_it(tok, tmp_path
 
 
 def test_memory_estimate_doubles_grpo_weight_state_and_shards_it():
-    from trl_bridge.memory import estimate, main
+    from trl_bridge.experiments.memory import estimate, main
 
     one = estimate(1e9, lora_params=0, gpus=1)
     eight = estimate(1e9, lora_params=0, gpus=8)

@@ -56,7 +56,7 @@ def test_bridge_trains_with_vllm_colocate_and_vllm_holds_the_merged_policy(vllm_
     from transformers import AutoTokenizer
 
     from trl_bridge import BridgeConfig, BridgeTrainer
-    from trl_bridge.export import merged_state_dict
+    from trl_bridge.engines.export import merged_state_dict
     from trl_bridge.models import resolve_model_path
 
     monkeypatch.setattr(trl_vllm, "LLM", functools.partial(trl_vllm.LLM, dtype="float32"))

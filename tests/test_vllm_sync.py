@@ -12,7 +12,7 @@ from trl.generation.vllm_generation import VLLMGeneration
 
 import trl_bridge.trainer.bridge_trainer as bridge_trainer_module
 from trl_bridge import BridgeTrainer
-from trl_bridge.export import merged_state_dict, merged_tensors
+from trl_bridge.engines.export import merged_state_dict, merged_tensors
 from trl_bridge.tiny import make_tiny_model, make_tiny_tokenizer
 
 from .test_bridge_trainer import make_trainer

@@ -24,7 +24,7 @@ from torch.distributed.tensor import DTensor  # noqa: E402
 
 from test_vllm import fused_like_vllm  # noqa: E402
 from trl_bridge import BridgeConfig, BridgeTrainer  # noqa: E402
-from trl_bridge.export import merged_state_dict  # noqa: E402
+from trl_bridge.engines.export import merged_state_dict  # noqa: E402
 
 trl_vllm.LLM = functools.partial(trl_vllm.LLM, dtype="float32")  # exact comparison (TRL lets vLLM pick bf16 on CPU)
 

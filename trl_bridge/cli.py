@@ -1,4 +1,4 @@
-"""`trl-bridge` console script: dispatches to the `train`, `eval`, `compare` and `bench` subcommands."""
+"""`trl-bridge` console script: dispatches to the `train`, `eval`, `compare`, `bench` and `memory` subcommands."""
 
 import sys
 
@@ -10,6 +10,8 @@ commands:
   eval    Evaluate a model on math / out-of-domain benchmarks. `trl-bridge eval --help` lists every option.
   compare Compare BRIDGE with its baselines over seeds (results table and plots). `trl-bridge compare --help`.
   bench   Time and memory of BRIDGE against GRPO and naive mixing, per phase. `trl-bridge bench --help`.
+  memory  Weight and optimizer-state memory per GPU of BRIDGE and GRPO under FSDP2, an arithmetic estimate from a
+          parameter count. `trl-bridge memory --help`.
 """
 
 
@@ -24,17 +26,22 @@ def main(argv=None):
 
         return train_main(rest)
     if command == "compare":
-        from .compare import main as compare_main
+        from .experiments.compare import main as compare_main
 
         return compare_main(rest)
     if command == "eval":
-        from .evaluate import main as eval_main
+        from .evaluation.evaluate import main as eval_main
 
         return eval_main(rest)
     if command == "bench":
-        from .bench import main as bench_main
+        from .experiments.bench import main as bench_main
 
         return bench_main(rest)
+    if command == "memory":
+        from .experiments.memory import main as memory_main
+
+        memory_main(rest)  # prints the table
+        return 0
     print(f"trl-bridge: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

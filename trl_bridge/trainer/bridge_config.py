@@ -190,7 +190,7 @@ class BridgeConfig(GRPOConfig):
         metadata={
             "help": "How the RL-only shadow θ̂ uses rollouts sampled from π(θ+w): 'on_policy' (as if sampled from "
             "π(θ̂+w)) or 'truncated_is' (each token re-weighted by min(π(θ̂+w)/π(θ+w), shadow_is_cap)). The default "
-            "is the cheaper one; both gave the same result in `python -m trl_bridge.compare` (see README).",
+            "is the cheaper one; both gave the same result in `python -m trl_bridge.experiments.compare` (see README).",
             "choices": list(SHADOW_OFF_POLICY_MODES),
         },
     )

@@ -42,10 +42,10 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
 
-from ..export import check_exportable, plain_name, save_merged_model
-from ..fsdp2 import clip_grad_norm, full_tensor, reshard, sum_of_squares, total_grad_norm
+from ..engines.export import check_exportable, plain_name, save_merged_model
+from ..engines.fsdp2 import clip_grad_norm, full_tensor, reshard, sum_of_squares, total_grad_norm
 from ..profiling import PhaseTimer
-from ..vllm_sync import check_vllm_can_hold_the_policy, keep_vllm_cpu_weights_live, sync_merged_policy
+from ..engines.vllm_sync import check_vllm_can_hold_the_policy, keep_vllm_cpu_weights_live, sync_merged_policy
 from . import checks, model_setup
 from .bridge_config import BridgeConfig
 from .checkpoint_state import ENTROPY_STATE, BridgeState, load_rollout_buffer, save_rollout_buffer

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers.utils import logging
 
-from ..fsdp2 import assign_full, full_optimizer_state, full_tensor, load_full_optimizer_state
+from ..engines.fsdp2 import assign_full, full_optimizer_state, full_tensor, load_full_optimizer_state
 
 logger = logging.get_logger(__name__)
 

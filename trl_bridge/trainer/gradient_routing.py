@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import torch
 from torch.distributed.tensor import DTensor
 
-from ..fsdp2 import reshard
+from ..engines.fsdp2 import reshard
 
 
 @contextmanager

@@ -15,7 +15,7 @@ CARD_METRICS = ("reward", "bridge/sft_loss", "bridge/rl_loss", "bridge/rl_loss_s
 
 
 def write_bridge_model_card(trainer, model_name=None, dataset_name=None):
-    from ..reporting import training_summary, write_model_card
+    from .reporting import training_summary, write_model_card
 
     args = trainer.args
     hparams = {k: getattr(args, k) for k in CARD_HYPERPARAMETERS}

@@ -14,7 +14,7 @@ from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dic
 from transformers.utils import logging
 from trl.trainer.utils import create_model_from_path
 
-from ..export import merged_state_dict, plain_name
+from ..engines.export import merged_state_dict, plain_name
 
 logger = logging.get_logger(__name__)
 

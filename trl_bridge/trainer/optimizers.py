@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from transformers import get_scheduler
 
-from ..fsdp2 import LeanShadowOptimizer
+from ..engines.fsdp2 import LeanShadowOptimizer
 
 
 def make_optimizer(trainer, named_params, lr: float, lean: bool = False):

@@ -14,7 +14,7 @@ from accelerate.utils import is_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
-from ..export import merged_state_dict
+from ..engines.export import merged_state_dict
 
 REF_MODEL_FILE = "bridge_ref_model.safetensors"  # written only when `sync_ref_model` moves the reference
 

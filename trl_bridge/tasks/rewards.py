@@ -5,7 +5,7 @@ where ``columns`` are the remaining dataset columns (here: the gold ``answer``).
 standard datasets and lists of ``{"role", "content"}`` messages for conversational ones.
 
 - `math_correctness_reward`: 1.0 when the completion's final answer equals the gold answer (checked by
-  `trl_bridge.grading.verify_math`, i.e. math-verify), else 0.0 — the binary outcome reward used in the paper.
+  `trl_bridge.tasks.grading.verify_math`, i.e. math-verify), else 0.0 — the binary outcome reward used in the paper.
 - `boxed_format_reward`: 1.0 when the completion states a final ``\\boxed{...}`` answer, else 0.0.
 - `with_reward_noise`: wraps a binary reward so each value is flipped 1<->0 with a given probability (seeded), for
   robustness experiments with noisy verifiers.

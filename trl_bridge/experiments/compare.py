@@ -159,7 +159,7 @@ def _done(stage) -> dict | None:
 
 def _check_settings(runs) -> None:
     """Parse every stage's settings (config + flags) before any training, so a bad value fails first, naming the field."""
-    from .train_cli import make_parser
+    from ..train_cli import make_parser
 
     import tempfile
 
@@ -176,7 +176,7 @@ def _check_settings(runs) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Executing runs: a subprocess per (method, seed) (`python -m trl_bridge.compare _run <spec>`), or in this process
+# Executing runs: a subprocess per (method, seed) (`python -m trl_bridge.experiments.compare _run <spec>`), or in this process
 # ----------------------------------------------------------------------------------------------------------------------
 def _peak_rss_mb() -> float:
     import resource
@@ -242,7 +242,7 @@ def _resume_point(run_dir: str, training_args) -> tuple[str | None, list[dict]]:
     resume) instead of starting over, and return the stopped attempts that led to it. Without one, whatever an
     unfinished attempt left in the run's own folder is cleared (overwrite_output_dir) and the run starts anew. The
     run's spec is unchanged either way: resuming is how the same run is completed, not another setting."""
-    from .trainer.checkpointing import latest_complete_checkpoint
+    from ..trainer.checkpointing import latest_complete_checkpoint
 
     if training_args.resume_from_checkpoint not in (None, False, ""):  # asked for explicitly: as asked
         return None, []
@@ -265,8 +265,8 @@ def run_stage(stage: dict, in_process: bool = False) -> dict:
     """Train one stage (its settings are written to its folder first) and write its done.json."""
     import torch
 
-    from .trainer.checkpointing import TrainingInterrupted
-    from .train_cli import make_parser, run
+    from ..trainer.checkpointing import TrainingInterrupted
+    from ..train_cli import make_parser, run
 
     os.makedirs(stage["dir"], exist_ok=True)
     with open(os.path.join(stage["dir"], "config.yaml"), "w") as f:
@@ -308,7 +308,7 @@ def run_stage(stage: dict, in_process: bool = False) -> dict:
     if resumed_from:  # the run is complete (merged model written): the stopped attempts' checkpoints served their turn
         import shutil
 
-        from .trainer.checkpointing import CHECKPOINT_RE
+        from ..trainer.checkpointing import CHECKPOINT_RE
 
         for name in os.listdir(stage["dir"]):
             if CHECKPOINT_RE.match(name):
@@ -368,7 +368,7 @@ def _execute(run: dict, in_process: bool, progress: CompareProgress | None = Non
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                                       env.get("PYTHONPATH")]))
     with open(log_path, "a") as log:
-        proc = subprocess.run([sys.executable, "-m", "trl_bridge.compare", "_run", spec_path], stdout=log,
+        proc = subprocess.run([sys.executable, "-m", "trl_bridge.experiments.compare", "_run", spec_path], stdout=log,
                               stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:
         return f"exit code {proc.returncode}; see {log_path}"
@@ -401,7 +401,7 @@ def _reward_series(entries, offset=0) -> list[tuple[int, float]]:
 
 def collect_run(run: dict) -> dict:
     """One (method, seed)'s record from its stages' done.json and metrics.jsonl (None fields when not done)."""
-    from .reporting import read_metrics_jsonl
+    from ..trainer.reporting import read_metrics_jsonl
 
     record = {"method": run["method"], "seed": run["seed"], "dir": run["dir"], "done": False}
     dones = [_done(s) for s in run["stages"]]

@@ -5,7 +5,7 @@
   data file is used, never the package's own execution code.
 * `extract_code` turns a completion into a program: a fenced ```` ```python ```` block or a
   plain continuation of the prompt, either a function body or a full definition.
-* `grade_many` runs each program with the problem's tests in `trl_bridge.sandbox` (separate
+* `grade_many` runs each program with the problem's tests in `trl_bridge.tasks.sandbox` (separate
   processes, in parallel) and says which pass.
 * `code_execution_reward` is a TRL reward function (+1.0 when all tests pass, else 0.0) for
   datasets with a ``test`` column (and optionally ``entry_point``), usable by ``BridgeTrainer``
@@ -238,8 +238,8 @@ def grade_many(rows: Sequence[dict], completions: Sequence[str], max_workers: in
 
     `rows` need ``test`` and ``entry_point`` and a code prompt (``prompt``, else ``raw_prompt``
     or ``problem``). Returns, per completion, ``correct`` (all tests passed), ``extracted`` (the
-    program without tests), ``status`` and ``reason`` from `trl_bridge.sandbox.SandboxResult`.
-    `limits` are passed on to `trl_bridge.sandbox.run_python` (``memory_mb``, ...).
+    program without tests), ``status`` and ``reason`` from `trl_bridge.tasks.sandbox.SandboxResult`.
+    `limits` are passed on to `trl_bridge.tasks.sandbox.run_python` (``memory_mb``, ...).
     """
     rows, completions = list(rows), list(completions)
     if len(rows) != len(completions):
@@ -268,7 +268,7 @@ def make_code_execution_reward(timeout: float = DEFAULT_TIMEOUT, max_workers: in
     strings). Completions are strings or, for conversational data, message lists (the last
     message's content is used). A string prompt that is Python code is put in front of the
     completion (HumanEval-style continuation); otherwise the completion must hold the code.
-    Programs run in parallel in `trl_bridge.sandbox` with the given limits.
+    Programs run in parallel in `trl_bridge.tasks.sandbox` with the given limits.
     """
 
     def code_execution_reward(completions, test=None, entry_point=None, prompts=None, **kwargs) -> list[float]:

@@ -5,7 +5,7 @@ TRL's `VLLMGeneration` pushes a PEFT model's weights by merging the adapter into
 not θ, so every sync moves θ by float rounding (measured: ~0.1% of the adapted weights change by one ulp per sync),
 and under FSDP2 TRL's in-place merge on sharded parameters is untested upstream. BridgeTrainer therefore replaces the
 weight stream of its `VLLMGeneration` (`_iter_named_params`, read by both colocate `load_weights` and the server's
-`update_named_params`) with `trl_bridge.export.merged_tensors`: the same merge as the exported model folder, on
+`update_named_params`) with `trl_bridge.engines.export.merged_tensors`: the same merge as the exported model folder, on
 detached copies, gathered one module at a time under FSDP2. θ, θ̂ and w are bit-identical across a sync, vLLM
 holds exactly the export's weights, and θ̂ is never pushed (it lives outside the model except inside pass B, which
 runs after generation). Everything else (sampling, log-probs, the importance-sampling correction) is TRL's.

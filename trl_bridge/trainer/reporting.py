@@ -35,7 +35,7 @@ __all__ = [
     "write_model_card",
 ]
 
-from .citation import CITATION, PAPER_AUTHORS, PAPER_TITLE, PAPER_URL
+from ..citation import CITATION, PAPER_AUTHORS, PAPER_TITLE, PAPER_URL
 
 #: (log key, panel title, y-axis label, smoothed) for each metric panel of the training-curve figure, in reading order.
 #: Smoothed panels draw the raw per-step values faint and an exponential moving average on top.
@@ -369,7 +369,7 @@ def _table(rows: Mapping, header: tuple[str, str]) -> str:
 
 def _hub_base_model(base_model: str) -> str | None:
     """The Hub id to record as ``base_model`` metadata, or ``None`` for local folders."""
-    from .models import OFFLINE_SMOLLM2_HUB_ID, is_offline_smollm2_alias
+    from ..models import OFFLINE_SMOLLM2_HUB_ID, is_offline_smollm2_alias
 
     if is_offline_smollm2_alias(base_model):
         return OFFLINE_SMOLLM2_HUB_ID
@@ -462,7 +462,7 @@ def write_model_card(
     the numeric `eval_results` (benchmarks: ``{benchmark: accuracy}`` or ``{benchmark: {metric: value}}``).
     `datasets` are names (``builtin:math``, ``openai/gsm8k``, a path) or source records with ``spec`` and
     ``description`` (and optionally ``role``, ``split``, ``rows``, ``source``, ``repo``: see
-    `trl_bridge.data.dataset_source`); the metadata lists the Hub repository ids, the body each entry's source
+    `trl_bridge.tasks.data.dataset_source`); the metadata lists the Hub repository ids, the body each entry's source
     (repository, config, revision or local path).
 
     The body starts with a summary: the held-out accuracy before → after training (`heldout`:

@@ -20,7 +20,7 @@ Where the rows come from: with ``data_dir=None`` (the default of `trl-bridge eva
 `datasets.load_dataset`, at the pinned commit recorded in its `HubSource`; the Hub columns are mapped onto the fields
 of the local file format (``HubSource.columns`` / ``HubSource.convert``), so both sources go through the same loader.
 With a ``data_dir`` the local files (``relative_path`` under it, e.g. ``math500/test.jsonl``) are read instead. No
-folder is ever looked for beyond the one given (`resolve_data_dir`). The training datasets of `trl_bridge.data`
+folder is ever looked for beyond the one given (`resolve_data_dir`). The training datasets of `trl_bridge.tasks.data`
 (``builtin:gsm8k``, ``builtin:math``, ``builtin:math_level3to5``) use the same `HubSource` mechanism.
 """
 
@@ -155,11 +155,6 @@ class Benchmark:
     #: `limit` applies, so that both sources grade the same problems (OlympiadBench: see `OLYMPIADBENCH_LOCAL_ONLY_IDS`)
     excluded_ids: frozenset[str] = frozenset()
 
-    @property
-    def hub_dataset(self) -> str | None:
-        """The Hub repository name (documentation)."""
-        return self.hub.repo if self.hub is not None else None
-
     def source(self, data_dir: str | os.PathLike | None) -> str:
         """Where `load(data_dir)` reads from, for logs and the evaluation summary."""
         if self.custom_load is not None:
@@ -258,7 +253,7 @@ def get_benchmark(name: str) -> Benchmark:
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
     """The folder of local data copies: `data_dir`, else ``$TRL_BRIDGE_DATA_DIR``, as an existing directory; or
     ``None`` (neither is set): each dataset's Hugging Face Hub copy. Only the user's explicit choice is ever used (no
-    folder is looked for). `trl-bridge eval` reads benchmarks there, `trl_bridge.data` the builtin training sets."""
+    folder is looked for). `trl-bridge eval` reads benchmarks there, `trl_bridge.tasks.data` the builtin training sets."""
     if not data_dir:
         data_dir = os.environ.get("TRL_BRIDGE_DATA_DIR") or None
     if data_dir is None:
@@ -600,7 +595,7 @@ def grade_knights_knaves(rows: list[dict], completions: list[str]) -> list[dict]
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# HumanEval (out-of-domain code), provided by trl_bridge.humaneval
+# HumanEval (out-of-domain code), provided by trl_bridge.tasks.humaneval
 
 
 def _load_humaneval(data_dir: Path | None, limit):
@@ -721,6 +716,6 @@ for _n in range(3, 8):
                        hub=HubSource("K-and-K/knights-and-knaves", f"{_n}ppl", config="test",
                                      revision="2f68547989981b1af37cb3dde5fdefa847aa8619", convert=_knights_knaves_from_hub),
                        relative_path=f"knights_knaves/{_n}ppl/test.jsonl"))
-register(Benchmark("humaneval", "HumanEval, Python code (164; needs trl_bridge.humaneval)", None,
+register(Benchmark("humaneval", "HumanEval, Python code (164; needs trl_bridge.tasks.humaneval)", None,
                    _grade_humaneval, default_prompt="native", custom_load=_load_humaneval,
                    format_gold=lambda row: row["reference"]))

@@ -1,6 +1,6 @@
 """Memory BRIDGE needs for its weights and optimizer states, against GRPO, per GPU under FSDP2 (docs/scaling.md).
 
-    python -m trl_bridge.memory --params 3.09e9 --gpus 8
+    trl-bridge memory --params 3.09e9 --gpus 8
 
 Bytes per parameter, fp32 master weights with bf16 compute and AdamW (two fp32 moments), as BridgeTrainer trains:
     θ (trainable base):  weight 4 + gradient 4 + AdamW 8 = 16      (GRPO full fine-tuning: the same 16)
@@ -45,7 +45,7 @@ def estimate(params: float, trainable: float | None = None, lora_params: float |
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m trl_bridge.memory", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="trl-bridge memory", description=__doc__.split("\n")[0])
     parser.add_argument("--params", type=float, required=True, help="parameters of the model (e.g. 3.09e9)")
     parser.add_argument("--trainable", type=float, default=None, help="trainable base parameters (default: all)")
     parser.add_argument("--lora_params", type=float, default=None, help="adapter parameters (default: 0.1%% of params)")

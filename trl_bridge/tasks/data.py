@@ -3,7 +3,7 @@
 Two kinds of rows are produced:
 
 - **RL rows** (for `BridgeTrainer`'s ``train_dataset``): TRL's prompt-only format, ``prompt`` plus the gold
-  ``answer`` column that `trl_bridge.rewards.math_correctness_reward` receives.
+  ``answer`` column that `trl_bridge.tasks.rewards.math_correctness_reward` receives.
 - **SFT rows** (for ``sft_dataset``): TRL's prompt-completion format, ``prompt`` plus a step-by-step ``completion``
   that ends with ``\\boxed{answer}``. Row ``i`` of the SFT part is the trace for row ``i`` of the RL part.
 
@@ -39,7 +39,7 @@ from datasets import Dataset, DatasetDict, load_dataset
 
 from .benchmarks import HubSource, _field, get_benchmark, resolve_data_dir
 from .grading import extract_boxed
-from .trainer.dataset_checks import MissingColumnsError, require_columns, validate_rl_dataset, validate_sft_dataset
+from ..trainer.dataset_checks import MissingColumnsError, require_columns, validate_rl_dataset, validate_sft_dataset
 
 logger = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """`trl-bridge eval`: generate on the math / out-of-domain benchmarks, grade, and report pass@1, avg@k and pass@k.
 
-Pipeline: `trl_bridge.benchmarks` loads rows and builds prompts, a *generator* (`HFGenerator`: transformers
+Pipeline: `trl_bridge.tasks.benchmarks` loads rows and builds prompts, a *generator* (`HFGenerator`: transformers
 ``generate``, batched and left-padded; `VLLMGenerator`: vLLM, GPU only) samples completions, the benchmark's grader
-scores them (math-verify for math sets, see `trl_bridge.grading`), and `compute_metrics` aggregates:
+scores them (math-verify for math sets, see `trl_bridge.tasks.grading`), and `compute_metrics` aggregates:
 
 * ``pass@1`` – mean correctness over all samples (greedy accuracy when temperature is 0 and one sample per problem;
   equal to ``avg@k`` when k samples are drawn per problem);
@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 
 from transformers import TrainerCallback
 
-from .benchmarks import (
+from ..tasks.benchmarks import (
     MATH_BENCHMARKS,
     ORACLE_KINDS,
     available_benchmarks,
@@ -39,7 +39,7 @@ from .benchmarks import (
     oracle_completions,
     resolve_data_dir,
 )
-from .jsonl import iter_jsonl
+from ..tasks.jsonl import iter_jsonl
 
 __all__ = [
     "BenchmarkEvalCallback",
@@ -397,7 +397,7 @@ def evaluate(
 
 
 def _data_setting(data_path: Path | None) -> str:
-    return str(data_path) if data_path is not None else "Hugging Face Hub (pinned revisions, see trl_bridge.benchmarks)"
+    return str(data_path) if data_path is not None else "Hugging Face Hub (pinned revisions, see trl_bridge.tasks.benchmarks)"
 
 
 def _read_completions(path: Path) -> list[dict]:
@@ -429,7 +429,7 @@ def grade_completions_file(
     limit: int | None = None,
 ) -> EvalResult:
     """Grade completions produced elsewhere: a JSONL file with one ``{"benchmark", "id", "completion"}`` object per
-    problem and sample (``id`` = the benchmark's row id, see `trl_bridge.benchmarks`). Problems without completions
+    problem and sample (``id`` = the benchmark's row id, see `trl_bridge.tasks.benchmarks`). Problems without completions
     are left out of the metrics; `benchmarks` (default: all in the file) and `limit` (first problems of each
     benchmark) restrict what is graded.
     """
@@ -473,7 +473,7 @@ def oracle_result(
     data_dir: str | os.PathLike | None = None,
     limit: int | None = None,
 ) -> EvalResult:
-    """Grade the benchmarks' own answers instead of a model's (see `trl_bridge.benchmarks.oracle_completions`):
+    """Grade the benchmarks' own answers instead of a model's (see `trl_bridge.tasks.benchmarks.oracle_completions`):
     ``gold`` and ``reference`` should score ~100%, ``shuffled`` (another row's answer) ~0%. Rows without a
     reference solution are left out of ``reference``; a benchmark with none at all is skipped."""
     names = parse_benchmark_list(benchmarks)
@@ -600,7 +600,7 @@ def default_output_dir(args: argparse.Namespace) -> Path:
     elif args.completions:
         name = f"completions-{Path(args.completions).stem}"
     else:
-        from .models import display_name
+        from ..models import display_name
 
         name = display_name(args.model).replace("/", "--")
     return Path("outputs") / "eval" / name
@@ -635,7 +635,7 @@ def run(args: argparse.Namespace) -> EvalResult:
         import torch
         from transformers import set_seed
 
-        from .models import load_model_and_tokenizer, resolve_model_path
+        from ..models import load_model_and_tokenizer, resolve_model_path
 
         set_seed(args.seed)
         device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device

@@ -110,18 +110,18 @@ def _build(variant: str, argv: list[str]):
     from trl import GRPOConfig
     from trl.trainer.utils import create_model_from_path
 
-    from .profiling import ProfiledGRPOTrainer
-    from .trainer.bridge_config import BridgeConfig
-    from .trainer.bridge_trainer import BridgeTrainer
-    from .trainer.model_setup import select_base_params
-    from .models import resolve_model_path
-    from .rewards import get_reward_funcs
-    from .train_cli import load_datasets, make_parser
+    from ..profiling import ProfiledGRPOTrainer
+    from ..trainer.bridge_config import BridgeConfig
+    from ..trainer.bridge_trainer import BridgeTrainer
+    from ..trainer.model_setup import select_base_params
+    from ..models import resolve_model_path
+    from ..tasks.rewards import get_reward_funcs
+    from ..train_cli import load_datasets, make_parser
 
     script_args, args, model_args = make_parser().parse_args_and_config(argv)
     script_args.eval_samples = 0
     if model_args.model_name_or_path == TINY:  # built locally, the same in every worker (seeded)
-        from .tiny import make_tiny_model, make_tiny_tokenizer
+        from ..tiny import make_tiny_model, make_tiny_tokenizer
 
         tokenizer = make_tiny_tokenizer()
         model_path = None
@@ -219,7 +219,7 @@ def _worker(variant: str, fd: int, argv: list[str]) -> int:
 class _Worker:
     def __init__(self, variant, argv, log_dir):
         read_fd, write_fd = os.pipe()
-        cmd = [sys.executable, "-m", "trl_bridge.bench", "--_worker", variant, "--_fd", str(write_fd), "--", *argv]
+        cmd = [sys.executable, "-m", "trl_bridge.experiments.bench", "--_worker", variant, "--_fd", str(write_fd), "--", *argv]
         self.log_path = os.path.join(log_dir, f"{variant}.log")
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=self.log, stderr=subprocess.STDOUT, text=True,

@@ -1,0 +1,1 @@
+"""Tasks: training data (builtin sets, Hub and local sources), reward functions, answer grading, the benchmark registry, HumanEval and its sandbox."""
