@@ -51,7 +51,7 @@ $(VLLM_STAMP): pyproject.toml
 	touch $(VLLM_STAMP)
 
 test-vllm: setup-vllm
-	OMP_NUM_THREADS=1 $(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_vllm.py tests/test_paper_recipe.py
+	OMP_NUM_THREADS=1 $(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/engines/test_vllm.py tests/test_paper_recipe.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) outputs

@@ -126,3 +126,11 @@ def tiny_model_dir(tmp_path_factory):
     make_tiny_model(tok).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """The tiny tokenizer made locally by the `tokenizers` library (trl_bridge.tiny)."""
+    from trl_bridge.tiny import make_tiny_tokenizer
+
+    return make_tiny_tokenizer()

@@ -201,7 +201,7 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
 
 
 def test_readme_compare_commands_build_runs_that_parse(tmp_path, monkeypatch):
-    """Dry form (a grid takes hours; `tests/test_compare.py` runs every method for real): each command's arguments
+    """Dry form (a grid takes hours; `tests/experiments/test_compare.py` runs every method for real): each command's arguments
     are accepted, every run it would start is a `trl-bridge train` argv that parses, and the earlier results it names
     are there and were made with its settings."""
     from trl_bridge.experiments.compare import build_runs, load_earlier_results, parse_args

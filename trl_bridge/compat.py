@@ -16,7 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-# Keep in sync with `pyproject.toml` (tests/test_grpo_compat.py checks that they agree).
+# Keep in sync with `pyproject.toml` (tests/trainer/test_grpo_compat.py checks that they agree).
 TESTED_VERSIONS = {"trl": ">=1.16,<1.17", "transformers": ">=5.0,<6"}
 OVERRIDE_ENV = "TRL_BRIDGE_ALLOW_UNTESTED_VERSIONS"
 

@@ -30,7 +30,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 from .progress import DEFAULT_INTERVAL, BenchProgress, format_duration
 

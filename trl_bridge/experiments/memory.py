@@ -8,7 +8,7 @@ Bytes per parameter, fp32 master weights with bf16 compute and AdamW (two fp32 m
     w (LoRA adapter):    weight 4 + gradient 4 + AdamW 8 = 16 per adapter parameter
     frozen base weights: their load dtype (4 in the paper configs)
     KL reference (beta > 0): one frozen copy of the initial policy in its load dtype
-FSDP2 shards every one of these across the GPUs (θ̂ is placed on θ's mesh with θ's placements: tests/test_fsdp2.py
+FSDP2 shards every one of these across the GPUs (θ̂ is placed on θ's mesh with θ's placements: tests/distributed/test_fsdp2.py
 measures each of 2 ranks holding half of θ̂ and of its optimizer state). Not included: activations (they grow with
 micro-batch x sequence length; gradient checkpointing keeps one layer's), the bf16 all-gather buffers of the FSDP
 units in flight (about 2 bytes x 2 decoder layers' parameters), and vLLM's share of the GPU when `vllm_mode: colocate`

@@ -17,7 +17,7 @@ from trl import GRPOConfig  # noqa: E402
 
 SHADOW_OFF_POLICY_MODES = ("on_policy", "truncated_is")
 # `optim` values that build one plain torch optimizer per parameter set, so θ, θ̂ and w each get their own (tested in
-# tests/test_scale.py). The others are refused: GaLore/APOLLO need target modules of one model, LOMO/AdaLomo fuse the
+# tests/trainer/test_scale.py). The others are refused: GaLore/APOLLO need target modules of one model, LOMO/AdaLomo fuse the
 # update into the backward (θ̂ and w are never in that backward's parameter list), schedule-free optimizers need
 # train()/eval() switches the Trainer only makes for its own optimizer, bitsandbytes/torchao/XLA/NPU ones are untested.
 SUPPORTED_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad", "rmsprop")

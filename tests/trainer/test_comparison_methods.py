@@ -15,8 +15,8 @@ from trl_bridge.tasks.rewards import with_reward_noise
 from trl_bridge.tiny import make_tiny_tokenizer
 from trl_bridge.train_cli import main as train_main
 
-from .test_bridge_trainer import adapter_state, base_state, make_trainer, rel_err
-from .test_train_cli import TINY_RUN
+from ..helpers import adapter_state, base_state, make_trainer, rel_err
+from ..helpers import TINY_RUN
 
 
 @pytest.fixture(scope="module")

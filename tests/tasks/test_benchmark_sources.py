@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from trl_bridge import benchmarks
+from trl_bridge.tasks import benchmarks
 from trl_bridge.tasks.benchmarks import (
     OLYMPIADBENCH_LOCAL_ONLY_IDS,
     available_benchmarks,

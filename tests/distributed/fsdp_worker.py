@@ -1,10 +1,10 @@
-"""Run by tests/test_fsdp2.py: BRIDGE on a tiny Qwen2 for 3 steps (2 micro-batches per step, clipping on, every base
+"""Run by tests/distributed/test_fsdp2.py: BRIDGE on a tiny Qwen2 for 3 steps (2 micro-batches per step, clipping on, every base
 weight trainable, lm_head included) under the engine the launcher set up, then rank 0 saves the full θ, θ̂, w and the
 merged export, and every rank saves how much of θ̂ and of θ̂'s optimizer state it holds.
 
     python fsdp_worker.py MODE OUT_DIR [CHECKPOINT]
 MODE: train (under torchrun = DDP, under `accelerate launch` with an FSDP2 config = FSDP2; a checkpoint at step 2),
-resume (continue from CHECKPOINT to step 3). TRL_BRIDGE_TEST_CPU_FSDP=1 imports tests/cpu_fsdp_patch.py first;
+resume (continue from CHECKPOINT to step 3). TRL_BRIDGE_TEST_CPU_FSDP=1 imports tests/distributed/cpu_fsdp_patch.py first;
 BRIDGE_TEST_OVERRIDES (JSON) overrides BridgeConfig fields."""
 
 import json

@@ -1,6 +1,6 @@
 """What keeps BRIDGE correct at the paper's scale, on one CPU process: fp32 master weights under bf16 compute, every
 accepted optimizer and schedule acting on all three parameter sets, refusals (naming the field) for what cannot work,
-and the diagnostics that show when BRIDGE has degenerated (FSDP2 itself: tests/test_fsdp2.py)."""
+and the diagnostics that show when BRIDGE has degenerated (FSDP2 itself: tests/distributed/test_fsdp2.py)."""
 
 import pytest
 import torch
@@ -11,7 +11,7 @@ from trl_bridge import BridgeConfig, BridgeTrainer
 from trl_bridge.trainer.bridge_config import SUPPORTED_OPTIMIZERS, SUPPORTED_SCHEDULERS
 from trl_bridge.tiny import make_tiny_model, make_tiny_tokenizer
 
-from .test_bridge_trainer import digit_reward, make_trainer, rl_dataset, sft_dataset
+from ..helpers import digit_reward, make_trainer, rl_dataset, sft_dataset
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import re
 import pytest
 from datasets import Dataset, DatasetDict
 
-from trl_bridge import data
+from trl_bridge.tasks import data
 from trl_bridge.tasks.benchmarks import get_benchmark
 from trl_bridge.tasks.data import (
     BUILTIN_SOURCES,
@@ -28,7 +28,7 @@ from trl_bridge.tasks.data import (
 from trl_bridge.tasks.grading import extract_boxed
 from trl_bridge.tasks.rewards import completion_text, math_correctness_reward
 
-from .conftest import FIXTURES, HUB_FIXTURES
+from ..conftest import FIXTURES, HUB_FIXTURES
 
 
 @pytest.fixture

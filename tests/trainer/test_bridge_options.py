@@ -8,7 +8,7 @@ from trl import GRPOConfig, GRPOTrainer
 from trl_bridge import BridgeConfig, BridgeTrainer
 from trl_bridge.tiny import make_tiny_model, make_tiny_tokenizer
 
-from .test_bridge_trainer import COMMON, adapter_state, base_state, digit_reward, make_trainer, rel_err, rl_dataset, sft_dataset
+from ..helpers import COMMON, adapter_state, base_state, digit_reward, make_trainer, rel_err, rl_dataset, sft_dataset
 
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"]
 

@@ -12,7 +12,7 @@ import trl_bridge.experiments.compare as compare_mod
 from trl_bridge.cli import main as cli_main
 from trl_bridge.experiments.compare import METHODS, aggregate
 
-from .test_train_cli import TINY_RUN
+from ..helpers import TINY_RUN
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -11,7 +11,7 @@ from transformers import TrainerCallback
 
 from trl_bridge import BridgeConfig
 
-from .test_bridge_trainer import make_trainer, tok  # noqa: F401  (tok: the module's tokenizer fixture)
+from ..helpers import make_trainer
 
 GROUPS = dict(per_device_train_batch_size=8, num_generations=2)  # G = 4 prompt groups per generation batch
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from trl_bridge import rewards
+from trl_bridge.tasks import rewards
 from trl_bridge.tasks.rewards import (
     boxed_format_reward,
     completion_text,

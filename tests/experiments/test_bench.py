@@ -10,7 +10,7 @@ import pytest
 
 from trl_bridge.experiments.bench import PHASES, format_table, summarise
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_bench_runs_grpo_and_bridge_for_one_step(tmp_path):

@@ -1,4 +1,4 @@
-"""`trl-bridge train` in a real process, for tests/test_reliability.py, with two test hooks set by environment variables so
+"""`trl-bridge train` in a real process, for tests/trainer/test_reliability.py, with two test hooks set by environment variables so
 that the test's signals land at a known point of the run (the signals themselves are real, sent by the test):
 
   BRIDGE_TEST_PAUSE_IN_STEP=N    during optimizer step N, between its two micro-batches, touch $BRIDGE_TEST_READY.pause
@@ -6,7 +6,7 @@ that the test's signals land at a known point of the run (the signals themselves
   BRIDGE_TEST_HANG_IN_SAVE_OF=N  while checkpoint-N is being written (BRIDGE's files are in the staging folder, the
                                  folder is not published yet), touch $BRIDGE_TEST_READY.save and hang until killed
 
-    python -m tests.interrupt_worker <trl-bridge train arguments>
+    python -m tests.trainer.interrupt_worker <trl-bridge train arguments>
 """
 
 import os

@@ -1,6 +1,6 @@
 """No work the algorithm does not need (issue: cost): the SFT pass never materialises the vocabulary logits, truncated IS
 adds no forwards on fresh rollouts, and the logged `step_time` includes the shadow pass. `trl-bridge bench` itself:
-tests/test_bench.py."""
+tests/experiments/test_bench.py."""
 
 import time
 
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from trl_bridge.tiny import make_tiny_tokenizer
 
-from .test_bridge_trainer import make_trainer
+from ..helpers import make_trainer
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,8 @@ import socket
 import pytest
 import torch
 
+from ..helpers import fused_like_vllm
+
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
@@ -42,12 +44,6 @@ def vllm_env():
             os.environ[k] = v
 
 
-def fused_like_vllm(export: dict, name: str) -> torch.Tensor | None:
-    """The export's tensor for a vLLM parameter name (vLLM fuses q/k/v into qkv_proj and gate/up into gate_up_proj)."""
-    for fused, parts in (("qkv_proj", ("q_proj", "k_proj", "v_proj")), ("gate_up_proj", ("gate_proj", "up_proj"))):
-        if f".{fused}." in name:
-            return torch.cat([export[name.replace(fused, part)] for part in parts], dim=0)
-    return export.get(name)
 
 
 def test_bridge_trains_with_vllm_colocate_and_vllm_holds_the_merged_policy(vllm_env, tmp_path, monkeypatch):
@@ -167,14 +163,14 @@ class _merged_in:
 
 
 def test_fsdp2_with_vllm_colocate_on_two_cpu_ranks(tmp_path):
-    """FSDP2 + vLLM colocate, 2 CPU processes over gloo (tests/vllm_fsdp_worker.py): on every rank and every sync the
+    """FSDP2 + vLLM colocate, 2 CPU processes over gloo (tests/distributed/vllm_fsdp_worker.py): on every rank and every sync the
     shards of θ, θ̂ and w are untouched and the rank's engine holds exactly the export, and vLLM's sampling log-probs
     agree with the trainer's (TRL's `sampling/sampling_logp_difference/max`)."""
     import subprocess
     import sys
     from pathlib import Path
 
-    tests = Path(__file__).resolve().parent
+    tests = Path(__file__).resolve().parents[1] / "distributed"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
@@ -185,7 +181,7 @@ def test_fsdp2_with_vllm_colocate_on_two_cpu_ranks(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                            str(tests / "accelerate" / "fsdp2_cpu.yaml"), "--main_process_port", port,
                            str(tests / "vllm_fsdp_worker.py"), str(tmp_path)],
-                          env=env, capture_output=True, text=True, timeout=900, cwd=tests.parent)
+                          env=env, capture_output=True, text=True, timeout=900, cwd=tests.parents[1])
     assert proc.returncode == 0, proc.stderr[-4000:]
     for rank in (0, 1):
         result = json.loads((tmp_path / f"sync_rank{rank}.json").read_text())

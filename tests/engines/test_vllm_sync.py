@@ -2,7 +2,7 @@
 paths) runs against a stand-in engine, a plain transformers model that receives the pushed weights and samples from
 them, returning log-probs as vLLM does. What is checked: vLLM holds exactly the export's π(θ+w) after every sync,
 the sync leaves θ, θ̂ and w bit-identical, θ̂ is never pushed, and vLLM's sampling log-probs reach TRL's
-importance-sampling correction, the cooperative-gain proposal and truncated IS. The real engine: tests/test_vllm.py."""
+importance-sampling correction, the cooperative-gain proposal and truncated IS. The real engine: tests/engines/test_vllm.py."""
 
 import types
 
@@ -15,7 +15,7 @@ from trl_bridge import BridgeTrainer
 from trl_bridge.engines.export import merged_state_dict, merged_tensors
 from trl_bridge.tiny import make_tiny_model, make_tiny_tokenizer
 
-from .test_bridge_trainer import make_trainer
+from ..helpers import make_trainer
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,9 @@ from trl_bridge.cli import main as cli_main
 from trl_bridge.train_cli import main as train_main
 from trl_bridge.train_cli import make_parser
 
-REPO = Path(__file__).resolve().parents[1]
+from ..helpers import TINY_RUN
+
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 PAPER_CONFIG = REPO / "configs" / "qwen2.5-3b_math.yaml"
 MATH_LIGHTEVAL_REVISION = "0530c78699ea5e8eb5530600900e1f328b48acad"
@@ -83,11 +85,6 @@ def test_help_lists_every_option_with_its_help(capsys):
     assert cli_main(["--help"]) == 0 and "train" in capsys.readouterr().out
 
 
-TINY_RUN = [
-    "--per_device_train_batch_size", "4", "--num_generations", "4", "--max_completion_length", "8",
-    "--max_steps", "2", "--learning_rate", "1e-3", "--lora_r", "4", "--sft_per_device_train_batch_size", "2",
-    "--task_num_train", "20", "--task_num_test", "4", "--eval_samples", "4", "--eval_max_new_tokens", "8", "--logging_steps", "1",
-]
 
 
 def test_end_to_end_run_writes_everything(tiny_model_dir, tmp_path, capsys):

@@ -21,9 +21,9 @@ from trl_bridge.trainer.checkpointing import TrainingInterrupted
 from trl_bridge.tiny import make_tiny_model, make_tiny_tokenizer
 from trl_bridge.train_cli import main as train_main
 
-from .test_bridge_trainer import COMMON, adapter_state, base_state, digit_reward, make_trainer, rl_dataset, sft_dataset
+from ..helpers import COMMON, adapter_state, base_state, digit_reward, make_trainer, rl_dataset, sft_dataset
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # Rollouts are generated once per steps_per_generation × num_iterations = 6 micro-batches = 3 optimizer steps and
 # reused in between: every checkpoint at a step that is not a multiple of 3 falls inside a generation batch.
 MID_GENERATION = dict(per_device_train_batch_size=2, num_generations=2, gradient_accumulation_steps=2,
@@ -76,7 +76,7 @@ def cli_setup(tmp_path_factory, tok):
     make_tiny_model(tok).save_pretrained(root / "tiny")
     tok.save_pretrained(root / "tiny")
     args = ["--model_name_or_path", str(root / "tiny"), "--dataset_name", "builtin:arithmetic",
-            "--reward_funcs", "tests.interrupt_worker.digit_reward", "--task_num_train", "24", "--task_num_test", "4",
+            "--reward_funcs", "tests.trainer.interrupt_worker.digit_reward", "--task_num_train", "24", "--task_num_test", "4",
             "--eval_samples", "0", "--max_steps", "6", "--save_steps", "3", "--learning_rate", "3e-3",
             "--max_grad_norm", "1.0", "--max_completion_length", "8", "--lora_r", "4",
             "--sft_per_device_train_batch_size", "2", "--report_to", "none", "--seed", "5"]
@@ -86,12 +86,12 @@ def cli_setup(tmp_path_factory, tok):
 
 
 def _start(tmp_path, argv, name, **hooks):
-    """`trl-bridge train` (through tests/interrupt_worker.py, with its test hooks) in a real process."""
+    """`trl-bridge train` (through tests/trainer/interrupt_worker.py, with its test hooks) in a real process."""
     pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": pythonpath,
            "BRIDGE_TEST_READY": str(tmp_path / name), **{k: str(v) for k, v in hooks.items()}}
     log = tmp_path / f"{name}.log"
-    proc = subprocess.Popen([sys.executable, "-m", "tests.interrupt_worker", *argv], cwd=REPO, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "tests.trainer.interrupt_worker", *argv], cwd=REPO, env=env,
                             stdout=open(log, "w"), stderr=subprocess.STDOUT)
     return proc, log
 

@@ -13,7 +13,6 @@ import huggingface_hub
 import pytest
 import torch
 import trl
-from datasets import Dataset
 from huggingface_hub import RepoUrl
 from peft import IA3Config, LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
@@ -24,7 +23,7 @@ from trl_bridge.compat import TESTED_VERSIONS, check_versions
 from trl_bridge.engines.export import merged_state_dict
 from trl_bridge.tiny import make_tiny_model, make_tiny_tokenizer
 
-from .test_bridge_trainer import digit_reward, rl_dataset, sft_dataset
+from ..helpers import digit_reward, rl_dataset, sft_dataset
 
 # GRPOConfig's own defaults wherever the feature does not need another value (`logging_steps` included).
 TINY = dict(
@@ -245,7 +244,7 @@ def test_async_reward_function_is_probed_before_the_first_step(tok, tmp_path):
 # Loss and optimisation options
 # ----------------------------------------------------------------------------------------------------------------------
 # grpo always runs (dapo, GRPOConfig's default, runs in every other test); the others are marked slow
-# (tests/test_bridge_options.py runs all eight on BRIDGE alone)
+# (tests/trainer/test_bridge_options.py runs all eight on BRIDGE alone)
 LOSS_TYPES = ["grpo"] + [pytest.param(t, marks=pytest.mark.slow) for t in
                          ("dapo", "bnpo", "dr_grpo", "cispo", "sapo", "luspo", "vespo")]
 
@@ -688,7 +687,7 @@ def test_untested_trl_fails_at_import_naming_the_tested_range(monkeypatch):
 
 
 def test_tested_range_matches_the_pyproject_pin():
-    pyproject = tomllib.loads((pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    pyproject = tomllib.loads((pathlib.Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
     deps = {d.split(">")[0].split("<")[0].split("=")[0].strip(): d for d in pyproject["project"]["dependencies"]}
     for package, spec in TESTED_VERSIONS.items():
         assert deps[package].replace(" ", "") == package + spec

@@ -1,9 +1,9 @@
-"""Run by tests/test_vllm.py under `accelerate launch` (FSDP2, 2 CPU ranks): BridgeTrainer with vLLM colocate (one
+"""Run by tests/engines/test_vllm.py under `accelerate launch` (FSDP2, 2 CPU ranks): BridgeTrainer with vLLM colocate (one
 engine per rank) on SmolLM2 for 2 steps. Every weight sync is checked on every rank: the rank's shards of θ, θ̂ and w
 are bit-identical before and after, and its engine holds the export π(θ+w) gathered module by module. Each rank
 writes sync_rank<k>.json into OUT_DIR.
 
-    accelerate launch --config_file tests/accelerate/fsdp2_cpu.yaml tests/vllm_fsdp_worker.py OUT_DIR
+    accelerate launch --config_file tests/distributed/accelerate/fsdp2_cpu.yaml tests/distributed/vllm_fsdp_worker.py OUT_DIR
 """
 
 import functools
@@ -22,7 +22,8 @@ import trl.generation.vllm_generation as trl_vllm  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
-from test_vllm import fused_like_vllm  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repository
+from tests.helpers import fused_like_vllm  # noqa: E402
 from trl_bridge import BridgeConfig, BridgeTrainer  # noqa: E402
 from trl_bridge.engines.export import merged_state_dict  # noqa: E402
 

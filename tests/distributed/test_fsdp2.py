@@ -1,6 +1,6 @@
 """FSDP2 through accelerate on 2 CPU ranks (gloo): BRIDGE trains exactly like DDP with θ, θ̂, w and their optimizer states
-sharded, and its checkpoints resume under FSDP2 and in one process. tests/fsdp_worker.py does the training; accelerate
-is told to use FSDP on CPU processes by tests/cpu_fsdp_patch.py (accelerate 1.15 never does so by itself)."""
+sharded, and its checkpoints resume under FSDP2 and in one process. tests/distributed/fsdp_worker.py does the training; accelerate
+is told to use FSDP on CPU processes by tests/distributed/cpu_fsdp_patch.py (accelerate 1.15 never does so by itself)."""
 
 import json
 import os
@@ -27,7 +27,7 @@ def _port():
 
 
 def _run(cmd, env=ENV):
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=TESTS.parent)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=TESTS.parents[1])
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
@@ -144,7 +144,7 @@ def test_fsdp1_launch_is_refused_before_training(tmp_path):
     env = {**ENV, "TRL_BRIDGE_TEST_CPU_FSDP": "1", "ACCELERATE_USE_CPU": "true", "ACCELERATE_TORCH_DEVICE": "cpu"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(TESTS / "accelerate" / "fsdp1_cpu.yaml"),
            "--main_process_port", _port(), str(WORKER), "train", str(tmp_path / "out")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=TESTS.parent)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=TESTS.parents[1])
     assert proc.returncode != 0
     assert "does not support FSDP1" in proc.stderr and "fsdp2.yaml" in proc.stderr
     assert not (tmp_path / "out" / "checkpoint-2").exists()

@@ -9,7 +9,7 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM
 
-from trl_bridge import export
+from trl_bridge.engines import export
 from trl_bridge.tiny import make_tiny_model, make_tiny_tokenizer
 
 ATOL = 1e-5

@@ -21,7 +21,7 @@ import pytest
 
 from trl_bridge.tasks.sandbox import SandboxResult, run_many, run_python
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 AS_ROOT = os.geteuid() == 0
 
 
