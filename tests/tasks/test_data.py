@@ -307,7 +307,7 @@ def test_hub_rows_map_onto_the_local_format(hub_training_data, fixture_data_dir,
     assert math_correctness_reward(math["sft"]["completion"], answer=math["rl"]["answer"]) == [1.0] * 4
     with caplog.at_level(logging.WARNING, logger="trl_bridge.tasks.data"):
         hub = load_math_level3to5()["rl"]
-    assert "dropped 1 of 5" in caplog.text  # SimpleRL-Zoo-Data has rows without gt_answer (two on the Hub)
+    assert "dropped 1 of 5" in caplog.text  # an empty gt_answer: two level-5 problems on the Hub
     local = load_math_level3to5(data_dir=fixture_data_dir)["rl"]
     assert hub["answer"] == local["answer"] == ["118", "5", "30", "1"]
     raw = _hub_rows("hkust-nlp__SimpleRL-Zoo-Data__simplelr_qwen_level3to5__train.jsonl")

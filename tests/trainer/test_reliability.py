@@ -317,10 +317,11 @@ def test_lora_target_modules_that_match_nothing_are_refused(tok, out, targets, l
     assert _untouched(out)
 
 
-def test_sft_rows_whose_prompt_fills_sft_max_length_are_refused(tok, out):
-    rows = list(sft_dataset(6))
-    rows[4] = {"prompt": "What is " + " + ".join(["12"] * 40) + "?", "completion": " 480"}
-    with pytest.raises(ValueError, match=r"1 of 6 traces \(rows \[4\]\).*sft_max_length=32"):
+def test_sft_max_length_that_most_prompts_fill_is_refused(tok, out):
+    rows = list(sft_dataset(6))  # a few such rows are dropped with a warning (tests/test_paper_recipe.py)
+    for i in (1, 2, 4, 5):
+        rows[i] = {"prompt": "What is " + " + ".join(["12"] * 40) + "?", "completion": " 480"}
+    with pytest.raises(ValueError, match=r"4 of 6 traces \(rows \[1, 2, 4, 5\]\).*sft_max_length=32.*more than 50%"):
         _bridge(tok, out, sft=Dataset.from_list(rows), sft_max_length=32)
     assert _untouched(out)
 

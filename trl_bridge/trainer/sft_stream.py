@@ -8,14 +8,28 @@ sampler (each epoch is a fresh permutation; the position is part of the checkpoi
 
 from __future__ import annotations
 
+import logging
 from types import SimpleNamespace
 
 import torch
 from datasets import Dataset
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling, SFTTrainer
 
+logger = logging.getLogger(__name__)
+
+#: The largest share of the traces that truncation may leave without a completion token. TRL drops such a trace (a
+#: prompt alone fills `sft_max_length`: nothing left to learn from); a few long prompts are dropped with a warning, but
+#: when more than this share would go, `sft_max_length` is too small for the data and the run stops instead.
+MAX_DROPPED_SHARE = 0.5
+
+
 def tokenize_sft_dataset(dataset: Dataset, tokenizer, max_length: int | None, num_proc: int | None = None) -> Dataset:
-    """Tokenise with SFTTrainer's own pipeline: prompt tokens masked (`labels=-100`), truncated to `max_length`."""
+    """Tokenise with SFTTrainer's own pipeline: prompt tokens masked (`labels=-100`), truncated to `max_length`.
+
+    A trace whose prompt alone fills `max_length` keeps no completion token, so TRL drops it; the number dropped is
+    logged as one warning that names ``sft_max_length``. More than `MAX_DROPPED_SHARE` of the traces dropped (all
+    of them included) raises ``ValueError`` instead.
+    """
     # `_prepare_dataset` reads these attributes of the trainer and these fields of SFTConfig, nothing else.
     trainer_shim = SimpleNamespace(_tokenizer=tokenizer, completion_only_loss=True, chat_template=None)
     args_shim = SimpleNamespace(
@@ -34,13 +48,20 @@ def tokenize_sft_dataset(dataset: Dataset, tokenizer, max_length: int | None, nu
         formatting_func=None, dataset_name="sft",
     )
     if len(tokenized) < len(dataset):
-        # TRL silently drops a trace whose prompt alone fills max_length (nothing left to learn from): refuse instead.
+        # TRL silently drops a trace whose prompt alone fills max_length (nothing left to learn from): say so, and
+        # refuse when so many go that the SFT stream would no longer be the dataset the user gave.
         kept = set(tokenized[row])
         dropped = [i for i in range(len(dataset)) if i not in kept]
-        raise ValueError(
-            f"`sft_dataset`: {len(dropped)} of {len(dataset)} traces (rows {dropped[:5]}{' ...' if len(dropped) > 5 else ''}) "
-            f"have no completion token left after truncation to sft_max_length={max_length}: their prompt alone fills "
-            "it. Raise `sft_max_length` or remove those rows."
+        which = f"{len(dropped)} of {len(dataset)} traces (rows {dropped[:5]}{' ...' if len(dropped) > 5 else ''})"
+        if len(dropped) > MAX_DROPPED_SHARE * len(dataset):
+            raise ValueError(
+                f"`sft_dataset`: {which} have no completion token left after truncation to sft_max_length="
+                f"{max_length}: their prompt alone fills it. Dropping more than {MAX_DROPPED_SHARE:.0%} of the traces "
+                "would train on another dataset than the one given: raise `sft_max_length` or shorten those prompts."
+            )
+        logger.warning(
+            "SFT dataset: dropped %s whose prompt alone fills sft_max_length=%d (no completion token left to learn "
+            "from); raise `sft_max_length` to keep them", which, max_length,
         )
     return tokenized.select_columns(["input_ids", "labels"])
 
