@@ -15,8 +15,8 @@ import pytest
 import yaml
 from datasets import Dataset
 
-from trl_bridge.data import load_dataset_spec
-from trl_bridge.sft_stream import MAX_DROPPED_SHARE, tokenize_sft_dataset
+from trl_bridge.tasks.data import load_dataset_spec
+from trl_bridge.trainer.sft_stream import MAX_DROPPED_SHARE, tokenize_sft_dataset
 from trl_bridge.tiny import make_tiny_tokenizer
 from trl_bridge.train_cli import main as train_main
 
@@ -49,7 +49,7 @@ def smollm2_tokenizer():
 
 
 def _sft_warnings(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "trl_bridge.sft_stream"]
+    return [r.getMessage() for r in caplog.records if r.name == "trl_bridge.trainer.sft_stream"]
 
 
 def _recipe_data(data_dir, kind="sft"):
@@ -84,7 +84,7 @@ def test_cpu_recipe_trains_two_steps_on_the_paper_data(hub_training_data, tmp_pa
     argv = ["--config", str(CPU), "--output_dir", str(out), "--eval_samples", "0"]
     if not HAS_VLLM:
         argv += ["--use_vllm", "false"]
-    with caplog.at_level(logging.WARNING, logger="trl_bridge.sft_stream"):
+    with caplog.at_level(logging.WARNING, logger="trl_bridge.trainer.sft_stream"):
         assert train_main(argv) == 0
     # the real problem longer than sft_max_length=256 is dropped, counted and reported; the run trains on the others
     assert _sft_warnings(caplog) == [
@@ -108,7 +108,7 @@ def test_traces_whose_prompt_fills_the_recipes_sft_max_length_are_dropped_and_co
                                                                                        smollm2_tokenizer, caplog):
     cpu, sft = _recipe_data(fixture_data_dir)
     assert sft[LONG_ROW]["prompt"].startswith(LONG_PROBLEM)
-    with caplog.at_level(logging.WARNING, logger="trl_bridge.sft_stream"):
+    with caplog.at_level(logging.WARNING, logger="trl_bridge.trainer.sft_stream"):
         tokenized = tokenize_sft_dataset(sft, smollm2_tokenizer, cpu["sft_max_length"])
     assert _sft_warnings(caplog) == [
         f"SFT dataset: dropped 1 of {len(sft)} traces (rows [{LONG_ROW}]) whose prompt alone fills sft_max_length="
@@ -119,7 +119,7 @@ def test_traces_whose_prompt_fills_the_recipes_sft_max_length_are_dropped_and_co
     # at the paper's length nothing is dropped and nothing is said
     caplog.clear()
     paper_length = yaml.safe_load(PAPER.read_text())["sft_max_length"]
-    with caplog.at_level(logging.WARNING, logger="trl_bridge.sft_stream"):
+    with caplog.at_level(logging.WARNING, logger="trl_bridge.trainer.sft_stream"):
         assert len(tokenize_sft_dataset(sft, smollm2_tokenizer, paper_length)) == len(sft)
     assert _sft_warnings(caplog) == []
 
@@ -142,7 +142,7 @@ def test_up_to_half_of_the_traces_may_be_dropped_more_is_refused(long_rows, capl
         with pytest.raises(ValueError, match=re.escape(which) + r".*sft_max_length=32.*Dropping more than 50%"):
             tokenize_sft_dataset(Dataset.from_list(rows), make_tiny_tokenizer(), 32)
         return
-    with caplog.at_level(logging.WARNING, logger="trl_bridge.sft_stream"):
+    with caplog.at_level(logging.WARNING, logger="trl_bridge.trainer.sft_stream"):
         tokenized = tokenize_sft_dataset(Dataset.from_list(rows), make_tiny_tokenizer(), 32)
     assert len(tokenized) == 6 - len(long_rows)  # exactly half may go: (1, 2, 4) of 6 trains
     assert len(_sft_warnings(caplog)) == 1 and which in _sft_warnings(caplog)[0]
@@ -155,7 +155,7 @@ def test_cpu_recipe_lengths_hold_the_real_data(benchmarks_dir, smollm2_tokenizer
     others are dropped with a warning that counts them, so it trains), and every MATH level 3-5 prompt plus
     max_completion_length fits vllm_max_model_length (vLLM refuses a longer prompt)."""
     cpu, sft = _recipe_data(benchmarks_dir)
-    with caplog.at_level(logging.WARNING, logger="trl_bridge.sft_stream"):
+    with caplog.at_level(logging.WARNING, logger="trl_bridge.trainer.sft_stream"):
         tokenized = tokenize_sft_dataset(sft, smollm2_tokenizer, cpu["sft_max_length"])
     dropped = len(sft) - len(tokenized)
     assert (dropped, len(sft)) == (469, 7496)  # the count docs/data.md and the config give
