@@ -61,11 +61,13 @@ def test_compare_runs_every_method_and_writes_results_and_plots(tiny_model_dir, 
     assert logged("alternating", "bridge/lambda") == [1.0, 0.0]  # an RL step, then an SFT step
     assert logged("bridge", "bridge/lambda") == pytest.approx([0.5, 0.55])  # the config's schedule
     assert logged("naive_mixing", "bridge/lambda") == pytest.approx([0.5, 0.55])
+    assert logged("chord", "bridge/lambda") == pytest.approx([0.1, 0.525])  # λ = 1 − μ: μ from 0.9 halfway to 0.05
+    assert logged("luffy", "bridge/lambda") == [1.0, 1.0]
     for method in ("bridge", "bridge_truncated_is"):
         for key in ("bridge/rl_loss_shadow", "bridge/shadow_divergence", "bridge/cooperative_gain"):
             assert len(logged(method, key)) == 2, (method, key)
         assert set(runs[method]["diagnostics"]) >= {"bridge/shadow_divergence", "bridge/cooperative_gain"}
-    for method in ("grpo", "sft", "naive_mixing", "alternating", "bridge_no_meta"):
+    for method in ("grpo", "sft", "naive_mixing", "alternating", "bridge_no_meta", "chord", "luffy"):
         assert not logged(method, "bridge/rl_loss_shadow"), method  # no shadow pass
         assert runs[method]["diagnostics"] == {}, method  # so no meta-term diagnostics to plot
     def argv_of(method, stage=""):
@@ -74,7 +76,7 @@ def test_compare_runs_every_method_and_writes_results_and_plots(tiny_model_dir, 
     def flag(argv, name):  # the last value given wins (method overrides come after the shared flags)
         return argv[len(argv) - 1 - argv[::-1].index(name) + 1]
 
-    for method in ("grpo", "sft", "naive_mixing", "alternating"):  # no adapter (its lr 0: w stays exactly 0)
+    for method in ("grpo", "sft", "naive_mixing", "alternating", "chord", "luffy"):  # no adapter (lr 0: w stays 0)
         assert flag(argv_of(method)["argv"], "--adapter_learning_rate") == "0.0", method
     assert "--adapter_learning_rate" not in argv_of("bridge_no_meta")["argv"]  # keeps the adapter
     assert "bridge_lambda_end" not in argv_of("alternating")["config"]  # removed: alternation replaces the schedule

@@ -72,6 +72,14 @@ METHODS: dict[str, tuple[str, dict, tuple[str, ...]]] = {
     "bridge_shadow50": ("BRIDGE with the shadow pass on half of each generation batch's prompt groups "
                         "(shadow_fraction: 0.5, rescaled to be unbiased; an extension beyond the paper)",
                         {"shadow_fraction": 0.5}, ()),
+    "chord": ("CHORD (arXiv 2508.11408) on θ: (1−μ)·L_RL + μ·L_SFT, μ warmed up to 0.9 then cosine-decayed to 0.05 over "
+              "the run, expert tokens weighted by φ = p(1−p) (no adapter, no shadow)",
+              {"chord_mu_peak": 0.9, "chord_mu_valley": 0.05, "chord_phi": True, "bridge_lambda_warmup_steps": 0,
+               **NO_ADAPTER}, ("bridge_lambda_end",)),
+    "luffy": ("LUFFY (arXiv 2504.14945) on θ: mixed-policy GRPO, each group's last rollout replaced by the prompt's "
+              "expert trace, its tokens shaped by f(x) = x/(x+0.1), unclipped (λ = 1, no adapter, no shadow)",
+              {"luffy": True, "bridge_lambda": 1.0, "bridge_lambda_warmup_steps": 0, **NO_ADAPTER},
+              ("bridge_lambda_end",)),
 }
 DEFAULT_METHODS = "bridge,grpo,sft,cold_start,naive_mixing,bridge_no_meta"
 DIAGNOSTICS = ("bridge/shadow_divergence", "bridge/cooperative_to_sft_grad_ratio", "bridge/cooperative_gain")

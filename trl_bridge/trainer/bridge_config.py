@@ -15,6 +15,8 @@ check_versions()  # before importing trl: an untested trl fails here, naming the
 
 from trl import GRPOConfig  # noqa: E402
 
+from .baselines import LUFFY_LOSS_TYPES, chord_mu  # noqa: E402
+
 SHADOW_OFF_POLICY_MODES = ("on_policy", "truncated_is")
 # `optim` values that build one plain torch optimizer per parameter set, so θ, θ̂ and w each get their own (tested in
 # tests/trainer/test_scale.py). The others are refused: GaLore/APOLLO need target modules of one model, LOMO/AdaLomo fuse the
@@ -73,6 +75,15 @@ class BridgeConfig(GRPOConfig):
             batch's prompt groups (a seeded random subset of whole groups, at least one), its θ̂ and w gradients
             rescaled to be unbiased for the full pass. An extension beyond the paper (cheaper pass B, noisier θ̂).
         bridge_meta_term (`bool`, defaults to `True`): `False` is the paper's "w/o J_meta" ablation (naive mixing).
+        chord_mu_peak / chord_mu_valley / chord_mu_warmup_steps / chord_mu_decay_steps / chord_phi: CHORD (Zhang et al.,
+            arXiv:2508.11408), a baseline: λ = 1 − μ(step) with μ warmed up to the peak then cosine-decayed to the
+            valley, and (`chord_phi`) each expert token's NLL weighted by φ(p) = p(1−p). Follows Trinity-RFT's
+            `mix_chord` (`mu_schedule_function`, `SFTPhiLossFn`). Refused with `bridge_lambda_end` or alternation.
+        luffy / luffy_gamma: LUFFY (Yan et al., arXiv:2504.14945), a baseline: mixed-policy GRPO, the last rollout of
+            each group replaced by the prompt's expert trace, advantages over the union, the expert tokens' loss
+            −Â·f(π) with f(x) = x/(x+γ), the expert probability taken as 1, unclipped (LUFFY's verl `mix_src`,
+            `off_policy_reshape="p_div_p_0.1"`). Refused with vLLM generation, the shadow pass, loss types other than
+            grpo/bnpo/dr_grpo/dapo, and `num_generations` < 2. See `trl_bridge.trainer.baselines`.
         max_consecutive_skipped_steps (`int`, defaults to `5`): a step with a NaN/inf loss or gradient is skipped for
             θ, θ̂ and w together (logged as `bridge/skipped_steps`); more than this many in a row stop training.
         overwrite_output_dir (`bool`, defaults to `False`): allow a new run in an `output_dir` that holds another one
@@ -222,6 +233,38 @@ class BridgeConfig(GRPOConfig):
     shadow_is_cap: float = field(
         default=2.0, metadata={"help": "Truncation cap C of the 'truncated_is' shadow importance weights."}
     )
+    chord_mu_peak: float | None = field(
+        default=None,
+        metadata={
+            "help": "CHORD (arXiv 2508.11408), a baseline: L = (1−μ)·L_RL + μ·L_SFT with μ warmed up linearly from 0 to "
+            "this peak over `chord_mu_warmup_steps`, then decayed along a half cosine to `chord_mu_valley` over "
+            "`chord_mu_decay_steps` (λ = 1 − μ replaces `bridge_lambda`). None (default): off. `trl-bridge compare`'s "
+            "`chord` method runs it on θ without adapter and shadow."
+        },
+    )
+    chord_mu_valley: float = field(default=0.05, metadata={"help": "CHORD: μ after the decay (Trinity-RFT's example: 0.05)."})
+    chord_mu_warmup_steps: int = field(default=0, metadata={"help": "CHORD: optimizer steps of μ's linear warm-up."})
+    chord_mu_decay_steps: int | None = field(
+        default=None, metadata={"help": "CHORD: optimizer steps of μ's cosine decay (None: the rest of `max_steps`)."}
+    )
+    chord_phi: bool = field(
+        default=False,
+        metadata={
+            "help": "CHORD-φ: weigh each expert token's NLL in L_SFT by φ(p) = p(1−p) (p the policy's probability of "
+            "the token, detached), a token-mean over the batch."
+        },
+    )
+    luffy: bool = field(
+        default=False,
+        metadata={
+            "help": "LUFFY (arXiv 2504.14945), a baseline: mixed-policy GRPO. The last rollout of each prompt's group is "
+            "replaced by the prompt's expert trace (from `sft_dataset`, matched by prompt), rewarded, and advantages are "
+            "computed over the union; its tokens take the loss −Â·f(π) with f(x) = x/(x+γ) (γ = `luffy_gamma`), "
+            "unclipped. Runs without the shadow (λ = 1 throughout, or `bridge_meta_term: false`); "
+            "`trl-bridge compare`'s `luffy` method runs it as RL on θ."
+        },
+    )
+    luffy_gamma: float = field(default=0.1, metadata={"help": "LUFFY: γ of the policy shaping f(x) = x/(x+γ) (paper: 0.1)."})
     max_consecutive_skipped_steps: int = field(
         default=5,
         metadata={
@@ -347,6 +390,7 @@ class BridgeConfig(GRPOConfig):
             "quantile over the whole batch); use shadow_fraction=1.0 or top_entropy_quantile=1.0",
         )
         need(self.max_consecutive_skipped_steps >= 0, "max_consecutive_skipped_steps", "must be >= 0")
+        self._validate_baselines()
         need(
             not self.save_only_model, "save_only_model",
             "BRIDGE checkpoints must hold θ, θ̂, w, their optimizers and the buffered rollouts to resume; a model-only "
@@ -360,10 +404,35 @@ class BridgeConfig(GRPOConfig):
             "fsdp_config={'version': 2} or `accelerate launch --config_file configs/accelerate/fsdp2.yaml`",
         )
 
+    def _validate_baselines(self):
+        need = self._need
+        if self.chord_mu_peak is not None:
+            need(0.0 <= self.chord_mu_peak <= 1.0, "chord_mu_peak", "must lie in [0, 1] (μ is the weight of L_SFT)")
+            need(0.0 <= self.chord_mu_valley <= 1.0, "chord_mu_valley", "must lie in [0, 1]")
+            need(self.chord_mu_warmup_steps >= 0, "chord_mu_warmup_steps", "must be >= 0")
+            need(self.chord_mu_decay_steps is None or self.chord_mu_decay_steps >= 1, "chord_mu_decay_steps",
+                 "must be >= 1 or None")
+            need(self.bridge_lambda_end is None and not self.bridge_lambda_alternate, "chord_mu_peak",
+                 "CHORD's μ schedule sets λ = 1 − μ at every step: unset bridge_lambda_end and bridge_lambda_alternate")
+        need(self.luffy_gamma > 0, "luffy_gamma", "must be > 0")
+        if self.luffy:
+            need(not self.use_vllm, "luffy",
+                 "LUFFY with use_vllm is not supported: the expert trace replaces a rollout whose vLLM sampling "
+                 "log-probs (TRL's importance-sampling correction) belong to other tokens. Generate with transformers "
+                 "(use_vllm: false)")
+            need(self.loss_type in LUFFY_LOSS_TYPES, "loss_type",
+                 f"LUFFY's off-policy term is built on the surrogate −Â·ratio of the loss types {LUFFY_LOSS_TYPES}")
+            need(self.num_generations >= 2, "num_generations",
+                 "LUFFY replaces one rollout of each group by the expert trace and needs at least one on-policy rollout")
+            need(self.lambda_is_always_one() or not self.bridge_meta_term, "luffy",
+                 "LUFFY is a baseline on one policy: the shadow's pass (bridge_meta_term) would re-weight the expert "
+                 "tokens with θ's probabilities, not θ̂'s. Use bridge_lambda: 1 (LUFFY as RL) or bridge_meta_term: false")
+            need(self.chord_mu_peak is None, "luffy", "cannot be combined with CHORD's μ schedule (chord_mu_peak)")
+
     def lambda_is_always_one(self) -> bool:
         """λ = 1 at every step of the run: BRIDGE is then GRPO exactly (no SFT term, a shadow that equals θ, an adapter
         whose gradient is zero), so BridgeTrainer runs GRPO alone, at GRPO's cost."""
-        if self.bridge_lambda != 1.0:
+        if self.bridge_lambda != 1.0 or self.chord_mu_peak is not None:
             return False
         return self.bridge_lambda_end is None or self.bridge_lambda_warmup_steps <= 0 or self.bridge_lambda_end == 1.0
 
@@ -390,6 +459,11 @@ class BridgeConfig(GRPOConfig):
     def lambda_at(self, step: int) -> float:
         """λ at optimizer step `step`: constant, linear from `bridge_lambda` to `bridge_lambda_end`, or alternating
         1 (RL) / 0 (SFT) with `bridge_lambda_alternate`."""
+        if self.chord_mu_peak is not None:  # CHORD: λ = 1 − μ(step)
+            decay = self.chord_mu_decay_steps
+            if decay is None:
+                decay = max(1, self.max_steps - self.chord_mu_warmup_steps) if self.max_steps > 0 else 1
+            return 1.0 - chord_mu(step, self.chord_mu_peak, self.chord_mu_valley, self.chord_mu_warmup_steps, decay)
         if self.bridge_lambda_alternate:
             return 1.0 if step % 2 == 0 else 0.0
         if self.bridge_lambda_end is None or self.bridge_lambda_warmup_steps <= 0:

@@ -47,6 +47,7 @@ from ..engines.fsdp2 import clip_grad_norm, full_tensor, reshard, sum_of_squares
 from ..profiling import PhaseTimer
 from ..engines.vllm_sync import check_vllm_can_hold_the_policy, keep_vllm_cpu_weights_live, sync_merged_policy
 from . import checks, model_setup
+from .baselines import ExpertTraces, chord_phi_nll, luffy_reweight
 from .bridge_config import BridgeConfig
 from .checkpoint_state import ENTROPY_STATE, BridgeState, load_rollout_buffer, save_rollout_buffer
 from .checkpointing import (
@@ -75,9 +76,10 @@ class StepRecord:
                        logged cooperative/SFT gradient ratio.
     capturing, logps   `_rl_loss_and_logps` ↔ `_get_per_token_logps_and_entropies`: TRL's loss computes the
                        log-probs inside; the override stores them here while `capturing`.
-    on_logps           pass B with truncated IS on fresh rollouts: the re-weighting of the shadow's advantages by
-                       π(θ̂+w)/π(θ+w), which needs π(θ̂+w)'s log-probs of this very forward; applied by
-                       `_get_per_token_logps_and_entropies` as soon as they exist, before TRL's loss uses the advantages.
+    on_logps           a re-weighting of the advantages that needs the log-probs of this very forward, applied by
+                       `_get_per_token_logps_and_entropies` as soon as they exist, before TRL's loss uses the advantages:
+                       pass B with truncated IS on fresh rollouts (by π(θ̂+w)/π(θ+w)), and LUFFY's expert tokens.
+    off_policy_rows    `_generate` → `_generate_and_score_completions` (LUFFY): which local rollouts are expert traces.
     """
 
     rewards_per_func: torch.Tensor | None = None
@@ -87,6 +89,7 @@ class StepRecord:
     capturing: bool = False
     logps: torch.Tensor | None = None
     on_logps: object = field(default=None, repr=False)
+    off_policy_rows: list | None = None
 
 
 class BridgeCallback(TrainerCallback):
@@ -269,6 +272,16 @@ class BridgeTrainer(GRPOTrainer):
                 pad_token_id=self._tokenizer.pad_token_id, batch_size=args.sft_per_device_train_batch_size,
                 seed=args.seed, rank=self.accelerator.process_index, world_size=self.accelerator.num_processes,
             )
+        # LUFFY (a baseline, `baselines`): each RL prompt's expert trace, injected into its group of rollouts.
+        self._expert_traces = None
+        if args.luffy:
+            if sft_dataset is None or not self.probe_reward_funcs_before_training or tools:
+                raise ValueError("`luffy` needs `sft_dataset` (the expert traces) and TRL's own generation (no "
+                                 "`rollout_func`, `environment_factory` or `tools`).")
+            self._expert_traces = ExpertTraces(sft_dataset, self._tokenizer, self._tokenizer.eos_token_id,
+                                               args.max_completion_length)
+            if isinstance(train_dataset, Dataset):
+                self._expert_traces.check_covers(train_dataset)
         self.shadow_optimizer = self.adapter_optimizer = None
         self.shadow_scheduler = self.adapter_scheduler = None
         self._record = StepRecord()
@@ -313,9 +326,23 @@ class BridgeTrainer(GRPOTrainer):
         self._record.rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         return self._record.rewards_per_func
 
+    def _generate(self, prompts):
+        """GRPOTrainer's generation; with `luffy`, the last rollout of each group is the prompt's expert trace."""
+        out = super()._generate(prompts)
+        if self._expert_traces is None or not self.model.training:
+            return out
+        prompt_ids, completion_ids, tool_mask, completions, logprobs, *rest = out
+        first_row = self.accelerator.process_index * len(prompts)
+        completion_ids, completions, self._record.off_policy_rows = self._expert_traces.inject(
+            prompts, completion_ids, completions, first_row, self.num_generations)
+        return (prompt_ids, completion_ids, tool_mask, completions, logprobs, *rest)
+
     def _generate_and_score_completions(self, inputs):
         with self.phases("generation"):
             output = super()._generate_and_score_completions(inputs)
+        if self._record.off_policy_rows is not None:  # LUFFY: which rows are expert traces (kept through TRL's shuffle)
+            rows, self._record.off_policy_rows = self._record.off_policy_rows, None
+            output["luffy_off_policy"] = torch.tensor(rows, dtype=torch.bool, device=output["prompt_ids"].device)
         if self._grpo_only:
             return output
         n_local = output["prompt_ids"].size(0)
@@ -379,6 +406,9 @@ class BridgeTrainer(GRPOTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self._grpo_only and self.model.training:  # λ = 1 throughout: GRPO's loss alone, nothing else computed
             self._metrics["train"]["bridge/lambda"].append(1.0)
+        if "luffy_off_policy" in inputs and self.model.training:  # LUFFY's expert tokens: f(π)'s gradient (`baselines`)
+            inputs = dict(inputs)  # the loss's own copy: the buffered batch is reused by later iterations
+            self._record.on_logps = lambda logps: luffy_reweight(inputs, logps, self.args.luffy_gamma)
         if self._grpo_only or not self.model.training:  # evaluation: the RL loss of π(θ+w), as GRPOTrainer reports it
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         lam = self.bridge_lambda
@@ -407,7 +437,8 @@ class BridgeTrainer(GRPOTrainer):
         with self.accelerator.autocast(), model_setup.fused_head_for_sft(self._fused_lm):
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
                         fused_lm_head=True)
-        return out.loss / self.current_gradient_accumulation_steps
+        loss = chord_phi_nll(out.log_probs, out.label_mask) if self.args.chord_phi else out.loss  # CHORD-φ: `baselines`
+        return loss / self.current_gradient_accumulation_steps
 
     def _rl_loss_and_logps(self, model, inputs):
         """L_RL: TRL's GRPO loss on the rollouts (any `loss_type`, clipping, KL), plus the per-token log-probs it
@@ -424,9 +455,9 @@ class BridgeTrainer(GRPOTrainer):
         out = super()._get_per_token_logps_and_entropies(*args, **kwargs)
         if self._record.capturing:
             self._record.logps = out[0].detach()
-            if self._record.on_logps is not None:  # pass B, truncated IS on fresh rollouts (see `_shadow_backward`)
-                on_logps, self._record.on_logps = self._record.on_logps, None
-                on_logps(out[0].detach())
+        if self._record.on_logps is not None:  # truncated IS on fresh rollouts (`_shadow_backward`), LUFFY
+            on_logps, self._record.on_logps = self._record.on_logps, None
+            on_logps(out[0].detach())
         return out
 
     # ------------------------------------------------------------------------------------------------------------
