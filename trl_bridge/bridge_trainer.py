@@ -70,6 +70,7 @@ from .fsdp2 import (
     LeanShadowOptimizer, assign_full, clip_grad_norm, full_optimizer_state, full_tensor, total_grad_norm,
     load_full_optimizer_state, reshard, sum_of_squares,
 )
+from .resume_sampler import epoch_exact_sampler
 from .sft_stream import SFTStream, tokenize_sft_dataset
 from .vllm_sync import check_vllm_can_hold_the_policy, keep_vllm_cpu_weights_live, sync_merged_policy
 
@@ -136,6 +137,8 @@ class BridgeTrainer(GRPOTrainer):
         π(θ+w) export, and engine-independent checkpoints (full tensors) holding θ, θ̂, w, the three optimizers' and
         schedules' states, the SFT stream position and GRPOTrainer's buffered rollouts (exact resume anywhere).
       * `_save_checkpoint`, `_get_output_dir`: checkpoints are written to a staging folder and renamed when complete.
+      * `_get_train_sampler`: a resumed run shuffles every epoch's prompts as the uninterrupted one does
+        (`trl_bridge.resume_sampler`; GRPOTrainer's sampler starts again from the first epoch's order).
       * `_get_grad_norm`, `_log_mean`, `log`: a NaN/inf loss or gradient skips the step for θ, θ̂ and w together
         (`_skip_if_non_finite`, logged as `bridge/skipped_steps`).
       * `create_model_card`: a card that names BRIDGE, the base model, data, hyper-parameters and final metrics.
@@ -1229,6 +1232,9 @@ class BridgeTrainer(GRPOTrainer):
                 "are sampled, so this resumed run will differ from an uninterrupted one.", checkpoint,
                 "written by another number of processes" if state is not None else f"{os.path.basename(path)} missing",
             )
+
+    def _get_train_sampler(self, dataset=None):
+        return epoch_exact_sampler(super()._get_train_sampler(dataset), lambda: self.state.epoch)
 
     def _save_checkpoint(self, model, trial):
         """Atomic checkpoints. The Trainer (and GRPOTrainer) write `checkpoint-N` as usual, but inside the staging folder
