@@ -314,7 +314,8 @@ def parent_command_line() -> list[str] | None:
     return [arg.decode(errors="surrogateescape") for arg in raw.split(b"\0")[:-1]] or None
 
 
-def resume_command(argv: list[str], environ=None, parent: list[str] | None = None, own_argv: list[str] | None = None) -> str:
+def resume_command(argv: list[str], environ=None, parent: list[str] | None = None,
+                   own_argv: list[str] | None = None) -> str:
     """What to run to resume an interrupted `trl-bridge train` whose arguments were `argv`: the same command with
     `--resume_from_checkpoint last`. Under a launcher that is the launcher's command (resuming in one process would
     continue a multi-process run with another batch per step): its command line `parent` is used when it verifiably
@@ -334,7 +335,8 @@ def resume_command(argv: list[str], environ=None, parent: list[str] | None = Non
                 and parent[-len(own_argv):] == own_argv and own_argv[len(own_argv) - len(argv):] == argv)
     if not verified:
         where = f"{world} process{'es' if world > 1 else ''}" + (f" on {nodes} nodes" if nodes > 1 else "")
-        return f"the same `{name}` command as before ({where}), with these trl-bridge train arguments: {shlex.join(resume)}"
+        return (f"the same `{name}` command as before ({where}), with these trl-bridge train arguments: "
+                + shlex.join(resume))
     launch = parent[:len(parent) - len(argv)]
     if len(launch) > 1 and os.path.basename(launch[1]) in LAUNCHER_SCRIPTS and os.path.isfile(launch[1]):
         script = shutil.which(os.path.basename(launch[1]))  # shown by its name when that name runs this very script

@@ -8,12 +8,12 @@ resumed from a checkpoint at or after the end of the first pass (epoch e ≥ 1) 
 where the uninterrupted run uses the (e+1)-th: other prompts, another trajectory. Plain GRPOTrainer behaves the same
 (the reproduction is in docs/failure_behaviour.md).
 
-`EpochExactSampler` wraps TRL's sampler: at the start of each pass it re-seeds the generator and draws the permutations of
-the epochs before, so epoch e is shuffled with the (e+1)-th permutation in a resumed run too — the order of an
-uninterrupted TRL run, unchanged. The epoch is read from the trainer's state (`int(state.epoch)`: the Trainer restores
-it from the checkpoint before the first pass and advances it by 1/steps-per-epoch per micro-batch) rather than taken
-from `set_epoch`, which accelerate does not pass on to the sampler in every wrapping (e.g. two processes resumed inside
-an epoch: `SkipBatchSampler(BatchSamplerShard(BatchSampler(sampler)))`).
+`EpochExactSampler` wraps TRL's sampler: at the start of each pass it re-seeds the generator and draws the
+permutations of the epochs before, so epoch e is shuffled with the (e+1)-th permutation in a resumed run too — the
+order of an uninterrupted TRL run, unchanged. The epoch is read from the trainer's state (`int(state.epoch)`: after
+every optimizer step the Trainer sets `state.epoch` to the epoch plus the fraction of it done, and it restores it from
+the checkpoint before the first pass) rather than taken from `set_epoch`, which accelerate does not pass on to the
+sampler in every wrapping (e.g. two processes resumed inside an epoch: `SkipBatchSampler(BatchSamplerShard(...))`).
 """
 
 from __future__ import annotations
