@@ -506,7 +506,7 @@ def main(argv=None) -> int:
     except (ValueError, TypeError, OSError, yaml.YAMLError) as err:  # unknown key, invalid value, bad/missing YAML
         print(f"trl-bridge train: error: {_one_line(err)}", file=sys.stderr)
         return 2
-    from .trainer.checkpointing import TrainingInterrupted, check_run_start, resume_arguments
+    from .trainer.checkpointing import TrainingInterrupted, check_run_start, parent_command_line, resume_command
 
     try:  # the checkpoint to resume exists and is complete; output_dir holds no other run (before loading anything)
         check_run_start(training_args)
@@ -526,13 +526,14 @@ def main(argv=None) -> int:
             raise
         print(f"trl-bridge train: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    launch = parent_command_line()  # a launcher's (torchrun, accelerate launch), for the resume hint; read while it runs
     try:
         train_and_report(trainer, tokenizer, test, script_args, training_args, model_args)
     except TrainingInterrupted as stop:  # SIGINT/SIGTERM: the step finished and its checkpoint is written
         from accelerate import PartialState
 
         if PartialState().is_main_process:
-            print(f"trl-bridge train: {stop}\n  resume: trl-bridge train {resume_arguments(argv)}", file=sys.stderr)
+            print(f"trl-bridge train: {stop}\n  resume: {resume_command(argv, parent=launch)}", file=sys.stderr)
         return stop.exit_code
     return 0
 

@@ -4,6 +4,7 @@ update of all three sets together, and the remaining bad input fails before step
 
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from trl_bridge import BridgeConfig, BridgeTrainer
-from trl_bridge.trainer.checkpointing import TrainingInterrupted
+from trl_bridge.trainer.checkpointing import TrainingInterrupted, resume_command
 from trl_bridge.tiny import make_tiny_model, make_tiny_tokenizer
 from trl_bridge.train_cli import main as train_main
 
@@ -85,14 +86,19 @@ def cli_setup(tmp_path_factory, tok):
     return root, args
 
 
-def _start(tmp_path, argv, name, **hooks):
-    """`trl-bridge train` (through tests/trainer/interrupt_worker.py, with its test hooks) in a real process."""
+def _env(**extra):
     pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": pythonpath,
-           "BRIDGE_TEST_READY": str(tmp_path / name), **{k: str(v) for k, v in hooks.items()}}
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": pythonpath,
+            **{k: str(v) for k, v in extra.items()}}
+
+
+def _start(tmp_path, argv, name, launch=(sys.executable, "-m"), **hooks):
+    """`trl-bridge train` (through tests/trainer/interrupt_worker.py, with its test hooks) in a real process, started by
+    `launch` (a launcher's command, e.g. torchrun's, followed by "-m")."""
+    env = _env(BRIDGE_TEST_READY=tmp_path / name, **hooks)
     log = tmp_path / f"{name}.log"
-    proc = subprocess.Popen([sys.executable, "-m", "tests.trainer.interrupt_worker", *argv], cwd=REPO, env=env,
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([*launch, "tests.trainer.interrupt_worker", *argv], cwd=REPO, env=env, stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT)
     return proc, log
 
 
@@ -143,6 +149,97 @@ def test_interrupted_runs_resume_to_the_uninterrupted_result(cli_setup, tmp_path
     assert exported.keys() == exported_reference.keys()
     for key, value in exported_reference.items():
         assert torch.equal(exported[key], value), key
+
+
+def test_resume_hint_repeats_the_launch_command(tmp_path, monkeypatch):
+    """Under torchrun or `accelerate launch` the printed resume command is the launcher's (resuming in one process
+    would continue a two-process run with half the batch): its command line, read from the parent process when it
+    verifiably launched this one, else the launcher named with the arguments to pass again."""
+    argv = ["--config", "my run.yaml", "--resume_from_checkpoint", "out/checkpoint-2", "--seed", "3"]
+    resume = "--config 'my run.yaml' --seed 3 --resume_from_checkpoint last"
+    own = ["train", *argv]  # this process's arguments (`-m trl_bridge.cli train ...`)
+    # the variables each launcher sets (torch/distributed/elastic/agent/server/local_elastic_agent.py,
+    # accelerate/utils/launch.py); accelerate with several processes runs torchrun's agent, so sets both
+    torchrun = {"TORCHELASTIC_RUN_ID": "none", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "RANK": "0", "GROUP_RANK": "0"}
+    accelerate_one = {"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_DYNAMO_BACKEND": "NO", "ACCELERATE_USE_CPU": "False"}
+    accelerate = {**torchrun, **accelerate_one}
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("torchrun", "accelerate"):  # console scripts run as `<python> <bin>/<name> ...`
+        (bin_dir / name).write_text("#!/bin/sh\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path / "elsewhere"))
+
+    def hint(environ, launch):
+        return resume_command(argv, environ, parent=[*launch, "-m", "trl_bridge.cli", *own], own_argv=own)
+
+    assert resume_command(argv, {}, parent=["bash"], own_argv=own) == f"trl-bridge train {resume}"  # no launcher
+    run_module = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    assert hint(torchrun, run_module) == shlex.join(run_module) + f" -m trl_bridge.cli train {resume}"
+    script = [sys.executable, str(bin_dir / "torchrun"), "--nproc_per_node", "2"]
+    assert hint(torchrun, script) == f"{bin_dir / 'torchrun'} --nproc_per_node 2 -m trl_bridge.cli train {resume}"
+    monkeypatch.setenv("PATH", str(bin_dir))  # `torchrun` on PATH is that script: shown by its name
+    assert hint(torchrun, script) == f"torchrun --nproc_per_node 2 -m trl_bridge.cli train {resume}"
+    for environ in (accelerate, accelerate_one):
+        launch = [sys.executable, str(bin_dir / "accelerate"), "launch", "--config_file", "fsdp2.yaml"]
+        assert hint(environ, launch) == f"accelerate launch --config_file fsdp2.yaml -m trl_bridge.cli train {resume}"
+    two_nodes = {**torchrun, "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4"}
+    assert hint(two_nodes, script).endswith(f"train {resume} (on each of the 2 nodes, as before)")
+    # a parent that did not run this process's arguments (a shell, a launcher already gone): the launcher is named
+    for environ, said in ((torchrun, "`torchrun` command as before (2 processes)"),
+                          (accelerate, "`accelerate launch` command as before (2 processes)"),
+                          (accelerate_one, "`accelerate launch` command as before (1 process)"),
+                          (two_nodes, "`torchrun` command as before (8 processes on 2 nodes)")):
+        for parent in (["/bin/bash"], None, [*script, "-m", "trl_bridge.cli", "train", "--seed", "4"]):
+            text = resume_command(argv, environ, parent=parent, own_argv=own)
+            assert text == f"the same {said}, with these trl-bridge train arguments: {resume}", (environ, parent)
+    assert resume_command(argv, torchrun, parent=[*run_module, *own], own_argv=["--other", *own]).startswith("the same")
+
+
+def test_resume_hint_under_a_real_accelerate_launch(tmp_path):
+    """The variables and the parent command line that a real `accelerate launch` gives its process."""
+    (tmp_path / "hint.py").write_text("import sys\nfrom trl_bridge.trainer.checkpointing import parent_command_line, resume_command\n"
+                                      "print('HINT', resume_command(sys.argv[1:], parent=parent_command_line()))\n")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "hint.py"]
+    proc = subprocess.run([*launch, "--output_dir", "my run"], cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    hints = [line[len("HINT "):] for line in proc.stdout.splitlines() if line.startswith("HINT ")]
+    assert hints == [shlex.join([*launch, "--output_dir", "my run", "--resume_from_checkpoint", "last"])]
+
+
+def test_sigterm_to_torchrun_checkpoints_and_the_printed_command_resumes_under_torchrun(cli_setup, tmp_path):
+    """SIGTERM to torchrun (as a scheduler sends it): torchrun forwards it to both processes, which finish the step,
+    write the checkpoint and print the torchrun command that resumes; that command ends the run exactly where an
+    uninterrupted two-process run ends."""
+    args = [*cli_setup[1], "--use_cpu", "true", "--ddp_backend", "gloo"]  # two CPU processes (DDP over gloo)
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m")
+    cpu = dict(CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([*torchrun, "tests.trainer.interrupt_worker", *args, "--output_dir", str(reference)], cwd=REPO,
+                          env=_env(**cpu), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    proc, log = _start(tmp_path, [*args, "--output_dir", str(run)], "torchrun", launch=torchrun,
+                       BRIDGE_TEST_PAUSE_IN_STEP=2, **cpu)
+    _wait_for(tmp_path / "torchrun.pause", proc, log)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) != 0
+    text = log.read_text()
+    assert f"stopped by SIGTERM after step 2; checkpoint written to {run / 'checkpoint-2'}" in text, text[-3000:]
+    assert sorted(p.name for p in run.glob("*checkpoint-*")) == ["checkpoint-2"]
+    assert {p.name for p in (run / "checkpoint-2").glob("bridge_rollouts_rank*.pt")} == {"bridge_rollouts_rank0.pt",
+                                                                                        "bridge_rollouts_rank1.pt"}
+    hints = [line.split("resume: ", 1)[1] for line in text.splitlines() if line.startswith("  resume: ")]
+    expected = shlex.join([*torchrun, "tests.trainer.interrupt_worker", *args, "--output_dir", str(run),
+                           "--resume_from_checkpoint", "last"])
+    assert hints == [expected]  # printed once (by the main process), the whole torchrun command
+
+    proc = subprocess.run(shlex.split(hints[0]), cwd=REPO, env=_env(**cpu), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in run.glob("*checkpoint-*")) == ["checkpoint-2", "checkpoint-3", "checkpoint-6"]
+    assert_identical(load_file(run / "checkpoint-6" / "bridge_state.safetensors"),
+                     load_file(reference / "checkpoint-6" / "bridge_state.safetensors"))
 
 
 def test_sigterm_finishes_the_step_writes_a_checkpoint_and_raises_with_the_exit_code(tok, tmp_path):

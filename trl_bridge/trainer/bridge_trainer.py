@@ -60,6 +60,7 @@ from .model_card import write_bridge_model_card
 from .numeric_faults import NumericFaultGuard
 from .optimizers import make_optimizer, make_scheduler
 from .reference import RefModelSyncCallback, load_synced_ref_model, save_synced_ref_model
+from .resume_sampler import epoch_exact_sampler
 from .sft_stream import SFTStream, tokenize_sft_dataset
 
 
@@ -120,8 +121,9 @@ class BridgeTrainer(GRPOTrainer):
       * `__init__` and `train`: build w, θ̂, the SFT stream and a frozen KL reference, and check everything that can
         be checked before step 1 (`checks`); SIGINT/SIGTERM end training with a checkpoint (`TrainingInterrupted`).
       * `_save`, `_save_optimizer_and_scheduler`, `_load_from_checkpoint`, `_load_optimizer_and_scheduler`,
-        `_save_checkpoint`, `_get_output_dir`, `create_model_card`: the merged π(θ+w) export, atomic
-        engine-independent checkpoints (exact resume anywhere) and BRIDGE's model card.
+        `_save_checkpoint`, `_get_output_dir`, `_get_train_sampler`, `create_model_card`: the merged π(θ+w) export,
+        atomic engine-independent checkpoints (exact resume anywhere, in any epoch of the RL prompts) and BRIDGE's
+        model card.
     At λ = 1 for the whole run none of BRIDGE is built: the run is GRPOTrainer's own. With `use_vllm=True`, vLLM is
     sent π(θ+w) merged out of place (`vllm_sync`): TRL's in-place merge/unmerge would move θ by float rounding.
     """
@@ -732,6 +734,11 @@ class BridgeTrainer(GRPOTrainer):
             load_rollout_buffer(self, checkpoint)
             return super()._load_optimizer_and_scheduler(checkpoint)
         self.checkpoint_state.load(checkpoint)
+
+    def _get_train_sampler(self, dataset=None):
+        """A resumed run shuffles every pass over the RL prompts as the uninterrupted run does (`resume_sampler`:
+        GRPOTrainer's sampler would start again from the first epoch's order)."""
+        return epoch_exact_sampler(super()._get_train_sampler(dataset), lambda: self.state.epoch)
 
     def _save_checkpoint(self, model, trial):
         save_checkpoint_atomically(self, super()._save_checkpoint, model, trial)

@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import threading
 from contextlib import contextmanager
 
@@ -293,10 +294,8 @@ def check_run_start(args):
     check_output_dir(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
 
 
-def resume_arguments(argv: list[str]) -> str:
+def resume_arguments(argv: list[str]) -> list[str]:
     """`argv` of an interrupted `trl-bridge train` with `--resume_from_checkpoint last` in place of any earlier value."""
-    import shlex
-
     kept, skip = [], False
     for arg in argv:
         if skip:
@@ -305,7 +304,64 @@ def resume_arguments(argv: list[str]) -> str:
             skip = True
         elif not arg.startswith("--resume_from_checkpoint="):
             kept.append(arg)
-    return shlex.join([*kept, "--resume_from_checkpoint", "last"])
+    return [*kept, "--resume_from_checkpoint", "last"]
+
+
+# What each launcher sets in its workers' environment. torchrun's elastic agent: TORCHELASTIC_RUN_ID, WORLD_SIZE,
+# LOCAL_WORLD_SIZE (torch/distributed/elastic/agent/server/local_elastic_agent.py). `accelerate launch`: every
+# launcher sets ACCELERATE_MIXED_PRECISION and ACCELERATE_DYNAMO_BACKEND (accelerate/utils/launch.py); with several
+# processes it runs torchrun's agent in-process, so TORCHELASTIC_RUN_ID is set too (accelerate is checked first).
+LAUNCHER_ENV = (("accelerate launch", ("ACCELERATE_MIXED_PRECISION", "ACCELERATE_DYNAMO_BACKEND")),
+                ("torchrun", ("TORCHELASTIC_RUN_ID",)))
+LAUNCHER_SCRIPTS = ("torchrun", "accelerate")  # console scripts: run as `<python> <bin>/torchrun ...`
+
+
+def launcher(environ=None) -> str | None:
+    """`torchrun` or `accelerate launch`, whichever started this process (from the variables it sets); else None."""
+    environ = os.environ if environ is None else environ
+    return next((name for name, keys in LAUNCHER_ENV if all(k in environ for k in keys)), None)
+
+
+def parent_command_line() -> list[str] | None:
+    """The command line of this process's parent (a launcher's, under torchrun or `accelerate launch`); None where the
+    system does not show it (Linux shows it in /proc)."""
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    return [arg.decode(errors="surrogateescape") for arg in raw.split(b"\0")[:-1]] or None
+
+
+def resume_command(argv: list[str], environ=None, parent: list[str] | None = None,
+                   own_argv: list[str] | None = None) -> str:
+    """What to run to resume an interrupted `trl-bridge train` whose arguments were `argv`: the same command with
+    `--resume_from_checkpoint last`. Under a launcher that is the launcher's command (resuming in one process would
+    continue a multi-process run with another batch per step): its command line `parent` is used when it verifiably
+    launched this process (it ends with this process's own arguments `own_argv`, of which `argv` is the end); otherwise
+    the hint names the launcher and the number of processes and gives the arguments to pass again."""
+    import shlex
+
+    environ = os.environ if environ is None else environ
+    own_argv = sys.argv[1:] if own_argv is None else own_argv
+    resume, name = resume_arguments(argv), launcher(environ)
+    if name is None:
+        return "trl-bridge train " + shlex.join(resume)
+    world, local = (environ.get(k, "") for k in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"))
+    world = int(world) if world.isdigit() else 1  # `accelerate launch` with one process sets no WORLD_SIZE
+    nodes = world // int(local) if local.isdigit() and 0 < int(local) < world else 1
+    verified = (parent and own_argv and len(parent) > len(own_argv) >= len(argv)
+                and parent[-len(own_argv):] == own_argv and own_argv[len(own_argv) - len(argv):] == argv)
+    if not verified:
+        where = f"{world} process{'es' if world > 1 else ''}" + (f" on {nodes} nodes" if nodes > 1 else "")
+        return (f"the same `{name}` command as before ({where}), with these trl-bridge train arguments: "
+                + shlex.join(resume))
+    launch = parent[:len(parent) - len(argv)]
+    if len(launch) > 1 and os.path.basename(launch[1]) in LAUNCHER_SCRIPTS and os.path.isfile(launch[1]):
+        script = shutil.which(os.path.basename(launch[1]))  # shown by its name when that name runs this very script
+        shown = os.path.basename(launch[1]) if script and os.path.samefile(script, launch[1]) else launch[1]
+        launch = [shown, *launch[2:]]
+    return shlex.join([*launch, *resume]) + (f" (on each of the {nodes} nodes, as before)" if nodes > 1 else "")
 
 
 def save_checkpoint_atomically(trainer, save, model, trial):
