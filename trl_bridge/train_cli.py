@@ -116,6 +116,11 @@ class BridgeScriptArguments:
     task_operations: list[str] = field(
         default_factory=lambda: ["+", "-"], metadata={"help": "builtin:arithmetic: operations used, any of + - *."}
     )
+    task_people: str = field(
+        default="3-7",
+        metadata={"help": "builtin:knights_knaves: numbers of people of the puzzles trained on, a range ('3-5'), a list "
+                  "('3,5,7') or one number, from 3 to 7."},
+    )
     eval_samples: int = field(
         default=50, metadata={"help": "Held-out problems graded (greedy) before and after training; 0 disables."}
     )
@@ -151,6 +156,8 @@ def make_parser() -> TrlParser:
 
 
 def _dataset_kwargs(script_args, spec: str, seed: int) -> dict:
+    if spec.strip() == "builtin:knights_knaves":
+        return {"people": script_args.task_people}
     if spec.strip() != "builtin:arithmetic":
         return {}
     return dict(
@@ -199,8 +206,8 @@ def data_sources(script_args, rl, sft, test) -> list[dict]:
              ("SFT traces", script_args.sft_dataset_name, script_args.sft_dataset_split, sft)]
     if test is not None:
         parts.append(("held-out", script_args.dataset_name, script_args.dataset_test_split, test))
-    return [{"role": role, **dataset_source(spec, split, script_args.data_dir), "split": split, "rows": len(ds)}
-            for role, spec, split, ds in parts]
+    return [{"role": role, **dataset_source(spec, split, script_args.data_dir, people=script_args.task_people),
+             "split": split, "rows": len(ds)} for role, spec, split, ds in parts]
 
 
 class _naming:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .grading import extract_boxed, format_number, grade_answer, verify_math
+from .grading import extract_boxed, format_number, grade_answer, grade_knights_knaves_answer, verify_math
 from .jsonl import iter_jsonl
 
 __all__ = [
@@ -569,27 +569,13 @@ def grade_choice(rows: list[dict], completions: list[str]) -> list[dict]:
     return out
 
 
-_KK_STATEMENT_RE = re.compile(r"\b([A-Z][a-zA-Z]+)\s+is\s+(?:a\s+)?(knight|knave)\b", re.IGNORECASE)
-_ANSWER_TAG_RE = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.DOTALL | re.IGNORECASE)
-
-
-def parse_knights_knaves(text: str) -> dict[str, str]:
-    """``{name: "knight" | "knave"}`` from statements like ``(1) Amelia is a knight`` (last statement per name wins)."""
-    return {name: role.lower() for name, role in _KK_STATEMENT_RE.findall(text or "")}
-
-
 def grade_knights_knaves(rows: list[dict], completions: list[str]) -> list[dict]:
     """Knights-and-Knaves: every person in the gold statement list must have the same role in the completion's
-    ``<answer>...</answer>`` block (the whole completion when there is no such block)."""
+    ``<answer>...</answer>`` block (the whole completion when there is no such block); the check is
+    `trl_bridge.tasks.grading.grade_knights_knaves_answer`, which the ``knights_knaves`` reward uses too."""
     out = []
     for row, completion in zip(rows, completions):
-        completion = completion if isinstance(completion, str) else ""
-        tagged = _ANSWER_TAG_RE.findall(completion)
-        answer_text = tagged[-1] if tagged else completion
-        predicted = parse_knights_knaves(answer_text)
-        gold = parse_knights_knaves(row["gold"])
-        correct = bool(gold) and all(predicted.get(name) == role for name, role in gold.items())
-        extracted = "; ".join(f"{n} is a {r}" for n, r in predicted.items()) or None
+        correct, extracted = grade_knights_knaves_answer(completion, row["gold"])
         out.append({"correct": correct, "extracted": extracted})
     return out
 

@@ -9,6 +9,9 @@ Both functions never raise on bad input (non-strings, unparsable text, pathologi
 ``None``. Runtime is bounded with math-verify's signal-based timeouts when called from the main thread; signals do
 not work in other threads, so there the timeouts are switched off (math-verify's own advice) and the inputs are
 length-capped instead.
+
+Knights-and-Knaves answers are checked by `grade_knights_knaves_answer` (with `parse_knights_knaves`), the one
+implementation behind both the ``knights_knaves`` benchmark grader and the ``knights_knaves`` reward.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from functools import lru_cache, wraps
 # the never-raise guards below (which would silently grade every answer as wrong).
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
-__all__ = ["extract_boxed", "extract_final_answer", "format_number", "grade_answer", "math_verify_timeout", "verify_math"]
+__all__ = ["extract_boxed", "extract_final_answer", "format_number", "grade_answer", "grade_knights_knaves_answer",
+           "math_verify_timeout", "parse_knights_knaves", "verify_math"]
 
 #: Seconds math-verify may spend parsing / comparing one expression (main thread only).
 TIMEOUT_SECONDS = 5
@@ -181,3 +185,27 @@ def format_number(value: float) -> str:
     if math.isfinite(value) and value == int(value):
         return str(int(value))
     return repr(value)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Knights-and-Knaves
+
+_KK_STATEMENT_RE = re.compile(r"\b([A-Z][a-zA-Z]+)\s+is\s+(?:a\s+)?(knight|knave)\b", re.IGNORECASE)
+_ANSWER_TAG_RE = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.DOTALL | re.IGNORECASE)
+
+
+def parse_knights_knaves(text: str) -> dict[str, str]:
+    """``{name: "knight" | "knave"}`` from statements like ``(1) Amelia is a knight`` (last statement per name wins)."""
+    return {name: role.lower() for name, role in _KK_STATEMENT_RE.findall(text or "")}
+
+
+def grade_knights_knaves_answer(completion: str, gold: str) -> tuple[bool, str | None]:
+    """(correct, extracted) for one Knights-and-Knaves completion: every person in the `gold` statement list (e.g.
+    ``"(1) Amelia is a knight\n(2) Ben is a knave"``) must have the same role in the completion's last
+    ``<answer>...</answer>`` block (the whole completion when there is no such block). Never raises."""
+    completion = completion if isinstance(completion, str) else ""
+    tagged = _ANSWER_TAG_RE.findall(completion)
+    predicted = parse_knights_knaves(tagged[-1] if tagged else completion)
+    expected = parse_knights_knaves(gold if isinstance(gold, str) else "")
+    correct = bool(expected) and all(predicted.get(name) == role for name, role in expected.items())
+    return correct, "; ".join(f"{n} is a {r}" for n, r in predicted.items()) or None

@@ -6,6 +6,8 @@ standard datasets and lists of ``{"role", "content"}`` messages for conversation
 
 - `math_correctness_reward`: 1.0 when the completion's final answer equals the gold answer (checked by
   `trl_bridge.tasks.grading.verify_math`, i.e. math-verify), else 0.0 — the binary outcome reward used in the paper.
+- `knights_knaves_reward`: 1.0 when the completion's ``<answer>`` block gives every person the gold role (the check
+  of the Knights-and-Knaves benchmark grader, `trl_bridge.tasks.grading.grade_knights_knaves_answer`), else 0.0.
 - `boxed_format_reward`: 1.0 when the completion states a final ``\\boxed{...}`` answer, else 0.0.
 - `with_reward_noise`: wraps a binary reward so each value is flipped 1<->0 with a given probability (seeded), for
   robustness experiments with noisy verifiers.
@@ -19,13 +21,14 @@ import importlib
 import random
 from collections.abc import Callable, Sequence
 
-from .grading import extract_boxed, verify_math
+from .grading import extract_boxed, grade_knights_knaves_answer, verify_math
 
 __all__ = [
     "REWARD_REGISTRY",
     "boxed_format_reward",
     "completion_text",
     "get_reward_funcs",
+    "knights_knaves_reward",
     "math_correctness_reward",
     "with_reward_noise",
 ]
@@ -72,6 +75,22 @@ def math_correctness_reward(completions: Sequence, answer: Sequence | None = Non
         float(gold is not None and verify_math(completion_text(completion), gold))
         for completion, gold in zip(completions, answer)
     ]
+
+
+def knights_knaves_reward(completions: Sequence, answer: Sequence | None = None, **kwargs) -> list[float]:
+    """1.0 for each completion whose ``<answer>`` block (else its whole text) gives every person in the gold `answer`
+    (``"(1) Amelia is a knight\\n(2) Ben is a knave"``, the ``builtin:knights_knaves`` answer column) the gold role,
+    else 0.0 — the same check as the Knights-and-Knaves benchmark grader."""
+    if answer is None:
+        raise ValueError(
+            "knights_knaves_reward needs the gold assignments in a dataset column named 'answer' "
+            f"(columns passed: {sorted(kwargs) or 'none'})"
+        )
+    if isinstance(answer, str):
+        answer = [answer] * len(completions)
+    if len(answer) != len(completions):
+        raise ValueError(f"got {len(completions)} completions but {len(answer)} values in column 'answer'")
+    return [float(grade_knights_knaves_answer(completion_text(c), gold)[0]) for c, gold in zip(completions, answer)]
 
 
 def boxed_format_reward(completions: Sequence, **kwargs) -> list[float]:
@@ -136,6 +155,7 @@ def _code_execution_reward():
 REWARD_REGISTRY: dict[str, Callable[[], Callable]] = {
     "math_correctness": lambda: math_correctness_reward,
     "boxed_format": lambda: boxed_format_reward,
+    "knights_knaves": lambda: knights_knaves_reward,
     "code_execution": _code_execution_reward,
 }
 
