@@ -10,8 +10,8 @@ BridgeTrainer does (`trl_bridge.trainer.model_setup`). Then, tensor by tensor, i
 
     θ, θ̂, w            fp32 master weights (BridgeTrainer upcasts half-precision trainable weights), and their gradients
     optimizer states   by `optim`: AdamW two moments in the weight's dtype + a 4-byte step per tensor; Adafactor no first
-                       moment and a factored fp32 second moment (row and column statistics; one full statistic for 1-D
-                       tensors); SGD its momentum buffer when momentum > 0, else nothing; Adagrad its sum + step;
+                       moment, a factored fp32 second moment (row and column statistics; one full statistic for 1-D
+                       tensors) + a 4-byte RMS per tensor; SGD its momentum buffer when momentum > 0, else nothing; Adagrad its sum + step;
                        RMSprop its square average + step (+ momentum buffer, + gradient average when centered).
                        `shadow_storage: lean` gives θ̂ the factored, momentum-free Adafactor whatever `optim` is.
     frozen weights     the load dtype (`dtype`); fp32 when a half-precision model trains without `bf16` (the trainer
@@ -45,7 +45,7 @@ PARTS = ("θ", "θ grad", "θ optimizer", "θ̂", "θ̂ grad", "θ̂ optimizer",
 GRADS = ("θ grad", "θ̂ grad", "w grad")
 VARIANTS = ("grpo", "bridge", "bridge_lean")
 TITLES = {"grpo": "GRPO", "bridge": "BRIDGE (shadow_storage: full)", "bridge_lean": "BRIDGE (shadow_storage: lean)"}
-STEP_BYTES = 4  # torch optimizers keep `step` as a float32 scalar tensor per parameter tensor
+STEP_BYTES = 4  # a float32 scalar per parameter tensor: torch optimizers' `step`, Adafactor's `RMS`
 FP32 = 4
 
 
@@ -54,7 +54,7 @@ class OptimizerStates:
     """Which states an optimizer keeps per parameter tensor (all created on the first step)."""
 
     full: int = 0  # tensors of the weight's shape, in the weight's dtype (AdamW moments, SGD momentum, ...)
-    step: bool = False  # a float32 scalar `step`
+    step: bool = False  # a float32 scalar (torch optimizers' `step`, Adafactor's `RMS`)
     factored: bool = False  # Adafactor: fp32 row + column statistics of a ≥2-D weight, one full statistic for 1-D
     first_moment: bool = False  # Adafactor with beta1: an fp32 tensor of the weight's shape
 
@@ -66,13 +66,13 @@ def optimizer_states(args, lean: bool = False) -> OptimizerStates:
     from transformers.optimization import Adafactor
 
     if lean:  # LeanShadowOptimizer: Adafactor, beta1=None
-        return OptimizerStates(factored=True)
+        return OptimizerStates(factored=True, step=True)
     cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
     kwargs = {k: v for k, v in kwargs.items() if k != "lr"}
     probe = torch.nn.Parameter(torch.zeros(1))
     defaults = cls([probe], lr=1e-3, **{k: v for k, v in kwargs.items() if k not in ("fused", "foreach")}).defaults
     if issubclass(cls, Adafactor):
-        return OptimizerStates(factored=True, first_moment=defaults.get("beta1") is not None)
+        return OptimizerStates(factored=True, step=True, first_moment=defaults.get("beta1") is not None)
     if issubclass(cls, (torch.optim.Adam, torch.optim.AdamW)):
         return OptimizerStates(full=3 if defaults.get("amsgrad") else 2, step=True)
     if issubclass(cls, torch.optim.SGD):
