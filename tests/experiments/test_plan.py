@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoConfig, TrainerCallback
 
-from tests.helpers import make_trainer
+from tests.helpers import REPO, make_trainer
 from trl_bridge import BridgeConfig
 from trl_bridge.experiments.bench import _state_bytes
 from trl_bridge.experiments.plan import (GRADS, OptimizerStates, main, optimizer_states, plan_bytes, shard_numel,
@@ -77,6 +77,18 @@ def test_lean_shadow_saves_theta_hat_optimizer_state_and_fsdp2_divides_the_rest(
     for part in ("θ", "θ̂", "w", "θ grad", "w grad"):
         assert four["bytes"]["bridge"][part] * 4 == one["bytes"]["bridge"][part], part
     assert four["bytes"]["grpo"]["θ optimizer"] * 4 > one["bytes"]["grpo"]["θ optimizer"]  # steps are replicated
+
+
+@pytest.mark.parametrize("folder,published", [("qwen2.5-3b", 3.09), ("llama3.2-3b-instruct", 3.21), ("qwen3-8b-base", 8.19)])
+def test_shipped_model_configs_build_the_published_parameter_count(folder, published):
+    """configs/model_configs holds the public config.json of the paper configs' models: built from it (meta device),
+    each has its published parameter count."""
+    from trl_bridge.experiments.plan import build_meta_model
+
+    config = AutoConfig.from_pretrained(REPO / "configs" / "model_configs" / folder)
+    model = build_meta_model(config, torch.bfloat16)
+    assert round(sum(p.numel() for p in model.parameters()) / 1e9, 2) == published
+    assert all(p.device.type == "meta" for p in model.parameters())
 
 
 def test_shard_sizes_follow_fsdp2_padding():

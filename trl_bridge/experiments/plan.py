@@ -115,10 +115,13 @@ def _dtype(name):
 
 def build_meta_model(config, dtype):
     """The causal LM of `config` on the meta device (shapes and dtypes, no memory)."""
+    import warnings
+
     import torch
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notices, not the user's
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
@@ -126,6 +129,8 @@ def plan_bytes(config, args, load_dtype, num_processes: int = 1) -> dict:
     """Bytes per process (rank 0 under FSDP2 over `num_processes`) of each part of the training state, for GRPO and
     BRIDGE with each `shadow_storage`, plus the parameter counts. `config` is the model's `PretrainedConfig`, `args` a
     `BridgeConfig`, `load_dtype` the dtype the weights load in."""
+    import warnings
+
     import torch
     from peft import get_peft_model
 
@@ -162,7 +167,8 @@ def plan_bytes(config, args, load_dtype, num_processes: int = 1) -> dict:
     if not grpo_only:
         peft_config = model_setup.adapter_config(args)
         model_setup.check_lora_targets(model, peft_config, field="lora_target_modules")
-        with torch.device("meta"):
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)
             model = get_peft_model(model, peft_config)
     theta = [p for _, p in model_setup.select_base_params(model, args.trainable_base_parameters)]
     theta_ids = {id(p) for p in theta}
