@@ -8,16 +8,19 @@ Any other option overrides the training config as in `trl-bridge train`. The mod
 (`lora_r`, `lora_target_modules`, `lora_layers_to_transform`), and θ selected by `trainable_base_parameters`, exactly as
 BridgeTrainer does (`trl_bridge.trainer.model_setup`). Then, tensor by tensor, in the dtype each one has in training:
 
-    θ, θ̂, w            fp32 master weights (BridgeTrainer upcasts half-precision trainable weights), and their gradients
-    optimizer states   by `optim`: AdamW two moments in the weight's dtype + a 4-byte step per tensor; Adafactor no first
-                       moment, a factored fp32 second moment (row and column statistics; one full statistic for 1-D
-                       tensors) + a 4-byte RMS per tensor; SGD its momentum buffer when momentum > 0, else nothing; Adagrad its sum + step;
-                       RMSprop its square average + step (+ momentum buffer, + gradient average when centered).
+    θ, θ̂, w            fp32 master weights (BridgeTrainer upcasts half-precision trainable weights) and their
+                       gradients
+    optimizer states   by `optim`: AdamW two moments in the weight's dtype + a 4-byte step per tensor; Adafactor no
+                       first moment, a factored fp32 second moment (row and column statistics; one full statistic for
+                       1-D tensors) + a 4-byte RMS per tensor; SGD its momentum buffer when momentum > 0, else
+                       nothing; Adagrad its sum + step; RMSprop its square average + step (+ momentum buffer,
+                       + gradient average when centered).
                        `shadow_storage: lean` gives θ̂ the factored, momentum-free Adafactor whatever `optim` is.
     frozen weights     the load dtype (`dtype`); fp32 when a half-precision model trains without `bf16` (the trainer
                        then upcasts the whole policy)
     KL reference       (`beta` > 0) a frozen copy of the whole model in the load dtype
-    GRPO               TRL's GRPOTrainer on the same θ: no θ̂, no w, θ in the load dtype (no fp32 master copy)
+    GRPO               TRL's GRPOTrainer on the same θ: no θ̂, no w, θ in the load dtype (no fp32 master copy; under
+                       FSDP2 with mixed precision accelerate upcasts a half-precision θ to fp32, which this row omits)
 
 FSDP2 (`--num_processes N`) shards every one of these tensors along its first dimension; each process holds
 ceil(rows / N) rows of each (rank 0 always holds that many: the figures are its), scalars (optimizer steps) are
