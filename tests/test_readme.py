@@ -156,7 +156,7 @@ def test_readme_eval_commands_run(tmp_path, monkeypatch, capsys):
     benchmark downloads answered at the `datasets.load_dataset` boundary (see test_benchmark_sources.py)."""
     import datasets
 
-    from tests.test_benchmark_sources import HUB_ROWS
+    from tests.tasks.test_benchmark_sources import HUB_ROWS
     from trl_bridge.tasks.benchmarks import available_benchmarks, get_benchmark
 
     by_source = {(b.hub.repo, b.hub.config, b.hub.split): HUB_ROWS[name]
