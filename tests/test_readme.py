@@ -74,6 +74,8 @@ def handler(argv: list[str]) -> str | None:
         return "compare"
     if argv[:2] == ["trl-bridge", "bench"]:
         return "bench"
+    if argv[:2] == ["trl-bridge", "plan"]:
+        return "plan"
     if argv[:2] == ["accelerate", "launch"] and argv[argv.index("-m") + 1:argv.index("-m") + 3] == ["trl_bridge.cli", "train"]:
         return "accelerate_train"
     return None
@@ -154,7 +156,7 @@ def test_readme_eval_commands_run(tmp_path, monkeypatch, capsys):
     benchmark downloads answered at the `datasets.load_dataset` boundary (see test_benchmark_sources.py)."""
     import datasets
 
-    from tests.test_benchmark_sources import HUB_ROWS
+    from tests.tasks.test_benchmark_sources import HUB_ROWS
     from trl_bridge.tasks.benchmarks import available_benchmarks, get_benchmark
 
     by_source = {(b.hub.repo, b.hub.config, b.hub.split): HUB_ROWS[name]
@@ -242,3 +244,27 @@ def test_readme_bench_commands_run_one_step(tmp_path):
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert set(json.loads(out.read_text())["variants"]) == {"grpo", "bridge"}
+
+
+def test_readme_plan_commands_run_and_give_the_tables_numbers(tmp_path, monkeypatch, capsys):
+    """Each `trl-bridge plan` command as written (offline: the model configs ship in configs/model_configs), and the
+    README's and docs/scaling.md's tables hold its totals (GiB per GPU: GRPO, BRIDGE, BRIDGE lean)."""
+    import json
+
+    from trl_bridge.experiments.plan import main as plan_main
+
+    labels = {"qwen2.5-3b": "Qwen2.5-3B", "llama3.2-3b-instruct": "Llama-3.2-3B-Instruct", "qwen3-8b-base": "Qwen3-8B-Base"}
+    commands = [argv for argv in readme_commands(("README.md", *DOCS_WITH_COMMANDS)) if handler(argv) == "plan"]
+    commands = [list(argv) for argv in dict.fromkeys(map(tuple, commands))]
+    assert {Path(argv[argv.index("--model_name_or_path") + 1]).name for argv in commands} == set(labels)
+    monkeypatch.chdir(REPO)
+    pages = {page: (REPO / page).read_text() for page in ("README.md", "docs/scaling.md")}
+    for i, argv in enumerate(commands):
+        out = tmp_path / f"plan{i}.json"
+        assert plan_main([*argv[2:], "--output", str(out)]) == 0, capsys.readouterr().err
+        totals = json.loads(out.read_text())["bytes"]
+        cells = " | ".join(f"{totals[v]['total'] / 2**30:.2f}" for v in ("grpo", "bridge", "bridge_lean"))
+        label = labels[Path(argv[argv.index("--model_name_or_path") + 1]).name]
+        for page, text in pages.items():
+            row = next((line for line in text.splitlines() if line.startswith(f"| {label} |")), None)
+            assert row is not None and row.endswith(f"| {cells} |"), (page, row, cells)

@@ -1,4 +1,4 @@
-"""`trl-bridge` console script: dispatches to the `train`, `eval`, `compare`, `bench` and `memory` subcommands."""
+"""`trl-bridge` console script: dispatches to the `train`, `eval`, `compare`, `bench` and `plan` subcommands."""
 
 import sys
 
@@ -10,8 +10,8 @@ commands:
   eval    Evaluate a model on math / out-of-domain benchmarks. `trl-bridge eval --help` lists every option.
   compare Compare BRIDGE with its baselines over seeds (results table and plots). `trl-bridge compare --help`.
   bench   Time and memory of BRIDGE against GRPO and naive mixing, per phase. `trl-bridge bench --help`.
-  memory  Weight and optimizer-state memory per GPU of BRIDGE and GRPO under FSDP2, an arithmetic estimate from a
-          parameter count. `trl-bridge memory --help`.
+  plan    Bytes per process of θ, θ̂, w, their gradients and optimizer states (GRPO and BRIDGE, full and lean shadow,
+          under FSDP2 over N processes) from the model's config alone. `trl-bridge plan --help`.
 """
 
 
@@ -37,11 +37,10 @@ def main(argv=None):
         from .experiments.bench import main as bench_main
 
         return bench_main(rest)
-    if command == "memory":
-        from .experiments.memory import main as memory_main
+    if command == "plan":
+        from .experiments.plan import main as plan_main
 
-        memory_main(rest)  # prints the table
-        return 0
+        return plan_main(rest)
     print(f"trl-bridge: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

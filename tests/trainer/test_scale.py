@@ -204,16 +204,3 @@ def test_cooperative_ratio_is_zero_without_rl_and_positive_with_it(tok, tmp_path
                        if "bridge/cooperative_to_sft_grad_ratio" in h]
     assert ratios[0.0] == [0.0, 0.0]
     assert all(r > 0 for r in ratios[0.5])
-
-
-def test_memory_estimate_doubles_grpo_weight_state_and_shards_it():
-    from trl_bridge.experiments.memory import estimate, main
-
-    one = estimate(1e9, lora_params=0, gpus=1)
-    eight = estimate(1e9, lora_params=0, gpus=8)
-    assert one["GRPO"]["total"] == pytest.approx(16.0)  # fp32 weight + grad + two AdamW moments
-    assert one["BRIDGE"]["total"] == pytest.approx(32.0)  # + θ̂ with its gradient and AdamW state
-    assert eight["BRIDGE"]["total"] == pytest.approx(4.0)
-    subset = estimate(1e9, trainable=2.5e8, lora_params=0, gpus=1, kl_reference=True)
-    assert subset["BRIDGE"]["total"] == pytest.approx(2 * 0.25 * 16 + 0.75 * 4 + 4)
-    assert main(["--params", "1e9", "--gpus", "8"])["BRIDGE"]["total"] > eight["BRIDGE"]["total"]  # + default LoRA

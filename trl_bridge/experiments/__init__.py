@@ -1,1 +1,1 @@
-"""Experiment tooling: `trl-bridge compare` (BRIDGE against its baselines over seeds), `trl-bridge bench` (step time and memory), progress lines, and the memory arithmetic."""
+"""Experiment tooling: `trl-bridge compare` (BRIDGE against its baselines over seeds), `trl-bridge bench` (step time and memory), `trl-bridge plan` (training-state bytes from a model config), progress lines."""
