@@ -1,4 +1,4 @@
-"""`trl-bridge` console script: dispatches to the `train`, `eval`, `compare`, `bench` and `memory` subcommands."""
+"""`trl-bridge` console script: dispatches to the `train`, `eval`, `compare`, `bench`, `memory` and `check` subcommands."""
 
 import sys
 
@@ -12,6 +12,8 @@ commands:
   bench   Time and memory of BRIDGE against GRPO and naive mixing, per phase. `trl-bridge bench --help`.
   memory  Weight and optimizer-state memory per GPU of BRIDGE and GRPO under FSDP2, an arithmetic estimate from a
           parameter count. `trl-bridge memory --help`.
+  check   Gradient-accumulation self-check before a long job: one optimizer step with accumulation k and with one
+          k-times larger micro-batch, same rollouts; the gradients of θ, θ̂ and w must agree. `trl-bridge check --help`.
 """
 
 
@@ -42,6 +44,10 @@ def main(argv=None):
 
         memory_main(rest)  # prints the table
         return 0
+    if command == "check":
+        from .experiments.accumulation_check import main as check_main
+
+        return check_main(rest)
     print(f"trl-bridge: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 
