@@ -75,6 +75,7 @@ def _recording_trainer_cls():
 def _gradient_capture(trainer, seed: int):
     from transformers import TrainerCallback, set_seed
 
+    from ..engines.export import plain_name
     from ..engines.fsdp2 import full_tensor
 
     class GradientCapture(TrainerCallback):
@@ -91,8 +92,14 @@ def _gradient_capture(trainer, seed: int):
                 return
             import torch
 
-            sets = dict(zip(PARAMETER_SETS, ([p for _, p in trainer.base_params], list(trainer.shadow_params or []),
-                                             [p for _, p in trainer.adapter_params])))
+            # θ and w by name in the model as it trains (under FSDP2 `fully_shard` replaced the parameters)
+            current = {}
+            for n, p in trainer.model.named_parameters():
+                current.setdefault(n, p)
+                current.setdefault(plain_name(n), p)
+            sets = dict(zip(PARAMETER_SETS, ([current.get(n, p) for n, p in trainer.base_params],
+                                             list(trainer.shadow_params or []),
+                                             [current.get(n, p) for n, p in trainer.adapter_params])))
             main = trainer.accelerator.is_main_process
             self.grads = {}
             for name, params in sets.items():
