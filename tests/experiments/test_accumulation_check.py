@@ -139,6 +139,7 @@ def test_sft_token_mean_across_micro_batches_of_unequal_length(config):
     assert results["passed"], format_table(results)
 
 
+@pytest.mark.slow
 def test_check_passes_for_every_method_on_two_ddp_ranks(config):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -148,4 +149,21 @@ def test_check_passes_for_every_method_on_two_ddp_ranks(config):
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 processes" in proc.stdout and proc.stdout.count("| θ (base) |") == len(CHECK_METHODS)
+    assert "PASS: gradient accumulation gives the gradient of the whole batch" in proc.stdout
+
+
+@pytest.mark.slow
+def test_check_passes_under_fsdp2_on_two_cpu_ranks(config):
+    # gradients are DTensor shards there, gathered to full tensors on rank 0 before the comparison
+    distributed = os.path.join(ROOT, "tests", "distributed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           os.path.join(distributed, "accelerate", "fsdp2_cpu.yaml"), "--main_process_port", port,
+           os.path.join(distributed, "check_worker.py"), "--config", config, "--methods", "bridge,grpo,sft"]
+    env = {**ENV, "TRL_BRIDGE_TEST_CPU_FSDP": "1", "ACCELERATE_USE_CPU": "true"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 processes" in proc.stdout and "| bridge | θ̂ (shadow) |" in proc.stdout
     assert "PASS: gradient accumulation gives the gradient of the whole batch" in proc.stdout
