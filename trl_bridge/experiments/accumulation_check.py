@@ -24,7 +24,12 @@ parameter set: ‖g_a − g_b‖ / ‖g_b‖ ≤ tolerance. The default toleranc
 rounding in differently shaped matmuls (about 1e-7 on the tiny model), while one dropped micro-batch of two moves a
 gradient by about 0.5; under bf16 use about 1e-2. `max_grad_norm` is set to 0, since θ's gradient is clipped before the
 capture point and clipping rescales the gradient; the learning rate is irrelevant (the step is captured before it is
-taken). Exit code 0: every set of every method passed; 1: a set failed or the rollouts differed; 2: a usage error.
+taken). Exit code 0: every set of every method passed; 1: a set differed, the rollouts differed, or a set's gradient
+was zero in both runs (nothing compared, reported as NOT CHECKED: a random model's rewards are all 0, so its RL
+gradients are; `--reward_noise 0.3` makes them vary); 2: a usage error.
+
+The check runs the whole config (model, data, rewards, engine) but only one optimizer step per run, and run (b) holds k
+times the activations of (a): for a large model lower `per_device_train_batch_size` (b) with a flag.
 """
 
 from __future__ import annotations
@@ -272,7 +277,8 @@ def check(config: str, overrides: list[str], methods: list[str], accumulation_st
             grads, rollouts = {}, {}
             for run in ("a", "b"):
                 fixed = {**settings[run], "max_steps": 1, "max_grad_norm": 0.0, "save_strategy": "no",
-                         "report_to": "none", "logging_steps": 1, "output_dir": os.path.join(tmp, method, run)}
+                         "push_to_hub": False, "report_to": "none", "logging_steps": 1,
+                         "output_dir": os.path.join(tmp, method, run)}
                 argv = ["--config", config_path, *overrides, *model_flags, *_flags(method_overrides), *_flags(fixed)]
                 grads[run], rollouts[run] = _run_once(argv)
             same, detail = _same_rollouts(rollouts["a"], rollouts["b"])
@@ -333,7 +339,8 @@ def make_parser() -> argparse.ArgumentParser:
         description="Gradient-accumulation self-check before a long job: for each method, the config's first "
         "optimizer step with accumulation k (micro-batch b) and with one micro-batch of k·b, on the same rollouts and "
         "SFT traces; the gradients of θ, θ̂ and w must agree. Any other option (e.g. --max_completion_length 16) "
-        "overrides the config in every run. Exit code 0: pass; 1: a parameter set differs or the rollouts differ.",
+        "overrides the config in every run. Exit code 0: pass; 1: a parameter set differs, the rollouts differ, or a "
+        "set's gradient is zero in both runs (not checked).",
     )
     p.add_argument("--config", required=True, help="a `trl-bridge train` YAML config (e.g. configs/bench/tiny.yaml)")
     p.add_argument("--accumulation_steps", type=int, default=None,
