@@ -1,4 +1,4 @@
-"""`trl-bridge` console script: dispatches to the `train`, `eval`, `compare`, `bench` and `plan` subcommands."""
+"""`trl-bridge` console script: dispatches to the `train`, `eval`, `compare`, `bench`, `plan` and `check` subcommands."""
 
 import sys
 
@@ -12,6 +12,8 @@ commands:
   bench   Time and memory of BRIDGE against GRPO and naive mixing, per phase. `trl-bridge bench --help`.
   plan    Bytes per process of θ, θ̂, w, their gradients and optimizer states (GRPO and BRIDGE, full and lean shadow,
           under FSDP2 over N processes) from the model's config alone. `trl-bridge plan --help`.
+  check   Gradient-accumulation self-check before a long job: one optimizer step with accumulation k and with one
+          k-times larger micro-batch, same rollouts; the gradients of θ, θ̂ and w must agree. `trl-bridge check --help`.
 """
 
 
@@ -41,6 +43,10 @@ def main(argv=None):
         from .experiments.plan import main as plan_main
 
         return plan_main(rest)
+    if command == "check":
+        from .experiments.accumulation_check import main as check_main
+
+        return check_main(rest)
     print(f"trl-bridge: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

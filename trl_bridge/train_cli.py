@@ -295,9 +295,10 @@ class HeldoutAccuracyCallback(TrainerCallback):
         return control
 
 
-def prepare(script_args: BridgeScriptArguments, training_args: BridgeConfig, model_args):
+def prepare(script_args: BridgeScriptArguments, training_args: BridgeConfig, model_args, trainer_cls=None):
     """Everything before the first training step: model, tokenizer, datasets, reward functions, the trainer (with its
-    checks) and the reward probe. Every user mistake surfaces here, before anything is written.
+    checks) and the reward probe. Every user mistake surfaces here, before anything is written. `trainer_cls`: a
+    BridgeTrainer subclass to build instead (`trl-bridge check` records the rollouts with one).
 
     Returns ``(trainer, tokenizer, held-out split or None)``."""
     from transformers import AutoTokenizer
@@ -330,7 +331,7 @@ def prepare(script_args: BridgeScriptArguments, training_args: BridgeConfig, mod
                    "dtype": model_args.dtype or "float32"}
     training_args.model_init_kwargs = {**init_kwargs, **(training_args.model_init_kwargs or {})}
     with explain_model_load_errors(model_args.model_name_or_path):
-        trainer = BridgeTrainer(model=model_path, reward_funcs=reward_funcs, args=training_args, train_dataset=rl,
+        trainer = (trainer_cls or BridgeTrainer)(model=model_path, reward_funcs=reward_funcs, args=training_args, train_dataset=rl,
                                 sft_dataset=sft, processing_class=tokenizer)
     probe_reward_funcs(trainer, first_row_only=True)  # a reward function that fails on the first row: reported now
     if script_args.benchmark_eval:
