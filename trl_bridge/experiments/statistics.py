@@ -54,7 +54,10 @@ def t_sf(t: float, df: float) -> float:
     """P(T > t) for Student's t with `df` degrees of freedom."""
     if math.isinf(t):
         return 0.0 if t > 0 else 1.0
-    tail = 0.5 * betainc(df / 2.0, 0.5, df / (df + t * t))
+    if t * t < df:  # near 0: P(|T| < |t|) = I_{t²/(df+t²)}(1/2, df/2) keeps the precision df/(df+t²) would lose
+        tail = 0.5 - 0.5 * betainc(0.5, df / 2.0, t * t / (df + t * t))
+    else:
+        tail = 0.5 * betainc(df / 2.0, 0.5, df / (df + t * t))
     return tail if t >= 0 else 1.0 - tail
 
 
