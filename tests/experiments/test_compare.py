@@ -281,7 +281,7 @@ def test_report_only_tabulates_a_grid_in_progress_without_training(tiny_model_di
     per_problem = record["heldout_per_problem"]
     assert len(per_problem["before"]) == len(per_problem["after"]) == 4
     assert sum(per_problem["after"]) / 4 == record["heldout_accuracy_after"]
-    assert results["statistics"]["compared"] == ["grpo"] and results["statistics"]["comparisons"] == {}
+    assert results["statistics"]["compared"] == ["sft", "grpo"] and results["statistics"]["comparisons"] == {}  # no bridge run
 
 
 def test_earlier_results_extend_a_grid_without_training_its_runs_again(tiny_model_dir, tmp_path, monkeypatch, capsys):
