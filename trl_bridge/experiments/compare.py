@@ -20,9 +20,17 @@ Progress: while runs train, every `--progress_interval` seconds (default 30) one
 per running run its method, seed, step n/N and seconds per step, read from its train.log; a line also follows each
 finished run. Plain lines, the same in a terminal, a CI log or through `| tee`; they never go into the results files.
 
+Statistics (`statistics.py`; `results.json` → `statistics`): each compared method against the reference by a paired
+t-test over seeds, Holm–Bonferroni over the table's comparisons ("significant" only after it), TOST within
+`--equivalence_margin` ("as good as" only when it shows equivalence, else "not separated"), a two-level (seeds,
+problems) bootstrap interval when every run of a comparison has per-problem records (`heldout_per_problem.json`),
+and with `--noise_baseline` the clean→noisy drop per method and its difference to the reference's. `--plan` declares
+a table's methods, seeds, comparisons, test and margin before running; a grid that differs from it is refused.
+
 Writes to `--output_dir`: `results.json` (every run and the per-method aggregates), `results.md` (table: held-out
-accuracy mean ± std over seeds, the paired difference to BRIDGE with a 95% t confidence interval, reward stability,
-steps to `--target_accuracy`, wall time, peak memory) and plots, mean over seeds with a ±1 std band:
+accuracy mean ± std over seeds, the paired difference to BRIDGE with a 95% t confidence interval, its Holm-adjusted
+p-value and TOST p-value, reward stability, steps to `--target_accuracy`, wall time, peak memory) and plots, mean
+over seeds with a ±1 std band:
 `reward_curves.png` (the rollouts' reward per step; the clean reward when `--reward_noise` flips them),
 `heldout_curves.png` (held-out accuracy every `--heldout_eval_steps`) and `diagnostics.png` (BRIDGE's
 `bridge/shadow_divergence`, `bridge/cooperative_to_sft_grad_ratio`, `bridge/cooperative_gain`).
@@ -1128,7 +1136,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plan", default=None, metavar="PLAN_YAML",
                         help="the table's pre-registered comparison plan (declared before running): methods, seeds, "
                         "reference, the methods compared with it, test, correction, alpha, equivalence margin, and "
-                        "optionally config, max_steps, reward_noise, noise_baseline (see configs/compare_cpu_plan_*.yaml)."
+                        "optionally config, max_steps, reward_noise, noise_baseline (see configs/plans/*.yaml)."
                         " Recorded in results.json; a grid that does not match it is refused, and its tests are "
                         "withheld until every planned run is completed")
     parser.add_argument("--equivalence_margin", type=float, default=None, metavar="ACCURACY",
