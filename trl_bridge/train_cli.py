@@ -11,7 +11,8 @@ under `accelerate launch`.
 
 At the end `output_dir` holds the merged model and tokenizer, `metrics.jsonl`, `training_curves.png`, a model card
 (`README.md`) and `summary.json` (where each dataset came from: Hub repository, config, revision, or local path; and
-the held-out accuracies); the held-out accuracy of the prompts' test split is printed before and after training.
+the held-out accuracies); the held-out accuracy of the prompts' test split is printed before and after training, and
+`heldout_per_problem.json` keeps every held-out evaluation's grade per problem (0/1, in problem order).
 `builtin:gsm8k` / `builtin:math` / `builtin:math_level3to5` are downloaded from their Hugging Face Hub datasets at
 pinned revisions, or read from the local copies in `data_dir` (else $TRL_BRIDGE_DATA_DIR) when one is given; the
 datasets are loaded before the model, so a run without Hub access and without a local copy stops at once. While it runs,
@@ -230,8 +231,18 @@ class _naming:
         raise same_type(exc, f"{self.option}: {message}") from exc
 
 
+HELDOUT_PER_PROBLEM = "heldout_per_problem.json"  # {"before": [0/1 ...], "after": [...], "steps": {"<step>": [...]}}
+
+
 def heldout_accuracy(model, tokenizer, dataset, max_new_tokens: int, batch_size: int) -> float:
     """Greedy accuracy of `model` on `dataset` (prompt + gold `answer`), graded by the math-verify reward."""
+    correct = heldout_correctness(model, tokenizer, dataset, max_new_tokens, batch_size)
+    return sum(correct) / len(correct)
+
+
+def heldout_correctness(model, tokenizer, dataset, max_new_tokens: int, batch_size: int) -> list[int | float]:
+    """Per-problem grades of `model`'s greedy answers on `dataset`, in problem order (1 correct, 0 not; a reward
+    other than 0/1 is kept as is)."""
     from .evaluation.evaluate import HFGenerator
     from .tasks.rewards import math_correctness_reward
 
@@ -241,7 +252,7 @@ def heldout_accuracy(model, tokenizer, dataset, max_new_tokens: int, batch_size:
     ]
     completions = HFGenerator(model, tokenizer, batch_size=batch_size, max_new_tokens=max_new_tokens)(prompts, n=1, temperature=0.0)
     rewards = math_correctness_reward([c[0] for c in completions], answer=dataset["answer"])
-    return sum(rewards) / len(rewards)
+    return [int(r) if r in (0, 1) else float(r) for r in rewards]
 
 
 def describe_task(script_args) -> str:
@@ -268,28 +279,32 @@ class HeldoutAccuracyCallback(TrainerCallback):
     """Greedy accuracy on (a subset of) the held-out split at step 0, every `every_n_steps` optimizer steps and at the
     last step, so the run's metrics.jsonl holds a held-out curve: ``heldout/accuracy`` (and ``heldout/num_problems``)
     go through the trainer's `_metrics` into that step's log entry (the step is made a logging step); step 0's is
-    appended to the log history. Greedy decoding draws no random numbers, so the training trajectory is unchanged.
-    Runs on the main process only."""
+    appended to the log history. Each evaluation's per-problem grades are kept in `per_problem` ({step: [0/1 ...]},
+    written to heldout_per_problem.json at the end). Greedy decoding draws no random numbers, so the training
+    trajectory is unchanged. Runs on the main process only."""
 
     def __init__(self, trainer, dataset, every_n_steps: int, max_new_tokens: int, batch_size: int):
         if every_n_steps < 1:
             raise ValueError(f"heldout_eval_steps must be a positive integer, got {every_n_steps!r}")
         self.trainer, self.dataset, self.every_n_steps = trainer, dataset, every_n_steps
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+        self.per_problem: dict[int, list] = {}
 
-    def _accuracy(self) -> float:
-        return heldout_accuracy(self.trainer.model, self.trainer.processing_class, self.dataset, self.max_new_tokens,
-                                self.batch_size)
+    def _accuracy(self, step: int) -> float:
+        correct = heldout_correctness(self.trainer.model, self.trainer.processing_class, self.dataset,
+                                      self.max_new_tokens, self.batch_size)
+        self.per_problem[step] = correct
+        return sum(correct) / len(correct)
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.global_step == 0 and state.is_world_process_zero:
-            state.log_history.append({"heldout/accuracy": self._accuracy(), "heldout/num_problems": len(self.dataset), "step": 0})
+            state.log_history.append({"heldout/accuracy": self._accuracy(0), "heldout/num_problems": len(self.dataset), "step": 0})
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.every_n_steps == 0 or state.global_step >= state.max_steps:
             if state.is_world_process_zero:
                 metrics = self.trainer._metrics["train"]
-                metrics["heldout/accuracy"].append(self._accuracy())
+                metrics["heldout/accuracy"].append(self._accuracy(state.global_step))
                 metrics["heldout/num_problems"].append(float(len(self.dataset)))
             control.should_log = True
         return control
@@ -376,15 +391,17 @@ def train_and_report(trainer, tokenizer, test, script_args, training_args, model
     from .models import display_name
     from .trainer.reporting import plot_training_curves, write_metrics_jsonl
 
-    results = {}
+    results, per_problem = {}, {}
     if test is not None and script_args.eval_before:
         start = time.perf_counter()
-        results["heldout_accuracy_before"] = heldout_accuracy(trainer.model, tokenizer, test, script_args.eval_max_new_tokens, script_args.eval_batch_size)
+        per_problem["before"] = heldout_correctness(trainer.model, tokenizer, test, script_args.eval_max_new_tokens, script_args.eval_batch_size)
+        results["heldout_accuracy_before"] = sum(per_problem["before"]) / len(per_problem["before"])
         trainer.accelerator.print(f"[trl-bridge] held-out accuracy before training: {results['heldout_accuracy_before']:.3f} "
                                   f"({len(test)} problems, {time.perf_counter() - start:.0f}s)")
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     if test is not None:
-        results["heldout_accuracy_after"] = heldout_accuracy(trainer.model, tokenizer, test, script_args.eval_max_new_tokens, script_args.eval_batch_size)
+        per_problem["after"] = heldout_correctness(trainer.model, tokenizer, test, script_args.eval_max_new_tokens, script_args.eval_batch_size)
+        results["heldout_accuracy_after"] = sum(per_problem["after"]) / len(per_problem["after"])
         trainer.accelerator.print(f"[trl-bridge] held-out accuracy after training:  {results['heldout_accuracy_after']:.3f}")
     trainer.card_heldout = {**results, "num_problems": len(test)} if test is not None else None
 
@@ -397,6 +414,11 @@ def train_and_report(trainer, tokenizer, test, script_args, training_args, model
         trainer.create_model_card()
         with open(os.path.join(out, "heldout_accuracy.json"), "w") as f:
             json.dump(results, f, indent=2)
+        curve = next((cb.per_problem for cb in trainer.callback_handler.callbacks
+                      if isinstance(cb, HeldoutAccuracyCallback)), {})
+        if per_problem or curve:  # every held-out evaluation's grade per problem, in problem order (paired analyses)
+            with open(os.path.join(out, HELDOUT_PER_PROBLEM), "w") as f:
+                json.dump({**per_problem, "steps": {str(k): v for k, v in sorted(curve.items())}}, f)
         with open(os.path.join(out, "summary.json"), "w") as f:
             json.dump({"data": trainer.card_datasets, **results}, f, indent=2)
         trainer.accelerator.print(f"[trl-bridge] wrote the merged model, metrics.jsonl, training_curves.png, README.md "

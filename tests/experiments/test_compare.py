@@ -195,7 +195,8 @@ def test_aggregate_paired_difference_interval_and_steps_to_target():
     assert s["bridge"]["heldout_accuracy_after_std"] == pytest.approx(0.1)
     d = s["grpo"]["diff_to_reference"]  # differences -0.1, -0.2, 0.0: mean -0.1, sd 0.1, t(2) = 4.303
     assert d["mean"] == pytest.approx(-0.1) and d["n"] == 3
-    assert d["ci95"] == pytest.approx([-0.1 - 4.303 * 0.1 / 3**0.5, -0.1 + 4.303 * 0.1 / 3**0.5])
+    assert d["ci95"] == pytest.approx([-0.1 - 4.303 * 0.1 / 3**0.5, -0.1 + 4.303 * 0.1 / 3**0.5], abs=1e-4)
+    assert d["seeds"] == [0, 1, 2]
     assert s["bridge"]["steps_to_target"] == [2, 2, 2] and s["grpo"]["steps_to_target"] == [None, None, 4]
     assert s["grpo"]["steps_to_target_mean"] == 4
     assert s["bridge"]["heldout_max_drop_mean"] == pytest.approx(0.0)
@@ -209,10 +210,14 @@ def test_aggregate_paired_difference_interval_and_steps_to_target():
                               methods=["bridge", "grpo", "sft"])
     md = compare_mod.results_markdown(s, args, {})
     assert "| grpo | 0.100 | 0.600 ± 0.173 (seeds 0,1,2) | 0.50 / 0.50 / 0.80 / · | -0.100 [-0.348, +0.148] |" in md
-    assert ("- grpo: -0.100 [-0.348, +0.148] (higher on 0, lower on 2, equal on 1 of 3 seeds); not significant at the "
-            "95% level (the interval contains 0), n = 3.") in md
-    assert ("- sft: -0.250 [-0.374, -0.126] (higher on 0, lower on 3, equal on 0 of 3 seeds); **significant** at the "
-            "95% level (the interval excludes 0), n = 3.") in md
+    # grpo: t = −sqrt(3), df 2: p = 1 − sqrt(3/5) = 0.225; TOST's lower test t = −0.07·sqrt(3)/0.1 = −1.212, p = 0.825.
+    # sft: −0.2, −0.3, −0.25: t = −5·sqrt(3), p = 1 − t/sqrt(t² + 2) = 0.0131. Holm: sft 2 × 0.0131 = 0.026, grpo 0.225
+    assert ("- grpo: -0.100 [-0.348, +0.148] (higher on 0, lower on 2, equal on 1 of 3 seeds); **not separated** from "
+            "bridge: no difference after correction (Holm-adjusted p = 0.225, unadjusted 0.225) and equivalence within "
+            "±0.03 not shown (TOST ±0.03: p = 0.825).") in md
+    assert ("- sft: -0.250 [-0.374, -0.126] (higher on 0, lower on 3, equal on 0 of 3 seeds); **significantly lower** "
+            "than bridge (Holm-adjusted p = 0.026, unadjusted 0.013; α = 0.05); TOST ±0.03: p = 0.992.") in md
+    assert "| sft | 0.100 | 0.450 ± 0.132 (seeds 0,1,2) | 0.30 / 0.50 / 0.55 / · | -0.250 [-0.374, -0.126] | 0.026 * |" in md
     assert "- bridge:" not in md
 
 
@@ -271,7 +276,14 @@ def test_report_only_tabulates_a_grid_in_progress_without_training(tiny_model_di
     table = (out / "results.md").read_text()
     assert "| sft | " in table and "(seeds 0)" in table and "| grpo |" not in table
     assert "Not completed yet (3 runs): sft/seed1, grpo/seed0, grpo/seed1." in table
-    assert json.loads((out / "results.json").read_text())["methods"]["sft"]["seeds"] == [0]
+    results = json.loads((out / "results.json").read_text())
+    assert results["methods"]["sft"]["seeds"] == [0]
+    # the run's per-problem held-out grades are collected into its record (4 test problems, before and after)
+    record = next(r for r in results["runs"] if r["done"])
+    per_problem = record["heldout_per_problem"]
+    assert len(per_problem["before"]) == len(per_problem["after"]) == 4
+    assert sum(per_problem["after"]) / 4 == record["heldout_accuracy_after"]
+    assert results["statistics"]["compared"] == ["sft", "grpo"] and results["statistics"]["comparisons"] == {}  # no bridge run
 
 
 def test_earlier_results_extend_a_grid_without_training_its_runs_again(tiny_model_dir, tmp_path, monkeypatch, capsys):

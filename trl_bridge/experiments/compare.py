@@ -20,9 +20,17 @@ Progress: while runs train, every `--progress_interval` seconds (default 30) one
 per running run its method, seed, step n/N and seconds per step, read from its train.log; a line also follows each
 finished run. Plain lines, the same in a terminal, a CI log or through `| tee`; they never go into the results files.
 
+Statistics (`statistics.py`; `results.json` → `statistics`): each compared method against the reference by a paired
+t-test over seeds, Holm–Bonferroni over the table's comparisons ("significant" only after it), TOST within
+`--equivalence_margin` ("as good as" only when it shows equivalence, else "not separated"), a two-level (seeds,
+problems) bootstrap interval when every run of a comparison has per-problem records (`heldout_per_problem.json`),
+and with `--noise_baseline` the clean→noisy drop per method and its difference to the reference's. `--plan` declares
+a table's methods, seeds, comparisons, test and margin before running; a grid that differs from it is refused.
+
 Writes to `--output_dir`: `results.json` (every run and the per-method aggregates), `results.md` (table: held-out
-accuracy mean ± std over seeds, the paired difference to BRIDGE with a 95% t confidence interval, reward stability,
-steps to `--target_accuracy`, wall time, peak memory) and plots, mean over seeds with a ±1 std band:
+accuracy mean ± std over seeds, the paired difference to BRIDGE with a 95% t confidence interval, its Holm-adjusted
+p-value and TOST p-value, reward stability, steps to `--target_accuracy`, wall time, peak memory) and plots, mean
+over seeds with a ±1 std band:
 `reward_curves.png` (the rollouts' reward per step; the clean reward when `--reward_noise` flips them),
 `heldout_curves.png` (held-out accuracy every `--heldout_eval_steps`) and `diagnostics.png` (BRIDGE's
 `bridge/shadow_divergence`, `bridge/cooperative_to_sft_grad_ratio`, `bridge/cooperative_gain`).
@@ -44,6 +52,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import yaml
 
+from . import statistics as stats
 from .progress import DEFAULT_INTERVAL, CompareProgress, LogFollower, log_size, resume_marker, stage_marker
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -83,13 +92,11 @@ METHODS: dict[str, tuple[str, dict, tuple[str, ...]]] = {
 }
 DEFAULT_METHODS = "bridge,grpo,sft,cold_start,naive_mixing,bridge_no_meta"
 DIAGNOSTICS = ("bridge/shadow_divergence", "bridge/cooperative_to_sft_grad_ratio", "bridge/cooperative_gain")
-# two-sided 95% Student t quantiles by degrees of freedom (no scipy dependency); above 30: the normal 1.96
-_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-         12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042}
 
 
 def _t975(df: int) -> float:
-    return _T975[max(k for k in _T975 if k <= df)] if df <= 30 else 1.96
+    """The two-sided 95% Student t quantile (exact; `statistics.t_quantile`)."""
+    return stats.t_quantile(0.975, df)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -438,8 +445,32 @@ def collect_run(run: dict) -> dict:
         diagnostics={k: v for k, v in diag.items() if v},
         code=dones[-1].get("code"),  # versions and git commit that produced it
         resumed=[r for d in dones for r in (d.get("resumed") or [])] or None,  # stopped, then resumed from a checkpoint
+        heldout_per_problem=_per_problem(run["stages"], dones),
     )
     return record
+
+
+def _per_problem(stages: list[dict], dones: list[dict]) -> dict | None:
+    """The run's per-problem held-out grades (0/1 in problem order) from its stages' heldout_per_problem.json: before
+    training (first stage), after (last stage) and at each held-out curve step (a later stage's step 0 is the earlier
+    stage's end, kept once). None when the run did not write them (runs made before they were recorded)."""
+    from ..train_cli import HELDOUT_PER_PROBLEM
+
+    out, offset = {"before": None, "after": None, "steps": {}}, 0
+    for i, (stage, done) in enumerate(zip(stages, dones)):
+        path = os.path.join(stage["dir"], HELDOUT_PER_PROBLEM)
+        if not os.path.isfile(path):
+            return None
+        with open(path) as f:
+            data = json.load(f)
+        if i == 0:
+            out["before"] = data.get("before")
+        if i == len(stages) - 1:
+            out["after"] = data.get("after")
+        for step, grades in data.get("steps", {}).items():
+            out["steps"].setdefault(str(int(step) + offset), grades)
+        offset += done["optimizer_steps"]
+    return out
 
 
 # the compare settings that change what a run is (with the config and the flags passed on to every run)
@@ -448,30 +479,65 @@ _RECORD_FIELDS = ("heldout_accuracy_before", "heldout_accuracy_after", "optimize
                   "peak_cuda_mb", "reward_curve", "heldout_curve", "diagnostics")
 
 
+def _settings_differ(settings: dict, args, extra: list[str], base_yaml: dict, keys) -> list[str]:
+    """Which of a results.json's settings differ from this invocation's: `keys`, the config and the flags."""
+    differ = [k for k in keys if settings.get(k) != getattr(args, k)]
+    if "config_yaml" in settings:  # recorded since the second round; before, only the path
+        differ += [] if settings["config_yaml"] == base_yaml else ["config (its content)"]
+    elif os.path.normpath(str(settings.get("config"))) != os.path.normpath(args.config):
+        differ.append("config")
+    _, earlier_extra = make_parser().parse_known_args(shlex.split(settings["command"])[2:])
+    if earlier_extra != extra:
+        differ.append(f"flags passed to every run ({shlex.join(earlier_extra) or 'none'} there, "
+                      f"{shlex.join(extra) or 'none'} here)")
+    return differ
+
+
+def _read_results(path: str, flag: str) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{flag} {path}: cannot be read as a results.json: {err}") from err
+    settings, runs = (data.get("settings"), data.get("runs")) if isinstance(data, dict) else (None, None)
+    if not isinstance(settings, dict) or not isinstance(runs, list) or not isinstance(settings.get("command"), str):
+        raise ValueError(f"{flag} {path}: not a `trl-bridge compare` results.json (it needs 'settings' with the "
+                         "'command', and 'runs')")
+    return data
+
+
+def load_noise_baseline(args, extra: list[str], base_yaml: dict) -> dict | None:
+    """The clean grid of `--noise_baseline`: {"path", "reward_noise", "clean": method -> {seed: held-out accuracy}}.
+    Refused unless it was run with the same settings as this grid except a lower reward noise."""
+    path = args.noise_baseline
+    if not path:
+        return None
+    data = _read_results(path, "--noise_baseline")
+    settings = data["settings"]
+    differ = _settings_differ(settings, args, extra, base_yaml, [k for k in _RUN_SETTINGS if k != "reward_noise"])
+    if differ:
+        raise ValueError(f"--noise_baseline {path}: its grid was run with other settings ({', '.join(differ)}); the "
+                         "interaction needs the same grid with only the reward noise changed")
+    base_noise = float(settings.get("reward_noise") or 0.0)
+    if not base_noise < args.reward_noise:
+        raise ValueError(f"--noise_baseline {path}: its reward noise ({base_noise:g}) must be below this grid's "
+                         f"({args.reward_noise:g}); tabulate the noisier grid with the cleaner one as baseline")
+    clean = {m: {k: v for k, v in by.items() if k in args.seeds} for m, by in _by_seed(data["runs"]).items()
+             if m in args.methods}
+    if args.reference not in clean:
+        raise ValueError(f"--noise_baseline {path}: has no completed run of the reference {args.reference!r}")
+    return {"path": path, "reward_noise": base_noise, "clean": clean}
+
+
 def load_earlier_results(args, extra: list[str], base_yaml: dict) -> dict[tuple[str, int], dict]:
     """(method, seed) -> completed run record, from each `--earlier_results` results.json of a grid with the same
     settings (config, steps, reward noise, held-out schedule, cold-start split and flags); refused, naming the file and
     what differs, otherwise. Only the pairs this invocation asks for are kept; a later file does not replace an earlier."""
     found: dict[tuple[str, int], dict] = {}
     for path in args.earlier_results:
-        try:
-            with open(path) as f:
-                data = json.load(f)
-        except (OSError, ValueError) as err:
-            raise ValueError(f"--earlier_results {path}: cannot be read as a results.json: {err}") from err
-        settings, runs = (data.get("settings"), data.get("runs")) if isinstance(data, dict) else (None, None)
-        if not isinstance(settings, dict) or not isinstance(runs, list) or not isinstance(settings.get("command"), str):
-            raise ValueError(f"--earlier_results {path}: not a `trl-bridge compare` results.json (it needs 'settings' "
-                             "with the 'command', and 'runs')")
-        differ = [k for k in _RUN_SETTINGS if settings.get(k) != getattr(args, k)]
-        if "config_yaml" in settings:  # recorded since the second round; before, only the path
-            differ += [] if settings["config_yaml"] == base_yaml else ["config (its content)"]
-        elif os.path.normpath(str(settings.get("config"))) != os.path.normpath(args.config):
-            differ.append("config")
-        _, earlier_extra = make_parser().parse_known_args(shlex.split(settings["command"])[2:])
-        if earlier_extra != extra:
-            differ.append(f"flags passed to every run ({shlex.join(earlier_extra) or 'none'} there, "
-                          f"{shlex.join(extra) or 'none'} here)")
+        data = _read_results(path, "--earlier_results")
+        settings, runs = data["settings"], data["runs"]
+        differ = _settings_differ(settings, args, extra, base_yaml, _RUN_SETTINGS)
         if differ:
             raise ValueError(f"--earlier_results {path}: its grid was run with other settings ({', '.join(differ)}); "
                              "only runs of the same settings can be tabulated together")
@@ -516,14 +582,15 @@ def aggregate(records: list[dict], target: float, reference: str = "bridge") -> 
     for method, runs in by_method.items():
         acc_mean, acc_std = _mean_std([r["heldout_accuracy_after"] for r in runs])
         before_mean, _ = _mean_std([r["heldout_accuracy_before"] for r in runs])
-        diffs = [r["heldout_accuracy_after"] - ref[r["seed"]] for r in runs
+        pairs = [(r["seed"], r["heldout_accuracy_after"] - ref[r["seed"]]) for r in runs
                  if r["seed"] in ref and r["heldout_accuracy_after"] is not None and ref[r["seed"]] is not None]
+        diffs = [d for _, d in pairs]
         diff = None
         if diffs and method != reference:
             mean = statistics.fmean(diffs)
             half = _t975(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
             diff = {"mean": mean, "ci95": None if half is None else [mean - half, mean + half], "n": len(diffs),
-                    "per_seed": diffs}
+                    "per_seed": diffs, "seeds": [k for k, _ in pairs]}
         last_half = [[v for _, v in r["reward_curve"][len(r["reward_curve"]) // 2:]] for r in runs]
         reached = [_steps_to_target(r["heldout_curve"], target) for r in runs]
         summary[method] = {
@@ -545,6 +612,92 @@ def aggregate(records: list[dict], target: float, reference: str = "bridge") -> 
             "peak_cuda_mb_max": max((r["peak_cuda_mb"] for r in runs if r["peak_cuda_mb"] is not None), default=None),
         }
     return summary
+
+
+def _by_seed(records: list[dict]) -> dict[str, dict[int, float]]:
+    out: dict[str, dict[int, float]] = {}
+    for r in records:
+        if r.get("done") and r.get("heldout_accuracy_after") is not None:
+            out.setdefault(r["method"], {})[int(r["seed"])] = r["heldout_accuracy_after"]
+    return out
+
+
+def _n_problems(records: list[dict], config_yaml: dict | None) -> tuple[int | None, str]:
+    """How many held-out problems an accuracy is measured on: from the per-problem records, else the config's
+    `eval_samples` (capped by `task_num_test` for the built-in task)."""
+    lengths = {len(r["heldout_per_problem"]["after"]) for r in records
+               if r.get("done") and (r.get("heldout_per_problem") or {}).get("after")}
+    if len(lengths) == 1:
+        return lengths.pop(), "per-problem records"
+    cfg = config_yaml or {}
+    n = [v for v in (cfg.get("eval_samples"), cfg.get("task_num_test")) if isinstance(v, int) and v > 0]
+    return (min(n), "the config's eval_samples") if n else (None, "unknown")
+
+
+def table_statistics(summary: dict, records: list[dict], args, noise: dict | None = None,
+                     config_yaml: dict | None = None) -> dict:
+    """The tests behind the table's verdicts (results.json `statistics`): for each compared method, the paired t-test
+    over seeds against the reference, Holm–Bonferroni over the table's comparisons, TOST within ±margin and, when
+    every run of a comparison has per-problem records, a two-level (seeds, problems) bootstrap interval; with `noise`
+    (a clean baseline grid), the clean→noisy drop per method and its difference to the reference's.
+
+    With a pre-registered plan the tests are withheld (`withheld` says why) until every planned run is completed."""
+    plan = getattr(args, "plan_spec", None) or {}
+    alpha = plan.get("alpha", stats.ALPHA)
+    margin = getattr(args, "equivalence_margin", None) or stats.DEFAULT_EQUIVALENCE_MARGIN
+    compared = plan.get("compared") or [m for m in args.methods if m != args.reference]
+    out = {"plan": getattr(args, "plan", None), "reference": args.reference, "compared": compared, "alpha": alpha,
+           "test": "paired t-test over seeds, two-sided", "correction": "holm", "equivalence": "tost",
+           "equivalence_margin": margin, "withheld": None, "comparisons": {}}
+    n, source = _n_problems(records, config_yaml)
+    ref_acc = summary.get(args.reference, {}).get("heldout_accuracy_after_mean")
+    out["binomial_se"] = {"n_problems": n, "n_problems_from": source, "reference_accuracy": ref_acc,
+                          "se": None if n is None or ref_acc is None else stats.binomial_se(ref_acc, n)}
+    done = {(r["method"], r["seed"]) for r in records if r.get("done")}
+    missing = [f"{m}/seed{k}" for m in args.methods for k in args.seeds if (m, k) not in done]
+    if plan and missing:
+        out["withheld"] = (f"{len(missing)} of the plan's {len(args.methods) * len(args.seeds)} runs are not completed "
+                           f"({', '.join(missing)})")
+        return out
+    per_problem = {(r["method"], r["seed"]): (r.get("heldout_per_problem") or {}).get("after")
+                   for r in records if r.get("done")}
+    for method in compared:
+        d = (summary.get(method) or {}).get("diff_to_reference")
+        if not d:
+            continue
+        seeds = d.get("seeds") or []
+        test = stats.paired_t(d["per_seed"], alpha)
+        a = {k: per_problem.get((method, k)) for k in seeds}
+        b = {k: per_problem.get((args.reference, k)) for k in seeds}
+        both = seeds and all(a[k] is not None and b[k] is not None for k in seeds)
+        out["comparisons"][method] = {
+            "mean": test["mean"], "n": test["n"], "ci95": test["ci"], "p": test["p"], "seeds": seeds,
+            "tost": stats.tost(d["per_seed"], margin, alpha),
+            "bootstrap": stats.two_level_bootstrap(a, b, alpha=alpha) if both else None,
+        }
+    adjusted = stats.holm({m: c["p"] for m, c in out["comparisons"].items()})
+    for method, c in out["comparisons"].items():
+        c["p_holm"] = adjusted[method]
+        c["significant"] = c["p_holm"] is not None and c["p_holm"] < alpha
+        c["equivalent"] = c["tost"]["equivalent"]
+    comparisons = out["comparisons"].values()
+    out["interval"] = ("seeds and problems" if comparisons and all(c["bootstrap"] for c in comparisons)
+                       else "seeds only")
+    if noise is not None:
+        interaction = stats.difference_in_differences(noise["clean"], _by_seed(records), args.reference, compared,
+                                                      alpha)
+        out["noise_interaction"] = {"baseline": noise["path"], "baseline_reward_noise": noise["reward_noise"],
+                                    "reward_noise": args.reward_noise, **interaction}
+    return out
+
+
+def _p(v) -> str:
+    return "–" if v is None else "< 0.001" if v < 0.001 else f"{v:.3f}"
+
+
+def _p_is(v) -> str:
+    """'= 0.015' or '< 0.001', to follow 'p' in a sentence."""
+    return _p(v) if v is not None and v < 0.001 else f"= {_p(v)}"
 
 
 def _fmt(v, digits=3):
@@ -617,51 +770,102 @@ def _provenance_lines(records: list[dict]) -> list[str]:
     return lines
 
 
-def _difference_sentences(summary: dict, args) -> list[str]:
-    """One plain sentence per method compared with the reference: the paired difference, on how many seeds it is
-    higher / lower, and whether its 95% interval excludes 0."""
+def _verdict(c: dict, reference: str, alpha: float) -> str:
+    """What a comparison supports: a difference only when it survives Holm, 'as good as' only when TOST shows
+    equivalence within the margin, otherwise 'not separated'."""
+    margin, eq = c["tost"]["margin"], c["tost"]
+    if c["p"] is None:
+        return "one seed: no test, nothing can be concluded"
+    holm_text = f"Holm-adjusted p {_p_is(c['p_holm'])}, unadjusted {_p(c['p'])}"
+    tost_text = f"TOST ±{margin:g}: p {_p_is(eq['p'])}"
+    if c["significant"]:
+        side = "higher" if c["mean"] > 0 else "lower"
+        within = (f"; yet within ±{margin:g} of it ({tost_text}): a difference smaller than the equivalence margin"
+                  if c["equivalent"] else f"; {tost_text}")
+        return f"**significantly {side}** than {reference} ({holm_text}; α = {alpha:g}){within}"
+    if c["equivalent"]:
+        return (f"**as good as** {reference} within ±{margin:g} ({tost_text}: both one-sided nulls rejected at "
+                f"α = {alpha:g}); no difference after correction ({holm_text})")
+    return (f"**not separated** from {reference}: no difference after correction ({holm_text}) and equivalence "
+            f"within ±{margin:g} not shown ({tost_text})")
+
+
+def _difference_sentences(summary: dict, args, tests: dict) -> list[str]:
+    """One plain sentence per compared method: the paired difference with its interval(s), on how many seeds it is
+    higher / lower, and what the corrected tests support ('significant' only after Holm)."""
     out = []
-    for method in [m for m in args.methods if m in summary and summary[m]["diff_to_reference"]]:
+    for method in [m for m in tests["compared"] if m in tests["comparisons"]]:
+        c = tests["comparisons"][method]
         d = summary[method]["diff_to_reference"]
         per = d.get("per_seed") or []
         tally = (f"higher on {sum(x > 0 for x in per)}, lower on {sum(x < 0 for x in per)}, equal on "
                  f"{sum(x == 0 for x in per)} of {d['n']} seed{'s' if d['n'] > 1 else ''}")
-        if d["ci95"] is None:
-            verdict = "one seed: no interval, nothing can be concluded"
-        elif d["ci95"][0] > 0 or d["ci95"][1] < 0:
-            verdict = f"**significant** at the 95% level (the interval excludes 0), n = {d['n']}"
-        else:
-            verdict = f"not significant at the 95% level (the interval contains 0), n = {d['n']}"
-        interval = "" if d["ci95"] is None else f" [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
-        out.append(f"- {method}: {d['mean']:+.3f}{interval} ({tally}); {verdict}.")
+        interval = "" if c["ci95"] is None else f" [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]"
+        boot = ("" if not c["bootstrap"] else
+                f"; seeds and problems resampled: [{c['bootstrap']['ci'][0]:+.3f}, {c['bootstrap']['ci'][1]:+.3f}]")
+        out.append(f"- {method}: {c['mean']:+.3f}{interval}{boot} ({tally}); "
+                   f"{_verdict(c, args.reference, tests['alpha'])}.")
     return out
 
 
-def results_markdown(summary: dict, args, failed: dict, records: list[dict] | None = None) -> str:
+def _noise_lines(noise: dict, reference: str) -> list[str]:
+    """The clean→noisy interaction table: each method's drop, and its difference to the reference's drop."""
+    lines = [
+        "", f"Noise robustness, as an interaction (clean grid: `{noise['baseline']}`, reward noise "
+        f"{noise['baseline_reward_noise']:g} → {noise['reward_noise']:g}): drop = clean − noisy held-out accuracy, "
+        f"paired by seed, mean [95% t interval]; Δ drop vs {reference} = the method's drop minus {reference}'s on the "
+        "same seed (positive: the method loses more to the noise), paired t-test over seeds, Holm over these "
+        "comparisons. This compares how much each method loses, not where it ends.",
+        "",
+        f"| method | seeds | drop [95% CI] | Δ drop vs {reference} [95% CI] | p | p (Holm) |",
+        "|---|---|---|---|---|---|",
+    ]
+
+    def ci(t):
+        return f"{t['mean']:+.3f}" + ("" if t["ci"] is None else f" [{t['ci'][0]:+.3f}, {t['ci'][1]:+.3f}]")
+
+    for method, drop in noise["drops"].items():
+        i = noise["interaction"].get(method)
+        lines.append(f"| {method} | {len(drop['seeds'])} | {ci(drop)} | {'–' if i is None else ci(i)} | "
+                     f"{'–' if i is None else _p(i['p'])} | {'–' if i is None else _p(i['p_holm'])} |")
+    return lines
+
+
+def results_markdown(summary: dict, args, failed: dict, records: list[dict] | None = None,
+                     tests: dict | None = None) -> str:
+    tests = tests if tests is not None else table_statistics(summary, records or [], args)
+    margin = tests["equivalence_margin"]
     noise = f", rewards flipped with p = {args.reward_noise}" if args.reward_noise else ""
     lines = [
         f"Command: `{args.command}`",
         "",
         f"Config `{args.config}`, {args.max_steps} optimizer steps per run, seeds {','.join(map(str, args.seeds))}{noise}. "
         f"Held-out accuracy: greedy, after training (mean ± std over seeds); Δ vs {args.reference}: paired by seed, mean "
-        f"[95% t interval]; reward: the rollouts' {'clean ' if args.reward_noise else ''}mean reward over the last half "
+        f"[95% t interval]; p (Holm): the paired t-test's two-sided p-value over seeds, Holm–Bonferroni-adjusted over "
+        f"the table's {len(tests['comparisons'])} comparisons; TOST ±{margin:g}: the larger p-value of the two one-sided "
+        f"tests of equivalence within ±{margin:g} (equivalent when < {tests['alpha']:g}); "
+        f"reward: the rollouts' {'clean ' if args.reward_noise else ''}mean reward over the last half "
         f"of training, mean ± its step-to-step std (stability); max drop: the held-out curve's largest fall below "
         f"its best so far; steps to {args.target_accuracy}: first held-out evaluation at or above it "
         f"(mean over the seeds that reached it, reached/total).",
         "",
         f"| method | held-out acc. before | after | per seed {' / '.join(map(str, args.seeds))} | Δ vs {args.reference} "
-        f"[95% CI] | reward (last half) | max drop | steps to {args.target_accuracy} | wall time (s) | peak mem (MB) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"[95% CI] | p (Holm) | TOST ±{margin:g} | reward (last half) | max drop | steps to {args.target_accuracy} | "
+        f"wall time (s) | peak mem (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method in [m for m in args.methods if m in summary]:
         s = summary[method]
         d = s["diff_to_reference"]
+        c = tests["comparisons"].get(method)
         if d is None:
             delta = "–"
         elif d["ci95"] is None:
             delta = f"{d['mean']:+.3f} (n = 1)"
         else:
             delta = f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+        p_holm = "–" if c is None else _p(c["p_holm"]) + (" *" if c["significant"] else "")
+        tost = "–" if c is None else _p(c["tost"]["p"]) + (" (equiv.)" if c["equivalent"] else "")
         reached = [x for x in s["steps_to_target"] if x is not None]
         mem = s["peak_rss_mb_max"] if s["peak_cuda_mb_max"] is None else s["peak_cuda_mb_max"]
         partial = f" (seeds {','.join(map(str, s['seeds']))})" if len(s["seeds"]) < len(args.seeds) else ""
@@ -669,15 +873,45 @@ def results_markdown(summary: dict, args, failed: dict, records: list[dict] | No
         per_seed = " / ".join("·" if k not in by_seed else _fmt(by_seed[k], 2) for k in args.seeds)
         lines.append(
             f"| {method} | {_fmt(s['heldout_accuracy_before_mean'])} | {_fmt(s['heldout_accuracy_after_mean'])} ± "
-            f"{_fmt(s['heldout_accuracy_after_std'])}{partial} | {per_seed} | {delta} | {_fmt(s['reward_last_half_mean'])} ± "
+            f"{_fmt(s['heldout_accuracy_after_std'])}{partial} | {per_seed} | {delta} | {p_holm} | {tost} | "
+            f"{_fmt(s['reward_last_half_mean'])} ± "
             f"{_fmt(s['reward_last_half_std'])} | {_fmt(s['heldout_max_drop_mean'])} | "
             f"{_fmt(s['steps_to_target_mean'], 1)} ({len(reached)}/{len(s['steps_to_target'])}) | "
             f"{_fmt(s['seconds_mean'], 0)} | {_fmt(mem, 0)}{'' if s['peak_cuda_mb_max'] is None else ' (GPU)'} |"
         )
-    sentences = _difference_sentences(summary, args)
+    plan = getattr(args, "plan_spec", None)
+    if plan:
+        lines += ["", f"Comparison plan `{args.plan}` (recorded in results.json; a grid that differs from it is "
+                      f"refused): methods {', '.join(args.methods)}; "
+                      f"seeds {','.join(map(str, args.seeds))}; each of {', '.join(tests['compared'])} compared with "
+                      f"{args.reference}; {plan['test']} test, {plan['correction']} correction, α = {tests['alpha']:g}, "
+                      f"equivalence margin ±{margin:g}."]
+    else:
+        lines += ["", f"Not pre-registered (no `--plan`): every method is compared with {args.reference}; Holm over "
+                      f"these {len(tests['comparisons'])} comparisons, α = {tests['alpha']:g}, equivalence margin "
+                      f"±{margin:g}."]
+    if tests["withheld"]:
+        lines += ["", f"Tests withheld until the plan's runs are complete: {tests['withheld']}."]
+    sentences = _difference_sentences(summary, args, tests)
     if sentences:
         lines += ["", f"Paired by seed, held-out accuracy after training minus {args.reference}'s ('·' in 'per seed': "
-                      "not completed):", *sentences]
+                      "not completed); 'significant' only where the Holm-adjusted p-value is below α, 'as good as' "
+                      "only where TOST shows equivalence within the margin ('*' and '(equiv.)' in the table):",
+                  *sentences]
+    se = tests["binomial_se"]
+    if tests["comparisons"] and tests["interval"] == "seeds and problems":
+        lines += ["", f"The bracketed intervals after 'seeds and problems resampled' come from a two-level bootstrap "
+                      f"({stats.BOOTSTRAP_SAMPLES} replicates, seed {stats.BOOTSTRAP_SEED}: seeds drawn with replacement, "
+                      f"then problems within each drawn seed, the same problems for both methods); the t intervals and "
+                      f"tests cover the variation over seeds only."]
+    elif tests["comparisons"]:
+        size = (f"about sqrt(p(1−p)/{se['n_problems']}) per accuracy (±{se['se']:.3f} at {args.reference}'s "
+                f"{se['reference_accuracy']:.3f}; {se['n_problems']} problems from {se['n_problems_from']})"
+                if se["se"] is not None else "a binomial standard error per accuracy")
+        lines += ["", f"The intervals and tests cover the variation over seeds only (the runs have no per-problem "
+                      f"records to resample): the finite test set adds {size}, not in the intervals."]
+    if "noise_interaction" in tests:
+        lines += _noise_lines(tests["noise_interaction"], args.reference)
     provenance = _provenance_lines(records or [])
     if provenance:
         lines += ["", *provenance]
@@ -753,8 +987,10 @@ def plot_results(records: list[dict], methods: list[str], output_dir: str, smoot
     return written
 
 
-def write_results(args, runs: list[dict], failed: dict, earlier: dict | None = None, base_yaml: dict | None = None) -> dict:
-    """Results of the runs completed here and, for the (method, seed) pairs not completed here, of `earlier`."""
+def write_results(args, runs: list[dict], failed: dict, earlier: dict | None = None, base_yaml: dict | None = None,
+                  noise: dict | None = None) -> dict:
+    """Results of the runs completed here and, for the (method, seed) pairs not completed here, of `earlier`; with
+    `noise` (`load_noise_baseline`), the clean→noisy interaction too."""
     records = []
     for run in runs:
         record = collect_run(run)
@@ -763,16 +999,102 @@ def write_results(args, runs: list[dict], failed: dict, earlier: dict | None = N
             record["reproduces"] = _reproduction(record, before)
         records.append(record if record["done"] or before is None else before)
     summary = aggregate(records, args.target_accuracy, args.reference)
+    tests = table_statistics(summary, records, args, noise, base_yaml)
     os.makedirs(args.output_dir, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k != "progress_interval"}  # how it is shown changes no result
     settings["config_yaml"] = base_yaml
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
-        json.dump({"settings": settings, "methods": summary, "runs": records, "failed": failed}, f, indent=2)
+        json.dump({"settings": settings, "methods": summary, "statistics": tests, "runs": records, "failed": failed},
+                  f, indent=2)
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
-        f.write(results_markdown(summary, args, failed, records))
+        f.write(results_markdown(summary, args, failed, records, tests))
     title = f"{os.path.basename(args.config)}" + (f", reward noise {args.reward_noise}" if args.reward_noise else "")
     plot_results(records, args.methods, args.output_dir, args.smooth, title)
     return summary
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pre-registration: the comparison plan of a table, declared before its runs
+# ----------------------------------------------------------------------------------------------------------------------
+PLAN_TESTS, PLAN_CORRECTIONS = ("paired_t",), ("holm",)
+_PLAN_REQUIRED = ("methods", "seeds", "reference", "compared", "test", "correction", "equivalence_margin")
+_PLAN_OPTIONAL = ("alpha", "config", "max_steps", "reward_noise", "noise_baseline")
+
+
+def load_plan(path: str) -> dict:
+    """A comparison plan (YAML mapping), checked field by field; errors name the file and the field."""
+    try:
+        with open(path) as f:
+            plan = yaml.safe_load(f)
+    except OSError as err:
+        raise ValueError(f"--plan: cannot read {path}: {err}") from err
+    except yaml.YAMLError as err:
+        raise ValueError(f"--plan: {path} is not valid YAML: {err}") from err
+    if not isinstance(plan, dict):
+        raise ValueError(f"--plan: {path} must be a YAML mapping")
+    unknown = sorted(set(plan) - set(_PLAN_REQUIRED) - set(_PLAN_OPTIONAL))
+    missing = [k for k in _PLAN_REQUIRED if k not in plan]
+    if unknown or missing:
+        raise ValueError(f"--plan {path}: " + "; ".join(
+            ([f"unknown field(s) {', '.join(unknown)}"] if unknown else []) +
+            ([f"missing field(s) {', '.join(missing)}"] if missing else [])) +
+            f" (fields: {', '.join(_PLAN_REQUIRED)}; optional: {', '.join(_PLAN_OPTIONAL)})")
+
+    def names(key):
+        v = plan[key]
+        if not isinstance(v, list) or not v or not all(isinstance(x, str) and x for x in v) or len(set(v)) != len(v):
+            raise ValueError(f"--plan {path}: {key} must be a non-empty list of distinct method names, got {v!r}")
+        return v
+
+    names("methods")
+    names("compared")
+    seeds = plan["seeds"]
+    if (not isinstance(seeds, list) or not seeds or not all(isinstance(k, int) and not isinstance(k, bool) for k in seeds)
+            or len(set(seeds)) != len(seeds)):
+        raise ValueError(f"--plan {path}: seeds must be a non-empty list of distinct integers, got {seeds!r}")
+    if plan["reference"] not in plan["methods"]:
+        raise ValueError(f"--plan {path}: reference {plan['reference']!r} is not one of its methods")
+    wrong = [m for m in plan["compared"] if m not in plan["methods"] or m == plan["reference"]]
+    if wrong:
+        raise ValueError(f"--plan {path}: compared must list methods of the plan other than the reference, got {wrong}")
+    if plan["test"] not in PLAN_TESTS:
+        raise ValueError(f"--plan {path}: test must be one of {', '.join(PLAN_TESTS)}, got {plan['test']!r}")
+    if plan["correction"] not in PLAN_CORRECTIONS:
+        raise ValueError(f"--plan {path}: correction must be one of {', '.join(PLAN_CORRECTIONS)}, got "
+                         f"{plan['correction']!r}")
+    for key, default in (("equivalence_margin", None), ("alpha", stats.ALPHA)):
+        v = plan.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+            raise ValueError(f"--plan {path}: {key} must be a number in (0, 1), got {v!r}")
+        plan[key] = float(v)
+    return plan
+
+
+def check_plan(plan: dict, args) -> None:
+    """Refuse a grid that is not the one the plan declared (naming every field that differs); fill what the command
+    line left unset (reference, margin, noise baseline) from the plan."""
+    differ = []
+    if set(args.methods) != set(plan["methods"]):
+        differ.append(f"methods ({','.join(plan['methods'])} declared, {','.join(args.methods)} here)")
+    if set(args.seeds) != set(plan["seeds"]):
+        differ.append(f"seeds ({','.join(map(str, plan['seeds']))} declared, {','.join(map(str, args.seeds))} here)")
+    for key, here in (("reference", args.reference), ("equivalence_margin", args.equivalence_margin),
+                      ("noise_baseline", args.noise_baseline)):
+        if here is not None and key in plan and here != plan[key]:
+            differ.append(f"{key} ({plan[key]} declared, {here} here)")
+    if "config" in plan and os.path.normpath(str(plan["config"])) != os.path.normpath(args.config):
+        differ.append(f"config ({plan['config']} declared, {args.config} here)")
+    for key in ("max_steps", "reward_noise"):
+        if key in plan and float(plan[key]) != float(getattr(args, key)):
+            differ.append(f"{key} ({plan[key]} declared, {getattr(args, key)} here)")
+    if differ:
+        raise ValueError(f"--plan {args.plan}: the grid differs from the declared plan: {'; '.join(differ)}. A "
+                         "pre-registered table is tabulated only as declared (change the plan before running, not "
+                         "after)")
+    args.reference = plan["reference"]
+    args.equivalence_margin = plan["equivalence_margin"]
+    if args.noise_baseline is None:
+        args.noise_baseline = plan.get("noise_baseline")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -819,6 +1141,20 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reference", default=None,
                         help="the method every other is compared with (paired by seed) in the Δ column; one of --methods "
                         "(default: bridge)")
+    parser.add_argument("--plan", default=None, metavar="PLAN_YAML",
+                        help="the table's pre-registered comparison plan (declared before running): methods, seeds, "
+                        "reference, the methods compared with it, test, correction, alpha, equivalence margin, and "
+                        "optionally config, max_steps, reward_noise, noise_baseline (see configs/plans/*.yaml)."
+                        " Recorded in results.json; a grid that does not match it is refused, and its tests are "
+                        "withheld until every planned run is completed")
+    parser.add_argument("--equivalence_margin", type=float, default=None, metavar="ACCURACY",
+                        help="TOST margin: a method is reported 'as good as' the reference only when both one-sided "
+                        f"tests reject a difference of ±margin (default: the plan's, else "
+                        f"{stats.DEFAULT_EQUIVALENCE_MARGIN})")
+    parser.add_argument("--noise_baseline", default=None, metavar="CLEAN_RESULTS_JSON",
+                        help="when this grid has noisy rewards: the results.json of the same grid with clean rewards; "
+                        "adds each method's clean→noisy drop and its difference to the reference's drop (paired by "
+                        "seed, t interval, Holm) (default: the plan's)")
     parser.add_argument("--target_accuracy", type=float, default=0.5, help="held-out accuracy for 'steps to target'")
     parser.add_argument("--smooth", type=int, default=5, help="trailing-mean window of the reward plot")
     parser.add_argument("--output_dir", default="outputs/compare")
@@ -878,12 +1214,27 @@ def parse_args(argv):
                          "task_num_validation for the built-in task)")
         if "bridge" not in args.methods:
             args.methods.insert(0, "bridge")
+    if args.reward_noise is None:
+        args.reward_noise = float(base_yaml.get("reward_noise") or 0.0)
+    if args.max_steps is None:
+        args.max_steps = int(base_yaml.get("max_steps", 0))
+    args.plan_spec = None
+    if args.plan is not None:
+        try:
+            args.plan_spec = load_plan(args.plan)
+            check_plan(args.plan_spec, args)
+        except ValueError as err:
+            parser.error(str(err))
     if args.reference is None:
         args.reference = "bridge"
     elif args.reference not in args.methods:
         parser.error(f"--reference: {args.reference!r} is not one of --methods ({','.join(args.methods)})")
-    if args.reward_noise is None:
-        args.reward_noise = float(base_yaml.get("reward_noise") or 0.0)
+    if args.equivalence_margin is None:
+        args.equivalence_margin = stats.DEFAULT_EQUIVALENCE_MARGIN
+    if not args.equivalence_margin > 0:
+        parser.error(f"--equivalence_margin must be > 0 (an accuracy difference), got {args.equivalence_margin}")
+    if args.noise_baseline is not None and not args.reward_noise > 0:
+        parser.error("--noise_baseline is the clean grid of a noisy one: it needs --reward_noise > 0 here")
     if args.heldout_eval_steps is None:
         args.heldout_eval_steps = int(base_yaml.get("heldout_eval_steps") or 5)
     if not 0.0 <= args.reward_noise <= 1.0:
@@ -899,8 +1250,6 @@ def parse_args(argv):
     for key in ("output_dir", "seed"):
         if any(a == f"--{key}" or a.startswith(f"--{key}=") for a in extra):
             parser.error(f"--{key} is set by compare for each run (use --output_dir / --seeds of compare)")
-    if args.max_steps is None:
-        args.max_steps = int(base_yaml.get("max_steps", 0))
     if args.max_steps < 2:
         parser.error(f"--max_steps must be >= 2 (the config's max_steps or --max_steps), got {args.max_steps}")
     return args, extra, base_yaml
@@ -915,6 +1264,7 @@ def compare(argv) -> int:
             _done(stage)
     _check_settings(runs)
     earlier = load_earlier_results(args, extra, base_yaml)
+    noise = load_noise_baseline(args, extra, base_yaml)
     todo = [r for r in runs if any(_done(s) is None for s in r["stages"]) and (r["method"], r["seed"]) not in earlier]
     reused, jobs = len(runs) - len(todo), 1 if args.in_process else args.jobs
     if args.report_only:
@@ -941,7 +1291,7 @@ def compare(argv) -> int:
             if error:
                 failed[name] = error
             progress.emit(progress.finished(name, error))
-            write_results(args, runs, failed, earlier, base_yaml)  # partial results survive an interruption
+            write_results(args, runs, failed, earlier, base_yaml, noise)  # partial results survive an interruption
 
     with progress:  # the progress thread ends with this block, whatever happens in it
         if args.in_process:
@@ -950,7 +1300,7 @@ def compare(argv) -> int:
         else:
             with ThreadPoolExecutor(max_workers=args.jobs) as pool:
                 list(pool.map(job, todo))
-    write_results(args, runs, failed, earlier, base_yaml)
+    write_results(args, runs, failed, earlier, base_yaml, noise)
     print(open(os.path.join(args.output_dir, "results.md")).read())
     return 1 if failed else 0
 
