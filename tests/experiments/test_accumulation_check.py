@@ -2,7 +2,6 @@
 for every method and parameter set (one process and 2 DDP ranks); an accumulation that drops or mis-weights micro-batches,
 or rollouts that differ between the two runs, make it fail, naming the parameter set."""
 
-import json
 import os
 import socket
 import subprocess
@@ -23,15 +22,13 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS
 @pytest.fixture
 def config(tmp_path, tiny_model_dir):
     """A tiny arithmetic config whose first step has non-zero gradients in every set: the rewards of a random model
-    (all 0) are flipped with probability 0.5, so advantages are not all 0. Every expert trace is the same text, so each
-    SFT micro-batch holds the same number of completion tokens: L_SFT is a token mean per micro-batch (see
-    `test_sft_token_mean_across_micro_batches_of_unequal_length`)."""
-    sft = tmp_path / "sft.jsonl"
-    sft.write_text("".join(json.dumps({"prompt": f"What is 2 + 3? ({i})", "completion": "2 + 3 = 5. \\boxed{5}"}) + "\n"
-                           for i in range(24)))
+    (all 0) are flipped with probability 0.5, so advantages are not all 0. The expert traces are the builtin task's,
+    of unequal lengths (so micro-batches hold different numbers of completion tokens) and paired with the RL prompts
+    (LUFFY puts each prompt's trace into its group)."""
     path = tmp_path / "check.yaml"
     path.write_text(yaml.safe_dump({
-        "model_name_or_path": str(tiny_model_dir), "dataset_name": "builtin:arithmetic", "sft_dataset_name": str(sft),
+        "model_name_or_path": str(tiny_model_dir), "dataset_name": "builtin:arithmetic",
+        "sft_dataset_name": "builtin:arithmetic",
         "task_num_train": 16, "reward_funcs": ["math_correctness"], "reward_noise": 0.5, "per_device_train_batch_size": 8,
         "num_generations": 4, "sft_per_device_train_batch_size": 2, "max_completion_length": 8, "lora_r": 4, "seed": 0,
     }))
@@ -131,8 +128,6 @@ def test_usage_errors_name_the_option(config, capsys):
     assert "--steps_per_generation: set by the check" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(strict=True, reason="L_SFT is a token mean per micro-batch (BridgeTrainer._sft_loss), not over the "
-                   "accumulated batch: micro-batches with unequal numbers of completion tokens weight them unequally")
 def test_sft_token_mean_across_micro_batches_of_unequal_length(config):
     # the builtin arithmetic traces differ in length, so the micro-batches of run (a) differ in token counts
     results = check(config, ["--sft_dataset_name", "builtin:arithmetic"], ["sft"])

@@ -43,11 +43,11 @@ def chord_mu(step: int, peak: float, valley: float, warmup_steps: int, decay_ste
     return (peak - valley) * 0.5 * (1.0 + math.cos(math.pi * progress)) + valley
 
 
-def chord_phi_nll(log_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """CHORD-φ's SFT loss: the token-mean over the batch of −φ(p)·log p, φ(p) = p(1−p) detached (`SFTPhiLossFn`)."""
+def chord_phi_nll_sum(log_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """CHORD-φ's SFT loss, summed over the batch's expert tokens: Σ −φ(p)·log p, φ(p) = p(1−p) detached
+    (`SFTPhiLossFn`; the trainer divides by the token count, as for the plain NLL)."""
     p = log_probs.detach().exp()
-    weighted = -(p * (1.0 - p)) * log_probs
-    return weighted[mask].sum() / mask.sum().clamp(min=1)
+    return (-(p * (1.0 - p)) * log_probs)[mask].sum()
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ from ..engines.fsdp2 import clip_grad_norm, full_tensor, reshard, sum_of_squares
 from ..profiling import PhaseTimer
 from ..engines.vllm_sync import check_vllm_can_hold_the_policy, keep_vllm_cpu_weights_live, sync_merged_policy
 from . import checks, model_setup
-from .baselines import ExpertTraces, chord_phi_nll, luffy_reweight
+from .baselines import ExpertTraces, chord_phi_nll_sum, luffy_reweight
 from .bridge_config import BridgeConfig
 from .checkpoint_state import ENTROPY_STATE, BridgeState, load_rollout_buffer, save_rollout_buffer
 from .checkpointing import (
@@ -81,6 +81,8 @@ class StepRecord:
                        `_get_per_token_logps_and_entropies` as soon as they exist, before TRL's loss uses the advantages:
                        pass B with truncated IS on fresh rollouts (by π(θ̂+w)/π(θ+w)), and LUFFY's expert tokens.
     off_policy_rows    `_generate` → `_generate_and_score_completions` (LUFFY): which local rollouts are expert traces.
+    sft_window         drawn at an optimizer step's first micro-batch, one SFT batch popped per micro-batch
+                       (`_sft_loss`); sft_window_tokens: their completion tokens per process, L_SFT's normaliser.
     """
 
     rewards_per_func: torch.Tensor | None = None
@@ -91,6 +93,8 @@ class StepRecord:
     logps: torch.Tensor | None = None
     on_logps: object = field(default=None, repr=False)
     off_policy_rows: list | None = None
+    sft_window: list = field(default_factory=list)
+    sft_window_tokens: float = 1.0
 
 
 class BridgeCallback(TrainerCallback):
@@ -433,14 +437,29 @@ class BridgeTrainer(GRPOTrainer):
         return lam * rl_loss + ((1.0 - lam) * sft_loss).detach()
 
     def _sft_loss(self, model):
-        """L_SFT: token-mean NLL of a batch of expert traces (prompt tokens carry label −100), scaled for accumulation.
-        Through TRL's fused LM head at temperature 1: the (batch, length, vocabulary) logits are never materialised."""
-        batch = {k: v.to(self.accelerator.device) for k, v in self.sft_stream.next_batch().items()}
+        """L_SFT: the token-mean NLL of the optimizer step's expert traces (prompt tokens carry label −100), as this
+        micro-batch's share: its summed NLL over the completion tokens of every micro-batch of the step on every
+        process (as one large batch would weigh them; `trl-bridge check` compares the two). Through TRL's fused LM
+        head at temperature 1: the (batch, length, vocabulary) logits are never materialised."""
+        if self._step % self.current_gradient_accumulation_steps == 0 or not self._record.sft_window:
+            self._draw_sft_window()
+        batch = {k: v.to(self.accelerator.device) for k, v in self._record.sft_window.pop(0).items()}
         with self.accelerator.autocast(), model_setup.fused_head_for_sft(self._fused_lm):
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
                         fused_lm_head=True)
-        loss = chord_phi_nll(out.log_probs, out.label_mask) if self.args.chord_phi else out.loss  # CHORD-φ: `baselines`
-        return loss / self.current_gradient_accumulation_steps
+        # CHORD-φ (`baselines`) weighs each token's NLL by p(1−p)
+        nll = chord_phi_nll_sum(out.log_probs, out.label_mask) if self.args.chord_phi else -out.log_probs.sum()
+        return nll / self._record.sft_window_tokens
+
+    def _draw_sft_window(self):
+        """The SFT batches of this optimizer step's micro-batches, and their completion tokens per process (the
+        all-processes count over the number of processes: DDP and FSDP2 average the gradients over processes)."""
+        window = [self.sft_stream.next_batch() for _ in range(self.current_gradient_accumulation_steps)]
+        tokens = torch.tensor(float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)),
+                              device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            tokens = self.accelerator.reduce(tokens, "sum") / self.accelerator.num_processes
+        self._record.sft_window, self._record.sft_window_tokens = window, max(float(tokens), 1.0)
 
     def _rl_loss_and_logps(self, model, inputs):
         """L_RL: TRL's GRPO loss on the rollouts (any `loss_type`, clipping, KL), plus the per-token log-probs it
