@@ -53,6 +53,7 @@ from concurrent.futures import ThreadPoolExecutor
 import yaml
 
 from . import statistics as stats
+from . import tuning
 from .progress import DEFAULT_INTERVAL, CompareProgress, LogFollower, log_size, resume_marker, stage_marker
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -122,22 +123,28 @@ def build_runs(args, extra: list[str], base_yaml: dict) -> list[dict]:
         for seed in args.seeds:
             run_dir = os.path.join(args.output_dir, "runs", method, f"seed{seed}")
             tail = [*extra]
-            if method == "cold_start":
-                n_sft = max(1, min(args.max_steps - 1, round(args.cold_start_fraction * args.max_steps)))
+            base = method.split("@")[0].split("#")[0]
+            # a tuning trial's overrides (`method#i`, --tune), or the tuned winner's (--tuned)
+            chosen = {**getattr(args, "trial_overrides", {}).get(method, {}),
+                      **getattr(args, "tuned_overrides", {}).get(base, {})}
+            fraction = chosen.pop("cold_start_fraction", args.cold_start_fraction)
+            if base == "cold_start":
+                n_sft = max(1, min(args.max_steps - 1, round(fraction * args.max_steps)))
                 _, sft, sft_unset = METHODS["sft"]
                 _, grpo, grpo_unset = METHODS["grpo"]
                 stage1_dir = os.path.join(run_dir, "sft")
                 stages = [
                     _stage("sft", stage1_dir, base_yaml, sft_unset,
-                           [*tail, *_flags({**common, **sft, "max_steps": n_sft, "seed": seed, "output_dir": stage1_dir})]),
+                           [*tail, *_flags({**common, **sft, **chosen, "max_steps": n_sft, "seed": seed,
+                                             "output_dir": stage1_dir})]),
                     _stage("grpo", os.path.join(run_dir, "rl"), base_yaml, grpo_unset,
-                           [*tail, *_flags({**common, **grpo, "max_steps": args.max_steps - n_sft, "seed": seed,
+                           [*tail, *_flags({**common, **grpo, **chosen, "max_steps": args.max_steps - n_sft, "seed": seed,
                                              "output_dir": os.path.join(run_dir, "rl"), "model_name_or_path": stage1_dir,
                                              "eval_before": False})]),
                 ]
             else:
-                _, overrides, unset = METHODS[method.split("@")[0]]
-                overrides = {**overrides, **_variant_overrides(method)}
+                _, overrides, unset = METHODS[base]
+                overrides = {**overrides, **_variant_overrides(method), **chosen}
                 stages = [_stage(method, run_dir, base_yaml, unset,
                                  [*tail, *_flags({**common, **overrides, "seed": seed, "output_dir": run_dir})])]
             runs.append({"method": method, "seed": seed, "dir": run_dir, "stages": stages})
@@ -1008,6 +1015,8 @@ def write_results(args, runs: list[dict], failed: dict, earlier: dict | None = N
                   f, indent=2)
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write(results_markdown(summary, args, failed, records, tests))
+    if getattr(args, "tune_plan", None) is not None:  # --tune: each method's trials and the winner under the rule
+        tuning.write_tuning(args.output_dir, args.tune_plan, records, settings)
     title = f"{os.path.basename(args.config)}" + (f", reward noise {args.reward_noise}" if args.reward_noise else "")
     plot_results(records, args.methods, args.output_dir, args.smooth, title)
     return summary
@@ -1136,6 +1145,13 @@ def make_parser() -> argparse.ArgumentParser:
                         help="train in this process, one run after another (tests, debugging); peak memory is then "
                         "the process's resident memory sampled during each run")
     parser.add_argument("--cold_start_fraction", type=float, default=0.5, help="cold_start: share of the steps spent on SFT")
+    parser.add_argument("--tune", default=None, metavar="TUNING_YAML",
+                        help="tune every method alike on the validation split: the plan's trials of each method (the "
+                        "same number for all) as rows `method#i`, scored by its rule; writes tuning.json / tuning.md "
+                        "(trl_bridge.experiments.tuning). Needs --dataset_test_split validation; replaces --methods")
+    parser.add_argument("--tuned", default=None, metavar="TUNING_JSON",
+                        help="run each method with the overrides its tuning (a tuning.json of --tune on this config) "
+                        "chose, on the config's test split")
     parser.add_argument("--heldout_eval_steps", type=int, default=None,
                         help="held-out accuracy every this many steps (default: the config's, else 5)")
     parser.add_argument("--reference", default=None,
@@ -1170,6 +1186,8 @@ def make_parser() -> argparse.ArgumentParser:
 def parse_args(argv):
     parser = make_parser()
     args, extra = parser.parse_known_args(argv)
+    if args.tune is not None and args.methods is not None:
+        parser.error("--tune sets the methods (its plan's trials): leave out --methods")
     if not os.path.isfile(args.config):
         parser.error(f"--config: file not found: {args.config}")
     args.methods = _csv(args.methods if args.methods is not None else "bridge" if args.vary else DEFAULT_METHODS)
@@ -1201,7 +1219,24 @@ def parse_args(argv):
         parser.error(f"--config: {args.config} is not valid YAML: {err}")
     if not isinstance(base_yaml, dict):
         parser.error(f"--config: {args.config} must be a YAML mapping")
-    if args.vary:  # tuning must never look at the test split
+    args.trial_overrides, args.tuned_overrides, args.tune_plan = {}, {}, None
+    if args.tune is not None:
+        if args.vary or args.tuned or args.plan:
+            parser.error("--tune runs its own trials: it cannot be combined with --vary, --tuned or --plan")
+        try:
+            args.tune_plan = tuning.load_tuning_plan(args.tune, METHODS)
+        except ValueError as err:
+            parser.error(str(err))
+        args.trial_overrides = tuning.trial_rows(args.tune_plan)
+        args.methods = list(args.trial_overrides)
+        if args.reference is None:
+            args.reference = next((m for m in args.methods if m.startswith("bridge#")), args.methods[0])
+    if args.tuned is not None:
+        try:
+            args.tuned_overrides = tuning.load_tuned(args.tuned, base_yaml)
+        except ValueError as err:
+            parser.error(str(err))
+    if args.vary or args.tune:  # tuning must never look at the test split
         split = base_yaml.get("dataset_test_split")
         for i, a in enumerate(extra):
             if a == "--dataset_test_split" and i + 1 < len(extra):
@@ -1209,10 +1244,10 @@ def parse_args(argv):
             elif a.startswith("--dataset_test_split="):
                 split = a.split("=", 1)[1]
         if split != "validation":
-            parser.error("--vary tunes hyper-parameters, so its runs must be scored on the validation split, never on "
+            parser.error("--vary and --tune tune hyper-parameters, so their runs must be scored on the validation split, never on "
                          "the test split: add --dataset_test_split validation (the config's data needs one: "
                          "task_num_validation for the built-in task)")
-        if "bridge" not in args.methods:
+        if args.vary and "bridge" not in args.methods:
             args.methods.insert(0, "bridge")
     if args.reward_noise is None:
         args.reward_noise = float(base_yaml.get("reward_noise") or 0.0)
