@@ -206,18 +206,30 @@ def test_readme_compare_commands_build_runs_that_parse(tmp_path, monkeypatch):
     """Dry form (a grid takes hours; `tests/experiments/test_compare.py` runs every method for real): each command's arguments
     are accepted, every run it would start is a `trl-bridge train` argv that parses, and the earlier results it names
     are there and were made with its settings."""
-    from trl_bridge.experiments.compare import build_runs, load_earlier_results, parse_args
+    from trl_bridge.experiments.compare import _check_settings, build_runs, load_earlier_results, parse_args
 
     monkeypatch.chdir(REPO)  # as written: paths relative to the repository root
     commands = [argv for argv in readme_commands(("README.md", *DOCS_WITH_COMMANDS)) if handler(argv) == "compare"]
     assert len(commands) > len([argv for argv in readme_commands() if handler(argv) == "compare"]) > 0
     for argv in commands:
+        if "--tuned" in argv and not (REPO / argv[argv.index("--tuned") + 1]).is_file():
+            # the tuning it names is made by the --tune command before it: stand in a tuning of this config
+            # (every method's first trial) so that the command's own arguments are what is checked
+            import json
+
+            import yaml
+
+            from trl_bridge.experiments.compare import METHODS
+
+            config = yaml.safe_load((REPO / argv[argv.index("--config") + 1]).read_text())
+            tuned = tmp_path / "tuning.json"
+            tuned.write_text(json.dumps({"settings": {"config_yaml": config},
+                                         "methods": {m: {"winner": 0, "overrides": {}} for m in METHODS}}))
+            argv = [*argv[:argv.index("--tuned") + 1], str(tuned), *argv[argv.index("--tuned") + 2:]]
         args, extra, base_yaml = parse_args([*argv[2:], "--output_dir", str(tmp_path / "cmp")])
         runs = build_runs(args, extra, base_yaml)
         assert len(runs) == len(args.methods) * len(args.seeds)
-        for run in runs:
-            for stage in run["stages"]:
-                make_parser().parse_args_and_config(["--config", argv[argv.index("--config") + 1], *stage["argv"][2:]])
+        _check_settings(runs)  # each stage's own config (the method's unset keys removed) with its flags parses
         earlier = load_earlier_results(args, extra, base_yaml)  # raises when a file is missing or of other settings
         assert bool(earlier) == bool(args.earlier_results), argv
 

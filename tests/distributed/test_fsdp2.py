@@ -64,8 +64,9 @@ def assert_same_training(ddp, fsdp):
     for k in ddp:  # and tensor by tensor
         rel = ((ddp[k] - fsdp[k]).norm() / ddp[k].norm()).item()
         if k.endswith("k_proj.bias"):
-            # ∂L/∂(key bias) is exactly 0 (softmax is shift-invariant), so AdamW steps on round-off: compare absolutely
-            assert (ddp[k] - fsdp[k]).abs().max() < 1e-6, k
+            # ∂L/∂(key bias) is exactly 0 (softmax is shift-invariant), so AdamW (and the lean shadow's Adafactor,
+            # which normalises by the gradient's own RMS) steps on round-off: compare absolutely, at 1e-3 of lr = 1e-2
+            assert (ddp[k] - fsdp[k]).abs().max() < 1e-5, k
         else:
             assert rel < 1e-5, (k, rel)
     # θ̂ really trained apart from θ (otherwise the comparison would prove little)

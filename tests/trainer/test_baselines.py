@@ -170,7 +170,7 @@ def test_luffy_advantages_are_computed_over_the_union_with_the_expert_reward(tok
     (dict(luffy=True, bridge_lambda=1.0, use_vllm=True), "use_vllm"),
     (dict(luffy=True, bridge_lambda=1.0, loss_type="sapo"), "loss_type"),
     (dict(luffy=True, bridge_lambda=1.0, chord_mu_peak=0.5, bridge_meta_term=False), "chord_mu_peak"),
-    (dict(chord_mu_peak=0.5, bridge_lambda_end=0.7, bridge_lambda_warmup_steps=3), "bridge_lambda_end"),
+    (dict(chord_mu_peak=0.5, bridge_lambda_end=0.7, bridge_lambda_warmup_steps=3), "λ schedule"),
     (dict(chord_mu_peak=1.5), "chord_mu_peak"),
     (dict(luffy_gamma=0.0), "luffy_gamma"),
 ])

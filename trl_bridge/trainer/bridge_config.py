@@ -412,8 +412,10 @@ class BridgeConfig(GRPOConfig):
             need(self.chord_mu_warmup_steps >= 0, "chord_mu_warmup_steps", "must be >= 0")
             need(self.chord_mu_decay_steps is None or self.chord_mu_decay_steps >= 1, "chord_mu_decay_steps",
                  "must be >= 1 or None")
-            need(self.bridge_lambda_end is None and not self.bridge_lambda_alternate, "chord_mu_peak",
-                 "CHORD's μ schedule sets λ = 1 − μ at every step: unset bridge_lambda_end and bridge_lambda_alternate")
+            scheduled = self.bridge_lambda_end is not None and self.bridge_lambda_warmup_steps > 0
+            need(not scheduled and not self.bridge_lambda_alternate, "chord_mu_peak",
+                 "CHORD's μ schedule sets λ = 1 − μ at every step: unset the λ schedule (bridge_lambda_end with "
+                 "bridge_lambda_warmup_steps > 0) and bridge_lambda_alternate")
         need(self.luffy_gamma > 0, "luffy_gamma", "must be > 0")
         if self.luffy:
             need(not self.use_vllm, "luffy",
