@@ -30,3 +30,26 @@ def test_two_process_ddp_keeps_theta_shadow_and_adapter_in_sync(tmp_path):
         assert torch.equal(r0[key], r1[key]), key
     moved = [k for k in keys if k.startswith("shadow.") and not torch.equal(r0[k], r0["base." + k[len("shadow."):]])]
     assert moved  # θ̂ really trained apart from θ
+
+
+def test_processes_the_trainer_would_run_alone_are_refused_naming_use_cpu(tmp_path):
+    """torchrun without a GPU and without `use_cpu`: transformers initialises the process group but would train every
+    process alone, each writing the same output_dir. BridgeConfig refuses it; with use_cpu + gloo it is one DDP job."""
+    script = tmp_path / "config.py"
+    script.write_text("import sys\nfrom trl_bridge import BridgeConfig\n"
+                      "extra = dict(use_cpu=True, ddp_backend='gloo') if sys.argv[1] == 'cpu' else {}\n"
+                      f"args = BridgeConfig(output_dir={str(tmp_path / 'out')!r}, report_to='none', **extra)\n"
+                      "print('world size', args.world_size)\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    for mode in ("default", "cpu"):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(port), str(script), mode]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        if mode == "default":
+            assert proc.returncode != 0 and "BridgeConfig.use_cpu=False is invalid: 2 processes" in proc.stderr
+        else:
+            assert proc.returncode == 0, proc.stderr[-2000:]
+            assert proc.stdout.count("world size 2") == 2

@@ -315,6 +315,7 @@ class BridgeConfig(GRPOConfig):
                 f"num_generations={self.num_generations} completions of one prompt. Make it a multiple of "
                 f"{self.num_generations}."
             ) from err
+        self._refuse_processes_training_alone()
         if self.adapter_learning_rate is None:
             self.adapter_learning_rate = self.learning_rate
         if self.shadow_learning_rate is None:
@@ -328,6 +329,20 @@ class BridgeConfig(GRPOConfig):
             min_lr = kwargs.pop("min_lr")
             kwargs["min_lr_rate"] = min_lr / self.learning_rate if self.learning_rate > 0 else 0.0
             self.lr_scheduler_kwargs = kwargs
+
+    def _refuse_processes_training_alone(self):
+        """Launched as several processes (torchrun, accelerate launch) that the Trainer does not run as one job: on a
+        machine without a GPU and without `use_cpu`, transformers initialises the process group but trains every
+        process alone, each writing the same `output_dir`. Refused instead of training wrongly in silence."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and self.world_size == 1:
+            self._need(
+                False, "use_cpu",
+                f"{dist.get_world_size()} processes were launched, but the Trainer would train each of them alone "
+                "(no GPU for it to distribute over): on CPU set `use_cpu: true` and `ddp_backend: gloo` "
+                "(`--use_cpu true --ddp_backend gloo`), or launch one process",
+            )
 
     def _need(self, ok, name, what):
         if not ok:
