@@ -255,6 +255,14 @@ def heldout_correctness(model, tokenizer, dataset, max_new_tokens: int, batch_si
     return [int(r) if r in (0, 1) else float(r) for r in rewards]
 
 
+def card_eval_results(callback) -> dict | None:
+    """The final evaluation of `benchmark_eval` as {benchmark: pass@1} for the model card's results (None: none ran)."""
+    if callback is None or not callback.history:
+        return None
+    last = callback.history[-1]
+    return {key.split("/")[1]: value for key, value in last.items() if key.startswith("eval/") and key.endswith("/pass@1")}
+
+
 def describe_task(script_args) -> str:
     """One sentence for the model card: what the model was trained to do."""
     spec = script_args.dataset_name.strip()
@@ -268,6 +276,11 @@ def describe_task(script_args) -> str:
                 f"{script_args.task_num_test} held out), e.g. \"Tom has 7 apples. Then he buys 5 more apples. How many "
                 "apples does Tom have now?\". The model reasons step by step and puts the final answer in "
                 "`\\boxed{}`; the reward is 1 when math-verify finds it equal to the gold answer.")
+    elif spec == "builtin:knights_knaves":
+        text = (f"Knights-and-Knaves logic puzzles (`builtin:knights_knaves`, {script_args.task_people} people, split "
+                f"`{script_args.dataset_train_split}`): the model reasons in `<think>` and names every person's role in "
+                "`<answer>`; the `knights_knaves` reward is 1 when every role is the gold one (the benchmark grader's "
+                "check).")
     else:
         text = (f"Reasoning problems with verifiable final answers from `{spec}` (RL prompts, split "
                 f"`{script_args.dataset_train_split}`); the model answers in `\\boxed{{}}` and is rewarded by "
@@ -352,11 +365,11 @@ def prepare(script_args: BridgeScriptArguments, training_args: BridgeConfig, mod
     if script_args.benchmark_eval:
         from .evaluation.evaluate import BenchmarkEvalCallback
 
-        BenchmarkEvalCallback(
+        trainer.benchmark_eval_callback = BenchmarkEvalCallback(  # also at the end: the card files the final model's
             script_args.benchmark_eval, data_dir=script_args.benchmark_eval_data_dir or script_args.data_dir,
             limit=script_args.benchmark_eval_limit,
             every_n_steps=script_args.benchmark_eval_steps, max_new_tokens=script_args.eval_max_new_tokens,
-            batch_size=script_args.eval_batch_size,
+            batch_size=script_args.eval_batch_size, eval_on_train_end=True,
         ).attach(trainer)
     _use_compact_log(trainer)
     if script_args.heldout_eval_steps and test is not None:
@@ -404,6 +417,7 @@ def train_and_report(trainer, tokenizer, test, script_args, training_args, model
         results["heldout_accuracy_after"] = sum(per_problem["after"]) / len(per_problem["after"])
         trainer.accelerator.print(f"[trl-bridge] held-out accuracy after training:  {results['heldout_accuracy_after']:.3f}")
     trainer.card_heldout = {**results, "num_problems": len(test)} if test is not None else None
+    trainer.card_eval_results = card_eval_results(getattr(trainer, "benchmark_eval_callback", None))
 
     out = training_args.output_dir
     trainer.save_model(out)

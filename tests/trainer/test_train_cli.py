@@ -139,7 +139,17 @@ def test_benchmark_eval_during_training_is_logged(tiny_model_dir, tmp_path, fixt
                        "--data_dir", str(fixture_data_dir)]) == 0
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     logged = [m["eval/gsm8k/pass@1"] for m in metrics if "eval/gsm8k/pass@1" in m]
-    assert len(logged) == 2 and all(0.0 <= v <= 1.0 for v in logged)
+    assert len(logged) == 2 and all(0.0 <= v <= 1.0 for v in logged)  # steps 1 and 2 (the end adds none: same step)
+    card = (out / "README.md").read_text()  # the final evaluation is filed in the model card's results
+    assert "gsm8k" in card and f"value: {logged[-1]}" in card.replace("value: '", "value: ")
+
+
+def test_model_card_describes_a_knights_and_knaves_task():
+    from trl_bridge.train_cli import BridgeScriptArguments, describe_task
+
+    text = describe_task(BridgeScriptArguments(dataset_name="builtin:knights_knaves", task_people="3-5",
+                                               reward_funcs=["knights_knaves"]))
+    assert "Knights-and-Knaves" in text and "3-5 people" in text and "<answer>" in text and "boxed" not in text
 
 
 def test_paper_config_reaches_training_on_hub_data(hub_training_data, tiny_model_dir, tmp_path):
