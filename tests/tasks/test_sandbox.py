@@ -342,7 +342,7 @@ def test_unprivileged_caller_gets_the_same_api(tmp_path):
     script = textwrap.dedent(
         f"""
         import importlib.util, json, os, sys
-        spec = importlib.util.spec_from_file_location("sandbox", {str(REPO / "trl_bridge" / "sandbox.py")!r})
+        spec = importlib.util.spec_from_file_location("sandbox", {str(REPO / "trl_bridge" / "tasks" / "sandbox.py")!r})
         sandbox = importlib.util.module_from_spec(spec)
         sys.modules["sandbox"] = sandbox
         spec.loader.exec_module(sandbox)
