@@ -1,0 +1,186 @@
+"""θ̂ stored as a bf16 delta from θ (`shadow_storage="bf16_delta"`): θ̂ = θ + d, d in bfloat16, sharded like θ.
+
+Why a delta: at small learning rates a bf16 θ̂ would round its own updates away (a weight of size ~0.02 has a bf16
+spacing of ~1e-4), while d = θ̂ − θ is small, so bf16's relative precision applies to the gap between the two copies.
+Bytes per trainable parameter that θ̂ keeps between steps: d (2) + the factored, momentum-free Adafactor statistics of
+`LeanShadowOptimizer` (rows + columns; a 1-D weight keeps its own second moment). Transient, per step:
+
+    pass B      θ̂ = fl(θ + d) is written into θ's own storage, in place; θ is restored bit for bit afterwards from
+                fl(θ̂ − d) and a 1-byte correction of its bit pattern (`_Restore`, exact; the rare element that the byte
+                cannot correct, |θ| ≪ |d|, is kept exactly beside it). θ̂'s gradient arrives in θ's `.grad` (fp32, as
+                DDP all-reduces / FSDP2 reduce-scatters it) and is added to θ̂'s bf16 gradient accumulator at once.
+    the update  `BridgeCallback.on_pre_optimizer_step`, before θ moves: per parameter, θ̂ = θ + d is materialised in
+                fp32, stepped by the optimizer with its clipped gradient, and d's storage freed; θ̂ stays in fp32 while
+                the Trainer steps θ.
+    the rebase  `BridgeCallback.on_optimizer_step`, after θ moved: d ← round(θ̂ − θ_new) and θ̂'s fp32 copy freed. d is
+                relative to the current θ, so θ̂ is an absolute copy: θ's step does not move it.
+
+The rounding to bf16 is stochastic (unbiased: round-to-nearest would freeze d whenever θ̂'s step minus θ's is below
+half of d's spacing, and θ̂ would then follow θ). Its random bits are seeded by (seed, step, parameter, rank), so a
+resumed run draws the same bits as the uninterrupted one. With gradient accumulation, θ̂'s gradient is accumulated in
+bf16 (one rounding per micro-batch); DDP then all-reduces on every micro-batch (`sync_each_batch`), since the
+accumulator lives outside DDP's reach. The measured drift from the full fp32 shadow: docs/cost.md."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from ..engines.fsdp2 import full_tensor, reshard, sum_of_squares
+
+DELTA_DTYPE = torch.bfloat16
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (the tensor itself otherwise)."""
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
+def free(t: torch.Tensor):
+    """Release a tensor's memory, keeping the tensor (shape, dtype, sharding) to allocate it again."""
+    local(t).untyped_storage().resize_(0)
+
+
+def allocate(t: torch.Tensor):
+    t = local(t)
+    t.untyped_storage().resize_(t.numel() * t.element_size())
+
+
+def stochastic_round(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """fp32 → bf16, rounding up in magnitude with probability (the dropped 16 bits) / 2^16: unbiased."""
+    noise = torch.randint(0, 1 << 16, x.shape, generator=generator, device=x.device, dtype=torch.int32)
+    return ((x.contiguous().view(torch.int32) + noise) & -65536).view(torch.float32).to(DELTA_DTYPE)
+
+
+def _order_key(x: torch.Tensor) -> torch.Tensor:
+    """fp32 bit patterns as int64 integers in the floats' order (−0.0 below +0.0), one step per representable float."""
+    bits = x.view(torch.int32).long()
+    return torch.where(bits < 0, -bits - (1 << 31) - 1, bits)
+
+
+def _from_order_key(key: torch.Tensor) -> torch.Tensor:
+    bits = torch.where(key < 0, -key - 1 - (1 << 31), key)
+    return bits.to(torch.int32).view(torch.float32)
+
+
+class _Restore:
+    """How to get θ back bit for bit after θ̂ = fl(θ + d) overwrote it: θ = fl(θ̂ − d) moved by `steps` representable
+    floats (int8: almost always 0 or ±1), except at `where`, whose exact values are kept in `values`."""
+
+    def __init__(self, theta: torch.Tensor, delta: torch.Tensor, shadow: torch.Tensor):
+        steps = _order_key(theta) - _order_key(shadow - delta)
+        far = steps.abs() > 127
+        self.steps = steps.clamp(-127, 127).to(torch.int8)
+        self.where = far.flatten().nonzero().squeeze(1)
+        self.values = theta.flatten()[self.where].clone()
+
+    def apply(self, theta_storage: torch.Tensor, delta: torch.Tensor):
+        back = _from_order_key(_order_key(theta_storage - delta) + self.steps.long())
+        theta_storage.copy_(back)
+        theta_storage.view(-1)[self.where] = self.values
+
+
+class DeltaShadow:
+    """θ̂ for `shadow_storage="bf16_delta"`: the deltas d, θ̂'s bf16 gradient accumulators, and θ̂'s fp32 parameter
+    slots that its optimizer steps (allocated only between the shadow's update and θ's)."""
+
+    def __init__(self, base_params, seed: int, rank: int):
+        self.base = [p for _, p in base_params]
+        bad = [n for n, p in base_params if p.dtype != torch.float32]
+        if bad:
+            raise ValueError(f"shadow_storage='bf16_delta' needs fp32 base weights θ; {bad[:3]} are not.")
+        self.deltas = [torch.zeros_like(p, dtype=DELTA_DTYPE) for p in self.base]  # θ̂ ← θ⁰: d = 0
+        self.slots = []
+        for p in self.base:
+            slot = torch.nn.Parameter(torch.empty_like(p))
+            free(slot)
+            self.slots.append(slot)
+        self.grads: list[torch.Tensor | None] = [None] * len(self.base)
+        self.seed, self.rank = seed, rank
+        self.materialised = False
+
+    # ---- pass B --------------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def in_place(self, model, keep_grads: bool = False):
+        """θ̂ = fl(θ + d) in θ's storage; θ̂'s new gradient into its bf16 accumulator (unless `keep_grads`: no
+        backward runs); θ restored bit for bit after."""
+        reshard(model)
+        restores, saved_grads = [], []
+        with torch.no_grad():
+            for p, d in zip(self.base, self.deltas):
+                theta, delta = local(p), local(d).float()
+                shadow = theta + delta
+                restores.append(_Restore(theta, delta, shadow))
+                theta.copy_(shadow)
+                del shadow
+                if not keep_grads:
+                    saved_grads.append(p.grad)
+                    p.grad = None
+        try:
+            yield
+        finally:
+            reshard(model)
+            with torch.no_grad():
+                for i, (p, d, restore) in enumerate(zip(self.base, self.deltas, restores)):
+                    if not keep_grads:
+                        new, p.grad = p.grad, saved_grads[i]
+                        if new is not None:
+                            acc = self.grads[i]
+                            self.grads[i] = new.to(DELTA_DTYPE) if acc is None else (acc.float() + new).to(DELTA_DTYPE)
+                    restore.apply(local(p), local(d).float())
+
+    # ---- the update (before θ's step) and the rebase (after it) -------------------------------------------------
+    def grad_norm(self) -> float:
+        return sum_of_squares(g for g in self.grads if g is not None) ** 0.5
+
+    def divergence_sq(self) -> float:
+        """‖θ̂ − θ‖² = ‖d‖²."""
+        return sum_of_squares(self.deltas)
+
+    def drop_grads(self):
+        self.grads = [None] * len(self.grads)
+
+    @torch.no_grad()
+    def step(self, optimizer, norm: float, max_norm: float):
+        """θ̂ ← θ̂ − α ∇θ̂ L_RL(θ̂,w), parameter by parameter: θ̂'s fp32 slot = θ + d, its gradient clipped like
+        `clip_grad_norm` does (total norm `norm` to `max_norm`), one optimizer step on that slot alone; d is freed
+        until the rebase."""
+        coef = min(1.0, max_norm / (norm + 1e-6)) if 0 < max_norm < float("inf") else 1.0
+        for i, (p, d, slot) in enumerate(zip(self.base, self.deltas, self.slots)):
+            allocate(slot)
+            torch.add(local(p), local(d).float(), out=local(slot))
+            free(d)
+            grad, self.grads[i] = self.grads[i], None
+            if grad is not None:  # a weight without gradient keeps θ̂ (the optimizer would skip it)
+                slot.grad = grad.float() * coef if coef < 1.0 else grad.float()
+                optimizer.step()  # only this slot has a gradient: the others are skipped
+                slot.grad = None
+        self.materialised = True
+
+    @torch.no_grad()
+    def rebase(self, step: int):
+        """d ← round(θ̂ − θ) once θ has taken its step (θ̂ unchanged by it), stochastically rounded to bf16."""
+        if not self.materialised:
+            return
+        for i, (p, d, slot) in enumerate(zip(self.base, self.deltas, self.slots)):
+            allocate(d)
+            device = local(p).device
+            generator = torch.Generator(device=device).manual_seed(
+                (self.seed * 1_000_003 + step) * 1_000_033 + i * 1_009 + self.rank)
+            local(d).copy_(stochastic_round(local(slot) - local(p), generator))
+            free(slot)
+        self.materialised = False
+
+    # ---- checkpoints and reads -----------------------------------------------------------------------------------
+    def full_shadow(self, i: int) -> torch.Tensor:
+        """θ̂ of parameter i as a full fp32 tensor (a collective under FSDP2)."""
+        return full_tensor(self.base[i]) + full_tensor(self.deltas[i]).float()
+
+    def bytes_per_parameter(self, optimizer) -> float:
+        """Bytes θ̂ keeps between steps per trainable parameter: d and its optimizer's state (this rank's shards)."""
+        held = sum(local(d).numel() * local(d).element_size() for d in self.deltas)
+        for state in optimizer.state.values():
+            held += sum(local(v).numel() * local(v).element_size() for v in state.values() if torch.is_tensor(v))
+        return held / max(1, sum(local(p).numel() for p in self.base))
