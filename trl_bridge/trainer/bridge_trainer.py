@@ -672,7 +672,7 @@ class BridgeTrainer(GRPOTrainer):
         """θ̂ ← θ⁰: an fp32 copy of θ, or with `shadow_storage="bf16_delta"` a zero bf16 delta d from θ, whose fp32
         parameter slots (memory only between θ̂'s update and θ's) are what θ̂'s optimizer steps."""
         if self.args.shadow_storage == "bf16_delta":
-            self.delta_shadow = DeltaShadow(self.base_params, self.args.seed, self.accelerator.process_index)
+            self.delta_shadow = DeltaShadow(self.base_params, self.args.seed)
             return self.delta_shadow.slots
         return [torch.nn.Parameter(p.detach().clone()) for _, p in self.base_params]
 

@@ -16,14 +16,16 @@ Bytes per trainable parameter that θ̂ keeps between steps: d (2) + the factore
                 relative to the current θ, so θ̂ is an absolute copy: θ's step does not move it.
 
 The rounding to bf16 is stochastic (unbiased: round-to-nearest would freeze d whenever θ̂'s step minus θ's is below
-half of d's spacing, and θ̂ would then follow θ). Its random bits are seeded by (seed, step, parameter, rank), so a
-resumed run draws the same bits as the uninterrupted one. With gradient accumulation, θ̂'s gradient is accumulated in
+half of d's spacing, and θ̂ would then follow θ). Its random bits are a hash of (seed, step, parameter, element index
+in the full tensor): a resumed run draws the same bits as the uninterrupted one, and one process, DDP and FSDP2 the
+same bits as each other. With gradient accumulation, θ̂'s gradient is accumulated in
 bf16 (one rounding per micro-batch); DDP then all-reduces on every micro-batch (`sync_each_batch`), since the
 accumulator lives outside DDP's reach. The measured drift from the full fp32 shadow: docs/cost.md."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -48,10 +50,38 @@ def allocate(t: torch.Tensor):
     t.untyped_storage().resize_(t.numel() * t.element_size())
 
 
-def stochastic_round(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """fp32 → bf16, rounding up in magnitude with probability (the dropped 16 bits) / 2^16: unbiased."""
-    noise = torch.randint(0, 1 << 16, x.shape, generator=generator, device=x.device, dtype=torch.int32)
-    return ((x.contiguous().view(torch.int32) + noise) & -65536).view(torch.float32).to(DELTA_DTYPE)
+def stochastic_round(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """fp32 → bf16, rounding up in magnitude with probability (the dropped 16 bits) / 2^16 (`noise`: uniform 16-bit
+    integers, one per element): unbiased."""
+    return ((x.contiguous().view(torch.int32) + noise.view(x.shape).to(torch.int32)) & -65536).view(torch.float32) \
+        .to(DELTA_DTYPE)
+
+
+_MASK63 = (1 << 63) - 1
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """A 64-bit integer hash (splitmix64's finaliser; int64 products wrap), applied elementwise."""
+    for shift, mult in ((30, -4658895280553007687), (27, -7723592293110705685)):
+        x = (x ^ ((x >> shift) & (_MASK63 >> (shift - 1)))) * mult
+    return x ^ ((x >> 31) & (_MASK63 >> 30))
+
+
+def rounding_noise(t: torch.Tensor, key: int) -> torch.Tensor:
+    """Uniform 16-bit integers for this rank's elements of `t`, a function of `key` and of each element's index in the
+    full tensor: the same bits whether `t` is whole (one process, DDP) or sharded by FSDP2 along dimension 0."""
+    shard = local(t)
+    start = 0
+    if isinstance(t, DTensor):
+        from torch.distributed.tensor import Replicate, Shard
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        if not all(isinstance(p, Replicate) or (isinstance(p, Shard) and p.dim == 0) for p in t.placements):
+            raise ValueError(f"bf16_delta's rounding supports θ sharded along dimension 0 (FSDP2's default), not {t.placements}")
+        _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+        start = offset[0] * math.prod(t.shape[1:]) if t.dim() else 0
+    index = torch.arange(start, start + shard.numel(), device=shard.device, dtype=torch.int64)
+    return (_mix(index + _mix(torch.tensor(key, dtype=torch.int64, device=shard.device))) >> 16) & 0xFFFF
 
 
 def _order_key(x: torch.Tensor) -> torch.Tensor:
@@ -86,7 +116,7 @@ class DeltaShadow:
     """θ̂ for `shadow_storage="bf16_delta"`: the deltas d, θ̂'s bf16 gradient accumulators, and θ̂'s fp32 parameter
     slots that its optimizer steps (allocated only between the shadow's update and θ's)."""
 
-    def __init__(self, base_params, seed: int, rank: int):
+    def __init__(self, base_params, seed: int):
         self.base = [p for _, p in base_params]
         bad = [n for n, p in base_params if p.dtype != torch.float32]
         if bad:
@@ -98,7 +128,7 @@ class DeltaShadow:
             free(slot)
             self.slots.append(slot)
         self.grads: list[torch.Tensor | None] = [None] * len(self.base)
-        self.seed, self.rank = seed, rank
+        self.seed = seed
         self.materialised = False
 
     # ---- pass B --------------------------------------------------------------------------------------------------
@@ -166,10 +196,8 @@ class DeltaShadow:
             return
         for i, (p, d, slot) in enumerate(zip(self.base, self.deltas, self.slots)):
             allocate(d)
-            device = local(p).device
-            generator = torch.Generator(device=device).manual_seed(
-                (self.seed * 1_000_003 + step) * 1_000_033 + i * 1_009 + self.rank)
-            local(d).copy_(stochastic_round(local(slot) - local(p), generator))
+            key = ((self.seed * 1_000_003 + step) * 1_000_033 + i) % (1 << 62)
+            local(d).copy_(stochastic_round(local(slot) - local(p), rounding_noise(d, key)))
             free(slot)
         self.materialised = False
 
