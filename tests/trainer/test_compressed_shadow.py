@@ -45,20 +45,28 @@ def test_shadow_keeps_at_most_three_bytes_per_parameter_between_steps_and_trains
     assert divergence[0] == 0.0 and divergence[-1] > 0.01  # ‖d‖/‖θ‖: θ̂ separates from θ
 
 
-def test_pass_b_puts_theta_hat_in_place_and_restores_theta_bit_for_bit():
-    """Including the elements that a 1-byte correction cannot restore (θ = ±0, |θ| ≪ |d|, sign changes)."""
+@pytest.mark.parametrize("chunk", [1 << 20, 100])
+@pytest.mark.parametrize("hooks", [False, True])
+def test_pass_b_puts_theta_hat_in_place_and_restores_theta_bit_for_bit(monkeypatch, chunk, hooks):
+    """Including the elements that a 1-byte correction cannot restore (θ = ±0, |θ| ≪ |d|, sign changes), processed
+    in one chunk or many; θ̂'s gradient reaches its bf16 accumulator after the backward or (`hooks`) during it."""
+    import trl_bridge.trainer.delta_shadow as delta_shadow
+
+    monkeypatch.setattr(delta_shadow, "CHUNK", chunk)
     torch.manual_seed(0)
     theta = torch.randn(64, 48) * 0.02
-    theta.view(-1)[:6] = torch.tensor([0.0, -0.0, 1e-30, -1e-12, 3e-8, -2e-6])
+    theta.view(-1)[:6] = theta.view(-1)[-6:] = torch.tensor([0.0, -0.0, 1e-30, -1e-12, 3e-8, -2e-6])
     p = torch.nn.Parameter(theta.clone())
     p.grad = torch.full_like(theta, 7.0)  # θ's gradient from pass A, set aside during pass B
     shadow = DeltaShadow([("w", p)], seed=0)
     shadow.deltas[0] = (torch.randn(64, 48) * 1e-3).to(torch.bfloat16)
-    shadow.deltas[0].view(-1)[:6] = torch.tensor([1e-3, -1e-3, 2e-3, 1e-4, -5e-3, 1e-5], dtype=torch.bfloat16)
-    with shadow.in_place(torch.nn.Module()):
+    shadow.deltas[0].view(-1)[:6] = shadow.deltas[0].view(-1)[-6:] = torch.tensor(
+        [1e-3, -1e-3, 2e-3, 1e-4, -5e-3, 1e-5], dtype=torch.bfloat16)
+    with shadow.in_place(torch.nn.Module(), hooks=hooks):
         torch.testing.assert_close(p.detach(), theta + shadow.deltas[0].float(), rtol=0, atol=0)
         assert p.grad is None
         (p * 2.0).sum().backward()  # θ̂'s gradient: 2 everywhere
+        assert (p.grad is None) == hooks and (shadow.grads[0] is not None) == hooks  # folded in during the backward
     assert torch.equal(bits(p), bits(theta))
     assert torch.equal(p.grad, torch.full_like(theta, 7.0))
     assert torch.equal(shadow.grads[0], torch.full_like(theta, 2.0, dtype=torch.bfloat16))

@@ -526,8 +526,8 @@ class BridgeTrainer(GRPOTrainer):
         self._log_mean("bridge/cooperative_gain", gain)
 
     def _shadow_in_place(self, keep_grads: bool = False):
-        if self.delta_shadow is not None:
-            return self.delta_shadow.in_place(self.model, keep_grads=keep_grads)
+        if self.delta_shadow is not None:  # θ̂ = θ + d; one process: θ̂'s gradient folded into bf16 during the backward
+            return self.delta_shadow.in_place(self.model, keep_grads, hooks=self.accelerator.num_processes == 1)
         return shadow_in_place(self.model, self.base_params, self.shadow_params, keep_grads=keep_grads)
 
     def _shadow_subset(self, inputs, base_logps):

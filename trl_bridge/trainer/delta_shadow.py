@@ -7,8 +7,10 @@ Bytes per trainable parameter that θ̂ keeps between steps: d (2) + the factore
 
     pass B      θ̂ = fl(θ + d) is written into θ's own storage, in place; θ is restored bit for bit afterwards from
                 fl(θ̂ − d) and a 1-byte correction of its bit pattern (`_Restore`, exact; the rare element that the byte
-                cannot correct, |θ| ≪ |d|, is kept exactly beside it). θ̂'s gradient arrives in θ's `.grad` (fp32, as
-                DDP all-reduces / FSDP2 reduce-scatters it) and is added to θ̂'s bf16 gradient accumulator at once.
+                cannot correct, |θ| ≪ |d|, is kept exactly beside it). θ̂'s gradient arrives in θ's `.grad` (fp32) and
+                is added to θ̂'s bf16 gradient accumulator: in one process, weight by weight during the backward (a
+                post-accumulate-grad hook, so no full fp32 gradient of θ̂ is ever held); under DDP and FSDP2, which
+                all-reduce / reduce-scatter `.grad` at the end of the backward, right after it.
     the update  `BridgeCallback.on_pre_optimizer_step`, before θ moves: per parameter, θ̂ = θ + d is materialised in
                 fp32, stepped by the optimizer with its clipped gradient, and d's storage freed; θ̂ stays in fp32 while
                 the Trainer steps θ.
@@ -67,21 +69,25 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ ((x >> 31) & (_MASK63 >> 30))
 
 
-def rounding_noise(t: torch.Tensor, key: int) -> torch.Tensor:
-    """Uniform 16-bit integers for this rank's elements of `t`, a function of `key` and of each element's index in the
-    full tensor: the same bits whether `t` is whole (one process, DDP) or sharded by FSDP2 along dimension 0."""
-    shard = local(t)
-    start = 0
-    if isinstance(t, DTensor):
-        from torch.distributed.tensor import Replicate, Shard
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+def global_start(t: torch.Tensor) -> int:
+    """The index in the full, flattened tensor of this rank's first element of `t` (0 unless FSDP2 shards it)."""
+    if not isinstance(t, DTensor):
+        return 0
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-        if not all(isinstance(p, Replicate) or (isinstance(p, Shard) and p.dim == 0) for p in t.placements):
-            raise ValueError(f"bf16_delta's rounding supports θ sharded along dimension 0 (FSDP2's default), not {t.placements}")
-        _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
-        start = offset[0] * math.prod(t.shape[1:]) if t.dim() else 0
-    index = torch.arange(start, start + shard.numel(), device=shard.device, dtype=torch.int64)
-    return (_mix(index + _mix(torch.tensor(key, dtype=torch.int64, device=shard.device))) >> 16) & 0xFFFF
+    if not all(isinstance(p, Replicate) or (isinstance(p, Shard) and p.dim == 0) for p in t.placements):
+        raise ValueError(f"bf16_delta's rounding supports θ sharded along dimension 0 (FSDP2's default), not {t.placements}")
+    _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return offset[0] * math.prod(t.shape[1:]) if t.dim() else 0
+
+
+def rounding_noise(t: torch.Tensor, key: int, start: int = 0) -> torch.Tensor:
+    """Uniform 16-bit integers for the elements of `t` (a plain tensor whose first element has index `start` in the
+    full, flattened weight), a function of `key` and of each element's index: the same bits whether the weight is
+    whole (one process, DDP) or sharded by FSDP2 along dimension 0, and however it is chunked."""
+    index = torch.arange(start, start + t.numel(), device=t.device, dtype=torch.int64)
+    return (_mix(index + _mix(torch.tensor(key, dtype=torch.int64, device=t.device))) >> 16) & 0xFFFF
 
 
 def _order_key(x: torch.Tensor) -> torch.Tensor:
@@ -95,20 +101,39 @@ def _from_order_key(key: torch.Tensor) -> torch.Tensor:
     return bits.to(torch.int32).view(torch.float32)
 
 
+CHUNK = 1 << 20  # elements per chunk of the elementwise work: its temporaries stay a few MiB whatever the weight's size
+
+
+def chunks(*tensors):
+    """Matching flat chunks of same-sized tensors (views: writing to them writes the tensors)."""
+    flat = [t.view(-1) for t in tensors]
+    for start in range(0, flat[0].numel(), CHUNK):
+        yield [f[start : start + CHUNK] for f in flat]
+
+
 class _Restore:
     """How to get θ back bit for bit after θ̂ = fl(θ + d) overwrote it: θ = fl(θ̂ − d) moved by `steps` representable
-    floats (int8: almost always 0 or ±1), except at `where`, whose exact values are kept in `values`."""
+    floats (int8: almost always 0 or ±1), except at `where`, whose exact values are kept in `values`. Writes θ̂ into
+    θ's storage, chunk by chunk."""
 
-    def __init__(self, theta: torch.Tensor, delta: torch.Tensor, shadow: torch.Tensor):
-        steps = _order_key(theta) - _order_key(shadow - delta)
-        far = steps.abs() > 127
-        self.steps = steps.clamp(-127, 127).to(torch.int8)
-        self.where = far.flatten().nonzero().squeeze(1)
-        self.values = theta.flatten()[self.where].clone()
+    def __init__(self, theta: torch.Tensor, delta: torch.Tensor):
+        self.steps = torch.empty(theta.shape, dtype=torch.int8, device=theta.device)
+        where, values, start = [], [], 0
+        for th, d, st in chunks(theta, delta, self.steps):
+            shadow = th + d.float()
+            steps = _order_key(th) - _order_key(shadow - d.float())
+            far = (steps.abs() > 127).nonzero().squeeze(1)
+            where.append(far + start)
+            values.append(th[far].clone())
+            st.copy_(steps.clamp(-127, 127))
+            th.copy_(shadow)
+            start += th.numel()
+        self.where = torch.cat(where) if where else torch.zeros(0, dtype=torch.long, device=theta.device)
+        self.values = torch.cat(values) if values else theta.new_zeros(0)
 
     def apply(self, theta_storage: torch.Tensor, delta: torch.Tensor):
-        back = _from_order_key(_order_key(theta_storage - delta) + self.steps.long())
-        theta_storage.copy_(back)
+        for th, d, st in chunks(theta_storage, delta, self.steps):
+            th.copy_(_from_order_key(_order_key(th - d.float()) + st.long()))
         theta_storage.view(-1)[self.where] = self.values
 
 
@@ -133,33 +158,41 @@ class DeltaShadow:
 
     # ---- pass B --------------------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def in_place(self, model, keep_grads: bool = False):
+    def in_place(self, model, keep_grads: bool = False, hooks: bool = False):
         """θ̂ = fl(θ + d) in θ's storage; θ̂'s new gradient into its bf16 accumulator (unless `keep_grads`: no
-        backward runs); θ restored bit for bit after."""
+        backward runs); θ restored bit for bit after. `hooks` (one process, no DDP/FSDP2 reducing `.grad` after the
+        backward): each weight's fp32 gradient is folded into the accumulator and freed as soon as the backward has
+        made it, so no full fp32 gradient of θ̂ is ever held."""
         reshard(model)
-        restores, saved_grads = [], []
+        restores, saved_grads, handles = [], [], []
         with torch.no_grad():
-            for p, d in zip(self.base, self.deltas):
-                theta, delta = local(p), local(d).float()
-                shadow = theta + delta
-                restores.append(_Restore(theta, delta, shadow))
-                theta.copy_(shadow)
-                del shadow
+            for i, (p, d) in enumerate(zip(self.base, self.deltas)):
+                restores.append(_Restore(local(p), local(d)))
                 if not keep_grads:
                     saved_grads.append(p.grad)
                     p.grad = None
+                    if hooks:
+                        handles.append(p.register_post_accumulate_grad_hook(lambda p, i=i: self._accumulate(i, p)))
         try:
             yield
         finally:
+            for handle in handles:
+                handle.remove()
             reshard(model)
             with torch.no_grad():
                 for i, (p, d, restore) in enumerate(zip(self.base, self.deltas, restores)):
                     if not keep_grads:
-                        new, p.grad = p.grad, saved_grads[i]
-                        if new is not None:
-                            acc = self.grads[i]
-                            self.grads[i] = new.to(DELTA_DTYPE) if acc is None else (acc.float() + new).to(DELTA_DTYPE)
-                    restore.apply(local(p), local(d).float())
+                        self._accumulate(i, p)
+                        p.grad = saved_grads[i]
+                    restore.apply(local(p), local(d))
+
+    @torch.no_grad()
+    def _accumulate(self, i: int, p: torch.Tensor):
+        """θ̂'s gradient accumulator i += p.grad (rounded to bf16); p.grad freed."""
+        new, p.grad = p.grad, None
+        if new is not None:
+            acc = self.grads[i]
+            self.grads[i] = new.to(DELTA_DTYPE) if acc is None else (acc.float() + new).to(DELTA_DTYPE)
 
     # ---- the update (before θ's step) and the rebase (after it) -------------------------------------------------
     def grad_norm(self) -> float:
@@ -197,7 +230,9 @@ class DeltaShadow:
         for i, (p, d, slot) in enumerate(zip(self.base, self.deltas, self.slots)):
             allocate(d)
             key = ((self.seed * 1_000_003 + step) * 1_000_033 + i) % (1 << 62)
-            local(d).copy_(stochastic_round(local(slot) - local(p), rounding_noise(d, key)))
+            start = global_start(d)
+            for n, (dc, sc, pc) in enumerate(chunks(local(d), local(slot), local(p))):
+                dc.copy_(stochastic_round(sc - pc, rounding_noise(dc, key, start + n * CHUNK)))
             free(slot)
         self.materialised = False
 
