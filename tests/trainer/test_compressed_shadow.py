@@ -195,3 +195,25 @@ def test_stochastic_rounding_keeps_a_far_shadow_in_place_where_round_to_nearest_
 
     monkeypatch.setattr(delta_shadow, "stochastic_round", lambda x, noise: x.to(torch.bfloat16))
     assert drift_of_a_fixed_shadow() > 4e-4  # θ̂ followed θ for half of its way
+
+
+def test_a_numeric_fault_skips_the_step_for_theta_hat_too(tok, tmp_path):
+    """A NaN loss at step 2: θ, θ̂ = θ + d and w keep their values through it (d is not rebased, its gradient dropped)."""
+    from transformers import TrainerCallback
+
+    class Snapshots(TrainerCallback):
+        after = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.after.append({**{f"shadow.{n}": s for n, s in trainer.shadow_state_dict().items()},
+                               **{f"base.{n}": p.detach().clone() for n, p in trainer.base_params + trainer.adapter_params}})
+
+    trainer = make_trainer(tok, tmp_path, max_steps=3, callbacks=[Snapshots()], **DELTA)
+    sft_loss = trainer._sft_loss
+    trainer._sft_loss = lambda model: sft_loss(model) * (float("nan") if trainer.state.global_step == 1 else 1.0)
+    trainer.train()
+    first, skipped, last = Snapshots.after
+    for k in first:
+        assert torch.equal(first[k], skipped[k]), k
+    assert sum(not torch.equal(skipped[k], last[k]) for k in first if k.startswith("shadow.")) > 0.7 * len(trainer.base_params)
+    assert trainer.delta_shadow.grads == [None] * len(trainer.base_params) and not trainer.delta_shadow.materialised
