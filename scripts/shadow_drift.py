@@ -1,6 +1,6 @@
 """How far the bf16-delta shadow (`shadow_storage: bf16_delta`) drifts from an fp32 shadow on the same run.
 
-    python scripts/shadow_drift.py [--steps 1,10,40] [--learning_rate 1e-4] [--json docs/bench/shadow_drift.json]
+    python scripts/shadow_drift.py [--steps 1,10,40] [--learning_rates 1e-4,1e-6] [--json docs/bench/shadow_drift.json]
 
 The tiny model of the test suite, every weight trainable, CPU, fp32 compute. The adapter's learning rate is 0, so θ,
 w and therefore the rollouts are the same in every run whatever θ̂ does: the runs differ only in how θ̂ is stored and
@@ -60,37 +60,41 @@ def relative_error(x: dict, ref: dict, theta0: dict) -> float:
     return float(num / den)
 
 
-def gain_error(x: list, ref: list, step: int) -> float:
+def gain_error(x: list, ref: list, step: int) -> float | None:
     scale = sum(abs(g) for g in ref[:step]) / step
-    return abs(x[step - 1] - ref[step - 1]) / scale if scale else float("nan")
+    return abs(x[step - 1] - ref[step - 1]) / scale if scale else None  # every gain so far 0: nothing to compare
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", default="1,10,40")
-    parser.add_argument("--learning_rate", type=float, default=1e-4)
+    parser.add_argument("--learning_rates", default="1e-4,1e-6", help="θ's and θ̂'s learning rates, one run set each")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     steps = [int(s) for s in args.steps.split(",")]
-    with tempfile.TemporaryDirectory() as tmp:
-        runs = {s: run(s, steps, args.learning_rate, Path(tmp) / s) for s in ("full", "lean", "bf16_delta")}
-    theta0 = runs["full"]["theta0"]
     rows = []
-    for x, ref in (("bf16_delta", "lean"), ("bf16_delta", "full"), ("lean", "full")):
-        for step in steps:
-            rows.append({
-                "compared": f"{x} vs {ref}", "step": step,
-                "theta_hat_rel_error": relative_error(runs[x]["shadows"][step], runs[ref]["shadows"][step], theta0),
-                "gain_rel_error": gain_error(runs[x]["gains"], runs[ref]["gains"], step),
-                "gain": runs[x]["gains"][step - 1], "gain_ref": runs[ref]["gains"][step - 1],
-            })
-    print(f"tiny model, fp32, learning_rate {args.learning_rate}, adapter frozen (same rollouts in every run)")
-    print(f"{'compared':<22}{'step':>5}{'θ̂ rel. error':>15}{'gain error':>12}{'gain':>12}{'gain ref':>12}")
+    for lr in [float(x) for x in args.learning_rates.split(",")]:
+        with tempfile.TemporaryDirectory() as tmp:
+            runs = {s: run(s, steps, lr, Path(tmp) / s) for s in ("full", "lean", "bf16_delta")}
+        theta0 = runs["full"]["theta0"]
+        for x, ref in (("bf16_delta", "lean"), ("bf16_delta", "full"), ("lean", "full")):
+            for step in steps:
+                rows.append({
+                    "learning_rate": lr, "compared": f"{x} vs {ref}", "step": step,
+                    "theta_hat_rel_error": relative_error(runs[x]["shadows"][step], runs[ref]["shadows"][step], theta0),
+                    "gain_rel_error": gain_error(runs[x]["gains"], runs[ref]["gains"], step),
+                    "gain": runs[x]["gains"][step - 1], "gain_ref": runs[ref]["gains"][step - 1],
+                })
+    print("tiny model, every weight trainable, fp32, w frozen (the same rollouts in every run); gain error: n/a while "
+          "every gain so far is 0 (θ̂ = θ at step 1)")
+    print(f"{'lr':>7}  {'compared':<20}{'step':>5}{'θ̂ rel. error':>15}{'gain error':>12}{'gain':>12}{'gain ref':>12}")
     for r in rows:
-        print(f"{r['compared']:<22}{r['step']:>5}{r['theta_hat_rel_error']:>15.2e}{r['gain_rel_error']:>12.2e}"
-              f"{r['gain']:>12.3e}{r['gain_ref']:>12.3e}")
+        gain_err = "n/a" if r["gain_rel_error"] is None else f"{r['gain_rel_error']:.2e}"
+        print(f"{r['learning_rate']:>7.0e}  {r['compared']:<20}{r['step']:>5}{r['theta_hat_rel_error']:>15.2e}"
+              f"{gain_err:>12}{r['gain']:>12.3e}{r['gain_ref']:>12.3e}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"learning_rate": args.learning_rate, "rows": rows}, indent=1) + "\n")
+        Path(args.json).write_text(json.dumps({"command": "python scripts/shadow_drift.py " + " ".join(sys.argv[1:]),
+                                               "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
