@@ -15,12 +15,12 @@ One meta-step, all gradients at iterate k, in the order of this file:
 
 Passes A and B are ordinary forward+backward pairs through the wrapped model (DDP all-reduces and FSDP2
 reduce-scatters each parameter once per backward); pass B swaps θ̂ into the base parameters' storage
-(`gradient_routing`). `BridgeCallback` applies the θ̂ and w updates between the Trainer's backward and its θ step.
-Everything else is a call into a module named for what it does: `model_setup` (the policy, θ's selection, fp32
-master weights), `checks` (refusals before step 1), `frozen_replay`, `optimizers`, `numeric_faults`, `reference` (the
-KL reference), `checkpoint_state` and `checkpointing` (checkpoints), `delta_shadow` (θ̂ stored as a bf16 delta from θ),
-`model_card`, and the engines (`fsdp2`,
-`vllm_sync`, `export`).
+(`gradient_routing`). `BridgeCallback` applies the θ̂ and w updates between the Trainer's backward and its θ step
+(and, with θ̂ stored as a delta from θ, re-bases it after θ's step). Everything else is a call into a module named for
+what it does: `model_setup` (the policy, θ's selection, fp32 master weights), `checks` (refusals before step 1),
+`frozen_replay`, `optimizers`, `numeric_faults`, `reference` (the KL reference), `checkpoint_state` and
+`checkpointing` (checkpoints), `delta_shadow` (θ̂ stored as a bf16 delta from θ), `model_card`, and the engines
+(`fsdp2`, `vllm_sync`, `export`).
 """
 
 from __future__ import annotations
