@@ -7,8 +7,8 @@ one GPU, with nothing downloaded (SmolLM2-135M-Instruct from the offline `llm-sm
 It runs, in order:
   1. the `-m gpu` tests (bf16 on CUDA);
   2. `trl-bridge bench` on configs/bench/smollm2_gpu.yaml: every weight trainable, bf16 compute with fp32 master
-     weights, 512-token completions; GRPO, BRIDGE and BRIDGE with `shadow_storage: lean` (and, once it exists, the
-     compressed shadow storage: COMPRESSED_SHADOW_STORAGE below);
+     weights, 512-token completions; GRPO, BRIDGE and BRIDGE with `shadow_storage: lean`, then BRIDGE with the
+     compressed shadow storage (COMPRESSED_SHADOW_STORAGE below: bf16_delta);
   3. BRIDGE under FSDP2 through accelerate (configs/accelerate/fsdp2_1gpu.yaml: bf16 MixedPrecisionPolicy) for a few
      steps, then its merged export.
 Results go to docs/bench/: gpu_smollm2_512.json (bench's JSON), gpu_fsdp2_smollm2.json (the FSDP2 run's per-step
@@ -36,9 +36,9 @@ FSDP2_CONFIG = "configs/accelerate/fsdp2_1gpu.yaml"
 BUDGET_S = 8 * 60  # the whole check; each command gets what is left, at most its own limit
 
 # ------------------------------------------------------------------------------------------------------------------
-# The compressed shadow storage (being added to BridgeConfig.shadow_storage): put its value here, e.g. "compressed".
-# When set, BRIDGE with that `shadow_storage` is benched too (docs/bench/gpu_smollm2_512_<value>.json).
-COMPRESSED_SHADOW_STORAGE: str | None = None
+# The compressed shadow storage (BridgeConfig.shadow_storage): BRIDGE with that `shadow_storage` is benched too
+# (docs/bench/gpu_smollm2_512_<value>.json). None: not benched.
+COMPRESSED_SHADOW_STORAGE: str | None = "bf16_delta"
 # ------------------------------------------------------------------------------------------------------------------
 
 

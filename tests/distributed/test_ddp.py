@@ -7,18 +7,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
-def test_two_process_ddp_keeps_theta_shadow_and_adapter_in_sync(tmp_path):
+@pytest.mark.parametrize("storage", ["full", pytest.param("bf16_delta", marks=pytest.mark.slow)])
+def test_two_process_ddp_keeps_theta_shadow_and_adapter_in_sync(tmp_path, storage):
+    """With `bf16_delta` (2 micro-batches per step) θ̂'s bf16 gradient accumulator must hold all-reduced gradients."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}  # CPU ranks
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), str(WORKER), str(tmp_path)]
+           "--master_port", str(port), str(WORKER), str(tmp_path), storage]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))

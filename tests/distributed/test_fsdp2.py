@@ -165,3 +165,36 @@ def test_lean_shadow_under_fsdp2_trains_like_ddp_and_resumes(tmp_path):
     final = torch.load(tmp_path / "resumed" / "final_state.pt")
     for k in uninterrupted:
         assert torch.allclose(final[k], uninterrupted[k], rtol=0, atol=1e-6), k
+
+
+
+@pytest.mark.slow
+def test_bf16_delta_shadow_under_fsdp2_is_sharded_trains_like_ddp_and_resumes(tmp_path):
+    """shadow_storage="bf16_delta": d is a bf16 DTensor sharded like θ, θ̂'s slots and factored statistics too; its
+    stochastic rounding draws the same bits for an element whether θ is sharded or not. θ and w equal DDP's as for the
+    full shadow; d rounds fp32 values that differ in their last bits (the reduction order), so an element of d may
+    land one bf16 spacing apart: d agrees within a fraction of its spacing (2^-8 relative) as a whole. A checkpoint
+    resumes under FSDP2 bit for bit."""
+    delta = {"shadow_storage": "bf16_delta"}
+    run_ddp(tmp_path / "ddp", overrides=delta)
+    run_fsdp2(tmp_path / "fsdp2", overrides=delta)
+    ddp, uninterrupted = (torch.load(tmp_path / w / "final_state.pt") for w in ("ddp", "fsdp2"))
+    deltas = [k for k in ddp if k.startswith("shadow_delta.")]
+    assert deltas and not any(k.startswith("shadow.") for k in ddp) and set(ddp) == set(uninterrupted)
+    assert all(uninterrupted[k].dtype == torch.bfloat16 for k in deltas)
+    for group in ("base.", "adapter."):
+        keys = [k for k in ddp if k.startswith(group)]
+        num = sum(((ddp[k] - uninterrupted[k]).double() ** 2).sum() for k in keys) ** 0.5
+        assert num / sum((ddp[k].double() ** 2).sum() for k in keys) ** 0.5 < 1e-5, group
+    num = sum(((ddp[k].float() - uninterrupted[k].float()).double() ** 2).sum() for k in deltas) ** 0.5
+    den = sum((ddp[k].double() ** 2).sum() for k in deltas) ** 0.5
+    assert den > 0 and num / den < 2**-8
+    for rank in (0, 1):
+        stats = torch.load(tmp_path / "fsdp2" / f"stats_rank{rank}.pt")
+        assert stats["shadow_is_dtensor"] and 0.45 < stats["shadow_local"] / stats["shadow_full"] < 0.55, stats
+        assert stats["shadow_optim_full"] < 0.3 * stats["shadow_full"]
+        assert stats["divergence"][-1] > 0.01
+    run_fsdp2(tmp_path / "resumed", str(tmp_path / "fsdp2" / "checkpoint-2"), overrides=delta)
+    final = torch.load(tmp_path / "resumed" / "final_state.pt")
+    for k in uninterrupted:
+        assert torch.equal(final[k], uninterrupted[k]), k

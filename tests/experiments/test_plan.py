@@ -27,6 +27,8 @@ class CountStateBeforeTheSecondUpdate(TrainerCallback):
         if state.global_step == 1:
             self.bytes = _state_bytes(self.trainer)
             self.grads = [p.grad is not None for p in self.trainer.shadow_params or []]
+            delta = self.trainer.delta_shadow
+            self.delta_grads = [] if delta is None else [g is not None for g in delta.grads]
 
 
 def _config_of(model, tmp_path):
@@ -43,7 +45,8 @@ def _config_of(model, tmp_path):
          load_dtype=torch.bfloat16, optim="adafactor"),
     dict(shadow_storage="full", trainable_base_parameters=[r"layers\.1\.mlp"], lora_target_modules=["up_proj"],
          beta=0.1, optim="sgd", optim_args="momentum=0.9"),
-], ids=["full", "lean", "lean-subset-ref-bf16-adafactor", "full-mlp-sgd-momentum"])
+    dict(shadow_storage="bf16_delta"),
+], ids=["full", "lean", "lean-subset-ref-bf16-adafactor", "full-mlp-sgd-momentum", "bf16_delta"])
 def test_plan_equals_the_state_bench_counts_on_a_real_run(tok, tmp_path, setting):
     setting = dict(setting)
     load_dtype = setting.pop("load_dtype", torch.float32)
@@ -55,9 +58,12 @@ def test_plan_equals_the_state_bench_counts_on_a_real_run(tok, tmp_path, setting
     trainer.callback_handler.callbacks.insert(0, counter)
     plan = plan_bytes(_config_of(model, tmp_path), trainer.args, load_dtype)
     trainer.train()
-    variant = "bridge_lean" if setting["shadow_storage"] == "lean" else "bridge"
+    variant = {"full": "bridge", "lean": "bridge_lean", "bf16_delta": "bridge_bf16_delta"}[setting["shadow_storage"]]
     planned = plan["bytes"][variant]
-    assert all(counter.grads) and counter.grads  # θ̂'s gradients are there when counted
+    if trainer.delta_shadow is None:
+        assert all(counter.grads) and counter.grads  # θ̂'s gradients are there when counted
+    else:  # θ̂'s gradients are its bf16 accumulators; its fp32 slots hold no memory yet
+        assert all(counter.delta_grads) and counter.delta_grads and not any(counter.grads)
     assert counter.bytes == planned["total"]  # weights + every gradient + every optimizer state, byte for byte
     assert _state_bytes(trainer) == planned["without gradients"]  # after training the Trainer has freed the gradients
     assert planned["KL reference"] == (model_bytes if "beta" in setting else 0)  # the whole model, load dtype

@@ -79,6 +79,9 @@ METHODS: dict[str, tuple[str, dict, tuple[str, ...]]] = {
                             {"shadow_off_policy": "truncated_is"}, ()),
     "bridge_lean": ("BRIDGE with the lean shadow (shadow_storage: lean: θ̂ trained by momentum-free factored Adafactor)",
                     {"shadow_storage": "lean"}, ()),
+    "bridge_compressed": ("BRIDGE with the compressed shadow (shadow_storage: bf16_delta: θ̂ = θ + a stochastically "
+                          "rounded bf16 delta, trained by momentum-free factored Adafactor)",
+                          {"shadow_storage": "bf16_delta"}, ()),
     "bridge_shadow50": ("BRIDGE with the shadow pass on half of each generation batch's prompt groups "
                         "(shadow_fraction: 0.5, rescaled to be unbiased; an extension beyond the paper)",
                         {"shadow_fraction": 0.5}, ()),

@@ -15,7 +15,9 @@ BridgeTrainer does (`trl_bridge.trainer.model_setup`). Then, tensor by tensor, i
                        1-D tensors) + a 4-byte RMS per tensor; SGD its momentum buffer when momentum > 0, else
                        nothing; Adagrad its sum + step; RMSprop its square average + step (+ momentum buffer,
                        + gradient average when centered).
-                       `shadow_storage: lean` gives θ̂ the factored, momentum-free Adafactor whatever `optim` is.
+                       `shadow_storage: lean` gives θ̂ the factored, momentum-free Adafactor whatever `optim` is;
+                       `bf16_delta` that optimizer too, and θ̂ (its delta d from θ) and θ̂'s accumulated gradient in
+                       bf16 (2 bytes each; θ̂'s fp32 copy exists only between θ̂'s update and θ's, not counted here)
     frozen weights     the load dtype (`dtype`); fp32 when a half-precision model trains without `bf16` (the trainer
                        then upcasts the whole policy)
     KL reference       (`beta` > 0) a frozen copy of the whole model in the load dtype
@@ -46,8 +48,10 @@ from dataclasses import dataclass
 PARTS = ("θ", "θ grad", "θ optimizer", "θ̂", "θ̂ grad", "θ̂ optimizer", "w", "w grad", "w optimizer",
          "frozen weights", "KL reference")
 GRADS = ("θ grad", "θ̂ grad", "w grad")
-VARIANTS = ("grpo", "bridge", "bridge_lean")
-TITLES = {"grpo": "GRPO", "bridge": "BRIDGE (shadow_storage: full)", "bridge_lean": "BRIDGE (shadow_storage: lean)"}
+VARIANTS = ("grpo", "bridge", "bridge_lean", "bridge_bf16_delta")
+TITLES = {"grpo": "GRPO", "bridge": "BRIDGE (shadow_storage: full)", "bridge_lean": "BRIDGE (shadow_storage: lean)",
+          "bridge_bf16_delta": "BRIDGE (shadow_storage: bf16_delta)"}
+BF16 = 2
 STEP_BYTES = 4  # a float32 scalar per parameter tensor: torch optimizers' `step`, Adafactor's `RMS`
 FP32 = 4
 
@@ -188,8 +192,9 @@ def plan_bytes(config, args, load_dtype, num_processes: int = 1) -> dict:
         "frozen weights": nbytes(frozen, frozen_bytes), "KL reference": ref,
     }
     lean = dict(bridge, **{"θ̂ optimizer": optim_bytes(shadow, FP32, optimizer_states(args, lean=True))})
+    delta = dict(lean, **{"θ̂": nbytes(shadow, BF16), "θ̂ grad": nbytes(shadow, BF16)})
     table = {}
-    for name, parts in (("grpo", grpo), ("bridge", bridge), ("bridge_lean", lean)):
+    for name, parts in (("grpo", grpo), ("bridge", bridge), ("bridge_lean", lean), ("bridge_bf16_delta", delta)):
         parts = {k: parts.get(k, 0) for k in PARTS}
         parts["total"] = sum(parts.values())
         parts["without gradients"] = parts["total"] - sum(parts[k] for k in GRADS)

@@ -18,6 +18,7 @@ from trl import GRPOConfig  # noqa: E402
 from .baselines import LUFFY_LOSS_TYPES, chord_mu  # noqa: E402
 
 SHADOW_OFF_POLICY_MODES = ("on_policy", "truncated_is")
+SHADOW_STORAGES = ("full", "lean", "bf16_delta")
 # `optim` values that build one plain torch optimizer per parameter set, so θ, θ̂ and w each get their own (tested in
 # tests/trainer/test_scale.py). The others are refused: GaLore/APOLLO need target modules of one model, LOMO/AdaLomo fuse the
 # update into the backward (θ̂ and w are never in that backward's parameter list), schedule-free optimizers need
@@ -70,7 +71,8 @@ class BridgeConfig(GRPOConfig):
             min(π(θ̂+w)/π(θ+w), `shadow_is_cap`).
         shadow_is_cap (`float`, defaults to `2.0`): the truncation C of `"truncated_is"`.
         shadow_storage (`str`, defaults to `"full"`): `"lean"` trains θ̂ with momentum-free, factored Adafactor
-            (half of θ̂'s memory; see README "Cost").
+            (half of θ̂'s memory; see README "Cost"). `"bf16_delta"` also stores θ̂ as a bf16 delta from θ (θ̂ = θ + d,
+            ~2 bytes per trainable parameter; docs/cost.md has its measured drift from the full shadow).
         shadow_fraction (`float`, defaults to `1.0`): the shadow pass runs on this fraction of each generation
             batch's prompt groups (a seeded random subset of whole groups, at least one), its θ̂ and w gradients
             rescaled to be unbiased for the full pass. An extension beyond the paper (cheaper pass B, noisier θ̂).
@@ -210,9 +212,11 @@ class BridgeConfig(GRPOConfig):
         metadata={
             "help": "'full': θ̂ is trained with the same optimizer as θ (AdamW: θ̂ costs its weights, gradients and two "
             "moments, 16 bytes per trainable parameter). 'lean': θ̂ keeps fp32 weights but its optimizer is Adafactor "
-            "without momentum (factored second moment, ~0 bytes of state): 8 bytes per trainable parameter. Measured "
-            "cost and effect on training: README, 'Cost'.",
-            "choices": ["full", "lean"],
+            "without momentum (factored second moment, ~0 bytes of state): 8 bytes per trainable parameter. "
+            "'bf16_delta': that optimizer, and θ̂ stored as a bfloat16 delta from θ (θ̂ = θ + d, stochastically rounded): "
+            "~2 bytes per trainable parameter between steps. Measured cost and effect on training: README, 'Cost', and "
+            "docs/cost.md.",
+            "choices": list(SHADOW_STORAGES),
         },
     )
     share_frozen_activations: bool = field(
@@ -397,7 +401,7 @@ class BridgeConfig(GRPOConfig):
         need(self.sft_max_length is None or self.sft_max_length > 0, "sft_max_length", "must be positive or None")
         need(self.shadow_off_policy in SHADOW_OFF_POLICY_MODES, "shadow_off_policy", f"choose one of {SHADOW_OFF_POLICY_MODES}")
         need(self.shadow_is_cap >= 1.0, "shadow_is_cap", "must be >= 1")
-        need(self.shadow_storage in ("full", "lean"), "shadow_storage", "choose 'full' or 'lean'")
+        need(self.shadow_storage in SHADOW_STORAGES, "shadow_storage", f"choose one of {SHADOW_STORAGES}")
         need(0.0 < self.shadow_fraction <= 1.0, "shadow_fraction", "must lie in (0, 1]")
         need(
             self.shadow_fraction == 1.0 or self.top_entropy_quantile == 1.0, "shadow_fraction",

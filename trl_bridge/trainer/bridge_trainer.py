@@ -15,11 +15,12 @@ One meta-step, all gradients at iterate k, in the order of this file:
 
 Passes A and B are ordinary forward+backward pairs through the wrapped model (DDP all-reduces and FSDP2
 reduce-scatters each parameter once per backward); pass B swaps θ̂ into the base parameters' storage
-(`gradient_routing`). `BridgeCallback` applies the θ̂ and w updates between the Trainer's backward and its θ step.
-Everything else is a call into a module named for what it does: `model_setup` (the policy, θ's selection, fp32
-master weights), `checks` (refusals before step 1), `frozen_replay`, `optimizers`, `numeric_faults`, `reference` (the
-KL reference), `checkpoint_state` and `checkpointing` (checkpoints), `model_card`, and the engines (`fsdp2`,
-`vllm_sync`, `export`).
+(`gradient_routing`). `BridgeCallback` applies the θ̂ and w updates between the Trainer's backward and its θ step
+(and, with θ̂ stored as a delta from θ, re-bases it after θ's step). Everything else is a call into a module named for
+what it does: `model_setup` (the policy, θ's selection, fp32 master weights), `checks` (refusals before step 1),
+`frozen_replay`, `optimizers`, `numeric_faults`, `reference` (the KL reference), `checkpoint_state` and
+`checkpointing` (checkpoints), `delta_shadow` (θ̂ stored as a bf16 delta from θ), `model_card`, and the engines
+(`fsdp2`, `vllm_sync`, `export`).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from .checkpointing import (
     StopOnSignal, check_output_dir, clear_output_dir, resolve_resume_from_checkpoint, save_checkpoint_atomically,
 )
 from .dataset_checks import validate_rl_dataset, validate_sft_dataset
+from .delta_shadow import DeltaShadow
 from .frozen_replay import FrozenPrefixReplay, frozen_prefix_length
 from .gradient_routing import grads_added_with_scale, shadow_in_place, side_effects_set_aside
 from .model_card import write_bridge_model_card
@@ -105,6 +107,9 @@ class BridgeCallback(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.trainer._apply_shadow_and_adapter_updates()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._rebase_delta_shadow()
 
 
 class BridgeTrainer(GRPOTrainer):
@@ -259,15 +264,17 @@ class BridgeTrainer(GRPOTrainer):
             # One reduce-scatter per backward: FSDP2's no_sync accumulates unsharded gradients inside FSDP, where the
             # θ/θ̂ swap of pass B cannot separate them.
             self.accelerator.gradient_state.plugin_kwargs["sync_each_batch"] = True
+        if args.shadow_storage == "bf16_delta" and not self._grpo_only:  # θ̂'s gradient accumulates outside DDP
+            self.accelerator.gradient_state.plugin_kwargs["sync_each_batch"] = True
         # θ̂ ← θ⁰: a persistent fp32 copy of the trainable base weights only (none at λ = 1 throughout: θ̂ would be θ;
         # empty without the meta term, which never uses it). FSDP2 shards the model in train(): θ̂ is created sharded
         # like θ then (`_bind_sharded_params`).
         self._bound_sharded = False
+        self.delta_shadow = None  # shadow_storage="bf16_delta": θ̂ = θ + d (`delta_shadow`)
         if self._fsdp2 or self._grpo_only:
             self.shadow_params = None
         else:
-            self.shadow_params = [torch.nn.Parameter(p.detach().clone()) for _, p in self.base_params] \
-                if args.bridge_meta_term else []
+            self.shadow_params = self._new_shadow() if args.bridge_meta_term else []
 
         # L_SFT's data: TRL's SFT tokenisation, then an endless seeded resumable stream of batches.
         checks.check_chat_template(self.processing_class, train_dataset, sft_dataset)
@@ -538,6 +545,8 @@ class BridgeTrainer(GRPOTrainer):
         self._log_mean("bridge/cooperative_gain", gain)
 
     def _shadow_in_place(self, keep_grads: bool = False):
+        if self.delta_shadow is not None:  # θ̂ = θ + d; one process: θ̂'s gradient folded into bf16 during the backward
+            return self.delta_shadow.in_place(self.model, keep_grads, hooks=self.accelerator.num_processes == 1)
         return shadow_in_place(self.model, self.base_params, self.shadow_params, keep_grads=keep_grads)
 
     def _shadow_subset(self, inputs, base_logps):
@@ -573,7 +582,8 @@ class BridgeTrainer(GRPOTrainer):
     def _apply_shadow_and_adapter_updates(self):
         reshard(self.model)  # no unsharded FSDP2 copy may outlive the update
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm and self.args.max_grad_norm > 0 else float("inf")
-        shadow_norm = clip_grad_norm(self.shadow_params, max_norm)
+        delta = self.delta_shadow
+        shadow_norm = clip_grad_norm(self.shadow_params, max_norm) if delta is None else delta.grad_norm()
         adapter_norm = clip_grad_norm([p for _, p in self.adapter_params], max_norm)
         self._metrics["train"]["bridge/grad_norm_shadow"].append(shadow_norm)
         self._metrics["train"]["bridge/grad_norm_adapter"].append(adapter_norm)
@@ -587,10 +597,14 @@ class BridgeTrainer(GRPOTrainer):
             return
         # ‖θ̂−θ‖/‖θ‖ at iterate k: ~0 means the shadow has not separated from θ, so the cooperative term vanishes and
         # BRIDGE has degenerated to naive mixing (e.g. half-precision updates rounding away).
-        diff = sum_of_squares(s - p for (_, p), s in zip(self.base_params, self.shadow_params))
+        diff = sum_of_squares(s - p for (_, p), s in zip(self.base_params, self.shadow_params)) if delta is None \
+            else delta.divergence_sq()
         norm = sum_of_squares(p for _, p in self.base_params)
         self._metrics["train"]["bridge/shadow_divergence"].append((diff / max(norm, 1e-30)) ** 0.5)
-        self.shadow_optimizer.step()  # θ̂ ← θ̂ − α ∇θ̂ L_RL(θ̂,w)
+        if delta is None:
+            self.shadow_optimizer.step()  # θ̂ ← θ̂ − α ∇θ̂ L_RL(θ̂,w)
+        else:
+            delta.step(self.shadow_optimizer, shadow_norm, max_norm)  # the same, on θ̂ = θ + d (rebased after θ's step)
         self.shadow_scheduler.step()
         self.shadow_optimizer.zero_grad(set_to_none=True)
         # θ ← θ − α [(1−λ) ∇θ L_SFT(θ,w) + λ ∇θ L_RL(θ,w)]: the Trainer's optimizer step, right after this callback
@@ -599,9 +613,16 @@ class BridgeTrainer(GRPOTrainer):
         """A numeric fault (`numeric_faults`): no set moves; the three schedules still advance with `global_step`."""
         for p in [p for _, p in self.base_params] + list(self.shadow_params) + [p for _, p in self.adapter_params]:
             p.grad = None
+        if self.delta_shadow is not None:
+            self.delta_shadow.drop_grads()
         for scheduler in (self.shadow_scheduler, self.adapter_scheduler):
             if scheduler is not None:
                 scheduler.step()
+
+    def _rebase_delta_shadow(self):
+        """bf16_delta: θ has stepped; d ← θ̂ − θ so that θ̂ = θ + d stays where its own update put it."""
+        if self.delta_shadow is not None:
+            self.delta_shadow.rebase(self.state.global_step)
 
     def _clip_grad_norm(self, model):
         """The Trainer's clipping (and its logged `grad_norm`) covers θ alone; θ̂ and w are clipped separately."""
@@ -641,7 +662,7 @@ class BridgeTrainer(GRPOTrainer):
         if self.shadow_params:
             shadow_named = list(zip([n for n, _ in self._peft_named(self.base_params)], self.shadow_params))
             self.shadow_optimizer = make_optimizer(self, shadow_named, self.args.shadow_learning_rate,
-                                                   lean=self.args.shadow_storage == "lean")
+                                                   lean=self.args.shadow_storage in ("lean", "bf16_delta"))
             self.shadow_scheduler = make_scheduler(self.args, self.shadow_optimizer, num_training_steps)
         self.adapter_optimizer = make_optimizer(self, self.adapter_params, self.args.adapter_learning_rate)
         self.adapter_scheduler = make_scheduler(self.args, self.adapter_optimizer, num_training_steps)
@@ -658,14 +679,21 @@ class BridgeTrainer(GRPOTrainer):
         by_plain = {plain_name(n): p for n, p in named.items() if "lora_" not in n}
         self.base_params = [(n, by_plain[n]) for n, _ in self.base_params]
         self.adapter_params = [(n, named[n]) for n, _ in self.adapter_params]
-        self.shadow_params = [torch.nn.Parameter(p.detach().clone()) for _, p in self.base_params] \
-            if self.args.bridge_meta_term else []  # θ̂ ← θ⁰, sharded
+        self.shadow_params = self._new_shadow() if self.args.bridge_meta_term else []  # θ̂ ← θ⁰, sharded
         base = self.accelerator.unwrap_model(self.model).get_base_model()
         head = base.get_output_embeddings()
         if isinstance(head, FSDPModule):
             # accelerate puts lm_head in its own FSDP unit, gathered only when lm_head.forward runs; the fused head
             # never calls it. Gather it when the backbone finishes: its gradient then reaches FSDP's reduce-scatter.
             base.base_model.register_forward_hook(lambda *_: head.unshard())
+
+    def _new_shadow(self) -> list:
+        """θ̂ ← θ⁰: an fp32 copy of θ, or with `shadow_storage="bf16_delta"` a zero bf16 delta d from θ, whose fp32
+        parameter slots (memory only between θ̂'s update and θ's) are what θ̂'s optimizer steps."""
+        if self.args.shadow_storage == "bf16_delta":
+            self.delta_shadow = DeltaShadow(self.base_params, self.args.seed)
+            return self.delta_shadow.slots
+        return [torch.nn.Parameter(p.detach().clone()) for _, p in self.base_params]
 
     def _peft_named(self, plain_named):
         """(plain name, param) -> (the name the param has in self.model, param), for weight-decay grouping."""
@@ -716,6 +744,8 @@ class BridgeTrainer(GRPOTrainer):
         (under FSDP2 every rank must call it: the shards are gathered). At λ = 1 throughout θ̂ is θ (no copy is kept)."""
         if self._grpo_only:
             return {name: full_tensor(p).clone() for name, p in self.base_params}
+        if self.delta_shadow is not None:  # θ̂ = θ + d
+            return {name: self.delta_shadow.full_shadow(i) for i, (name, _) in enumerate(self.base_params)}
         return {name: full_tensor(s).clone() for (name, _), s in zip(self.base_params, self.shadow_params)}
 
     def _save(self, output_dir=None, state_dict=None):

@@ -1,7 +1,8 @@
 """What a BRIDGE checkpoint holds beyond the Trainer's own files, engine-independent (full tensors), so a checkpoint
 written under FSDP2 resumes under FSDP2 or in one process, and vice versa:
 
-    bridge_state.safetensors   θ, θ̂ and w (`base.*`, `shadow.*`, `adapter.*`, keyed by the plain model's names)
+    bridge_state.safetensors   θ, θ̂ and w (`base.*`, `shadow.*`, `adapter.*`, keyed by the plain model's names; with
+                               `shadow_storage="bf16_delta"` θ̂ is saved as its bf16 delta from θ, `shadow_delta.*`)
     bridge_optimizers.pt       the three optimizers' and schedules' states, the SFT stream's position, the numeric-fault
                                counters (`BridgeState.state_dict`)
     bridge_rollouts_rank{i}.pt one per process: GRPOTrainer's buffered rollouts, its micro-step counter and its
@@ -38,7 +39,11 @@ class BridgeState:
         """θ, θ̂ and w as full tensors (gathered from every rank under FSDP2: all ranks must call it)."""
         t = self.trainer
         tensors = {f"base.{n}": full_tensor(p).contiguous() for n, p in t.base_params}
-        tensors.update({f"shadow.{n}": full_tensor(s).contiguous() for (n, _), s in zip(t.base_params, t.shadow_params)})
+        if t.delta_shadow is None:
+            tensors.update({f"shadow.{n}": full_tensor(s).contiguous() for (n, _), s in zip(t.base_params, t.shadow_params)})
+        else:  # θ̂ = θ + d: d itself, bit for bit
+            tensors.update({f"shadow_delta.{n}": full_tensor(d).contiguous()
+                            for (n, _), d in zip(t.base_params, t.delta_shadow.deltas)})
         tensors.update({f"adapter.{n}": full_tensor(p).contiguous() for n, p in t.adapter_params})
         return tensors
 
@@ -49,12 +54,23 @@ class BridgeState:
             raise FileNotFoundError(f"{checkpoint} is not a BRIDGE checkpoint: {BRIDGE_STATE_FILE} is missing.")
         saved = load_file(path)
         missing = sorted(set(self.tensors()) - set(saved))
+        kinds = {"shadow.": "full' or 'lean", "shadow_delta.": "bf16_delta"}
+        written = [kind for prefix, kind in kinds.items() if any(k.startswith(prefix) for k in saved)]
+        if missing and written and not any(m.startswith(("base.", "adapter.")) for m in missing):
+            raise ValueError(
+                f"{checkpoint} holds θ̂ written with shadow_storage='{written[0]}', which this run's shadow_storage="
+                f"'{t.args.shadow_storage}' cannot resume exactly; resume with the storage it was written with."
+            )
         if missing:
             raise ValueError(f"{path} does not match this model/config; missing e.g. {missing[:3]}")
         for n, p in t.base_params:
             assign_full(p, saved[f"base.{n}"])
-        for (n, _), s in zip(t.base_params, t.shadow_params):
-            assign_full(s, saved[f"shadow.{n}"])
+        if t.delta_shadow is None:
+            for (n, _), s in zip(t.base_params, t.shadow_params):
+                assign_full(s, saved[f"shadow.{n}"])
+        else:
+            for (n, _), d in zip(t.base_params, t.delta_shadow.deltas):
+                assign_full(d, saved[f"shadow_delta.{n}"])
         for n, p in t.adapter_params:
             assign_full(p, saved[f"adapter.{n}"])
 
