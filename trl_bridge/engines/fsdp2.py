@@ -109,3 +109,12 @@ def shard_state(p, key: str, v):
         return v
     placements = p.placements if v.shape == p.shape else factored_state_placements(p, key)
     return distribute_tensor(v.to(p.dtype), p.device_mesh, placements, src_data_rank=None)
+
+
+def gather_output_head_with_backbone(causal_lm):
+    """accelerate puts lm_head in its own FSDP unit, gathered only when lm_head.forward runs; TRL's fused LM head reads
+    `lm_head.weight` without calling it. Gather it when the backbone finishes: its gradient then reaches FSDP's
+    reduce-scatter."""
+    head = causal_lm.get_output_embeddings()
+    if isinstance(head, FSDPModule):
+        causal_lm.base_model.register_forward_hook(lambda *_: head.unshard())

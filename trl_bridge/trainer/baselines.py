@@ -25,6 +25,7 @@ import json
 import math
 
 import torch
+from datasets import Dataset
 
 LUFFY_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")  # surrogate −Â·ratio whose gradient at ratio 1 is −Â·∇log π
 
@@ -77,6 +78,20 @@ class ExpertTraces:
         self.traces = {}
         for prompt, completion in pairs:
             self.traces.setdefault(prompt_key(prompt), completion)
+
+    @classmethod
+    def for_luffy(cls, args, sft_dataset, train_dataset, tokenizer, own_generation: bool) -> "ExpertTraces | None":
+        """The traces LUFFY injects (None without `luffy`), refused without an SFT dataset, without TRL's own
+        generation (a `rollout_func`, `environment_factory` or `tools`) or with an RL prompt that has no trace."""
+        if not args.luffy:
+            return None
+        if sft_dataset is None or not own_generation:
+            raise ValueError("`luffy` needs `sft_dataset` (the expert traces) and TRL's own generation (no "
+                             "`rollout_func`, `environment_factory` or `tools`).")
+        traces = cls(sft_dataset, tokenizer, tokenizer.eos_token_id, args.max_completion_length)
+        if isinstance(train_dataset, Dataset):
+            traces.check_covers(train_dataset)
+        return traces
 
     def check_covers(self, train_dataset):
         """Every RL prompt needs a trace: a group without one would silently train as plain GRPO."""

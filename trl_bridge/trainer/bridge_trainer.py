@@ -37,14 +37,13 @@ check_versions()  # before trl is imported: an untested trl/transformers fails h
 import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
-from torch.distributed.fsdp import FSDPModule
 from transformers import TrainerCallback
 from transformers.trainer import TRAINING_ARGS_NAME
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
 
-from ..engines.export import check_exportable, plain_name, save_merged_model
-from ..engines.fsdp2 import clip_grad_norm, full_tensor, reshard, sum_of_squares, total_grad_norm
+from ..engines.export import check_exportable, save_merged_model
+from ..engines.fsdp2 import clip_grad_norm, gather_output_head_with_backbone, full_tensor, reshard, sum_of_squares, total_grad_norm
 from ..profiling import PhaseTimer
 from ..engines.vllm_sync import check_vllm_can_hold_the_policy, keep_vllm_cpu_weights_live, sync_merged_policy
 from . import checks, model_setup
@@ -64,6 +63,7 @@ from .optimizers import make_optimizer, make_scheduler
 from .reference import RefModelSyncCallback, load_synced_ref_model, save_synced_ref_model
 from .resume_sampler import epoch_exact_sampler
 from .sft_stream import SFTStream, tokenize_sft_dataset
+from .shadow_fraction import draw_shadow_rows, shadow_subset
 
 
 @dataclass
@@ -286,15 +286,8 @@ class BridgeTrainer(GRPOTrainer):
                 seed=args.seed, rank=self.accelerator.process_index, world_size=self.accelerator.num_processes,
             )
         # LUFFY (a baseline, `baselines`): each RL prompt's expert trace, injected into its group of rollouts.
-        self._expert_traces = None
-        if args.luffy:
-            if sft_dataset is None or not self.probe_reward_funcs_before_training or tools:
-                raise ValueError("`luffy` needs `sft_dataset` (the expert traces) and TRL's own generation (no "
-                                 "`rollout_func`, `environment_factory` or `tools`).")
-            self._expert_traces = ExpertTraces(sft_dataset, self._tokenizer, self._tokenizer.eos_token_id,
-                                               args.max_completion_length)
-            if isinstance(train_dataset, Dataset):
-                self._expert_traces.check_covers(train_dataset)
+        self._expert_traces = ExpertTraces.for_luffy(args, sft_dataset, train_dataset, self._tokenizer,
+                                                     own_generation=self.probe_reward_funcs_before_training and not tools)
         self.shadow_optimizer = self.adapter_optimizer = None
         self.shadow_scheduler = self.adapter_scheduler = None
         self._record = StepRecord()
@@ -385,14 +378,8 @@ class BridgeTrainer(GRPOTrainer):
         return groups, max(1, round(self.args.shadow_fraction * groups))
 
     def _draw_shadow_rows(self, group_ids):
-        """Which local rollouts the shadow pass uses: the rows of k prompt groups drawn uniformly without replacement,
-        seeded by the run's seed and the micro-step of generation (the same on every process; stored with the
-        buffered rollouts, so a resumed run uses the same draw)."""
-        groups, drawn = self._shadow_groups()
-        generator = torch.Generator().manual_seed(self.args.seed * 1_000_003 + self._step)
-        chosen = torch.zeros(groups, dtype=torch.bool)
-        chosen[torch.randperm(groups, generator=generator)[:drawn]] = True
-        return chosen.to(group_ids.device)[group_ids]
+        """Which local rollouts pass B uses (`shadow_fraction`): whole prompt groups, seeded and resumable."""
+        return draw_shadow_rows(group_ids, *self._shadow_groups(), self.args.seed, self._step)
 
     def _behaviour_logps(self, output):
         """The log-probs that truncated IS divides by: the policy the rollouts are corrected to. With vLLM and TRL's
@@ -513,7 +500,7 @@ class BridgeTrainer(GRPOTrainer):
     def _shadow_backward(self, model, inputs, base_logps, lam):
         rows, scale = None, 1.0
         if "bridge_shadow_rows" in inputs:  # shadow_fraction < 1: the drawn prompt groups only, rescaled (unbiased)
-            inputs, base_logps, rows, scale = self._shadow_subset(inputs, base_logps)
+            inputs, base_logps, rows, scale = shadow_subset(inputs, base_logps, self.loss_type, *self._shadow_groups())
         shadow_inputs = dict(inputs)
         # The shadow's PPO ratio is against its own log-probs at sampling time when GRPOTrainer keeps old log-probs
         # (num_iterations > 1, ...), else against its current ones, detached (ratio 1), exactly as for θ.
@@ -548,29 +535,6 @@ class BridgeTrainer(GRPOTrainer):
         if self.delta_shadow is not None:  # θ̂ = θ + d; one process: θ̂'s gradient folded into bf16 during the backward
             return self.delta_shadow.in_place(self.model, keep_grads, hooks=self.accelerator.num_processes == 1)
         return shadow_in_place(self.model, self.base_params, self.shadow_params, keep_grads=keep_grads)
-
-    def _shadow_subset(self, inputs, base_logps):
-        """`shadow_fraction` < 1: the micro-batch's rows of the drawn prompt groups, and the factor that makes the
-        subset's L_RL(θ̂,w) gradient unbiased for the full micro-batch's. Each row is drawn with probability f = k/G
-        (k of the generation batch's G groups), so (subset loss × c) / f is unbiased, where c turns the subset loss
-        into the full loss restricted to the subset (TRL normalises per row for grpo/sapo/luspo/dr_grpo, per token of
-        the micro-batch for bnpo, by a batch-wide constant for dapo/cispo/vespo). A micro-batch without a drawn row
-        still runs pass B on one row, at scale 0, so that every process takes part in the gradient collectives."""
-        chosen = inputs["bridge_shadow_rows"]
-        size = chosen.numel()
-        rows = chosen.nonzero().squeeze(1)
-        if rows.numel() == 0:
-            rows, factor = rows.new_zeros(1), 0.0
-        elif self.loss_type == "bnpo":
-            mask = inputs["completion_mask"] if inputs.get("tool_mask") is None else inputs["completion_mask"] * inputs["tool_mask"]
-            factor = float(mask[rows].sum().clamp(min=1.0) / mask.sum().clamp(min=1.0))
-        elif self.loss_type in ("grpo", "sapo", "luspo", "dr_grpo"):
-            factor = rows.numel() / size
-        else:  # dapo, cispo, vespo: the normaliser is num_items_in_batch, the same for any subset
-            factor = 1.0
-        groups, drawn = self._shadow_groups()
-        subset = {k: v[rows] if torch.is_tensor(v) and v.dim() >= 1 and v.size(0) == size else v for k, v in inputs.items()}
-        return subset, base_logps[rows], rows, factor * groups / drawn
 
     def _truncated_is_advantages(self, advantages, shadow_logps, behaviour_logps):
         ratio = torch.exp(shadow_logps - behaviour_logps).clamp(max=self.args.shadow_is_cap)
@@ -675,17 +639,10 @@ class BridgeTrainer(GRPOTrainer):
         if not self._fsdp2 or self._bound_sharded:
             return
         self._bound_sharded = True
-        named = dict(self.model.named_parameters())
-        by_plain = {plain_name(n): p for n, p in named.items() if "lora_" not in n}
-        self.base_params = [(n, by_plain[n]) for n, _ in self.base_params]
-        self.adapter_params = [(n, named[n]) for n, _ in self.adapter_params]
+        self.base_params, self.adapter_params = model_setup.rebind_by_name(self.model, self.base_params,
+                                                                          self.adapter_params)
         self.shadow_params = self._new_shadow() if self.args.bridge_meta_term else []  # θ̂ ← θ⁰, sharded
-        base = self.accelerator.unwrap_model(self.model).get_base_model()
-        head = base.get_output_embeddings()
-        if isinstance(head, FSDPModule):
-            # accelerate puts lm_head in its own FSDP unit, gathered only when lm_head.forward runs; the fused head
-            # never calls it. Gather it when the backbone finishes: its gradient then reaches FSDP's reduce-scatter.
-            base.base_model.register_forward_hook(lambda *_: head.unshard())
+        gather_output_head_with_backbone(self.accelerator.unwrap_model(self.model).get_base_model())
 
     def _new_shadow(self) -> list:
         """θ̂ ← θ⁰: an fp32 copy of θ, or with `shadow_storage="bf16_delta"` a zero bf16 delta d from θ, whose fp32

@@ -148,6 +148,13 @@ def select_base_params(peft_model, patterns):
     return selected
 
 
+def rebind_by_name(model, base_params, adapter_params):
+    """(θ, w) looked up again by name in `model`: FSDP2's `fully_shard` replaced every parameter by a DTensor one."""
+    named = dict(model.named_parameters())
+    by_plain = {plain_name(n): p for n, p in named.items() if "lora_" not in n}
+    return [(n, by_plain[n]) for n, _ in base_params], [(n, named[n]) for n, _ in adapter_params]
+
+
 def keep_fp32_master_weights(model, trainable, autocast: bool):
     """θ (and so θ̂, its copy) and w train in fp32 whatever dtype the model was loaded in. At the paper's lr (5e-7) a
     bf16 update of a weight of size ~0.02 is below bf16's spacing (~1e-4) and rounds away: θ would not move, θ̂ would
