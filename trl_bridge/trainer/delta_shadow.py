@@ -101,7 +101,7 @@ def _from_order_key(key: torch.Tensor) -> torch.Tensor:
     return bits.to(torch.int32).view(torch.float32)
 
 
-CHUNK = 1 << 20  # elements per chunk of the elementwise work: its temporaries stay a few MiB whatever the weight's size
+CHUNK = 1 << 16  # elements per chunk of the elementwise work: its temporaries stay < 1 MiB whatever the weight's size
 
 
 def chunks(*tensors):
