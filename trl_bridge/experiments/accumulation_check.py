@@ -105,6 +105,9 @@ def _gradient_capture(trainer, seed: int):
             sets = dict(zip(PARAMETER_SETS, ([current.get(n, p) for n, p in trainer.base_params],
                                              list(trainer.shadow_params or []),
                                              [current.get(n, p) for n, p in trainer.adapter_params])))
+            # θ̂ stored as a bf16 delta (`shadow_storage: bf16_delta`) keeps its gradient in a bf16 accumulator
+            delta = getattr(trainer, "delta_shadow", None)
+            held = {id(s): g for s, g in zip(trainer.shadow_params or [], delta.grads)} if delta is not None else {}
             main = trainer.accelerator.is_main_process
             self.grads = {}
             for name, params in sets.items():
@@ -112,7 +115,8 @@ def _gradient_capture(trainer, seed: int):
                     continue
                 flat = []
                 for p in params:  # a parameter without a gradient contributed zero
-                    g = full_tensor(p.grad).double().cpu() if p.grad is not None else torch.zeros(p.shape, dtype=torch.float64)
+                    grad = held.get(id(p), p.grad)
+                    g = full_tensor(grad).double().cpu() if grad is not None else torch.zeros(p.shape, dtype=torch.float64)
                     if main:
                         flat.append(g.flatten())
                 self.grads[name] = torch.cat(flat) if main else None
@@ -164,8 +168,14 @@ def _same_rollouts(a: list, b: list) -> tuple[bool, str]:
     return same, detail
 
 
-def compare_gradients(ga: dict, gb: dict, tolerance: float) -> list[dict]:
-    """Per parameter set: ‖g_a − g_b‖, ‖g_b‖, their ratio and whether it is within `tolerance`."""
+#: θ̂'s gradient under `shadow_storage: bf16_delta` is accumulated in bf16 (one rounding per micro-batch), so
+#: accumulation and one batch differ by bf16's rounding (~4e-3 relative), not by fp32's
+BF16_ACCUMULATOR_TOLERANCE = 1e-2
+
+
+def compare_gradients(ga: dict, gb: dict, tolerance: float, bf16_shadow: bool = False) -> list[dict]:
+    """Per parameter set: ‖g_a − g_b‖, ‖g_b‖, their ratio and whether it is within `tolerance` (for θ̂ stored as a
+    bf16 delta, within `BF16_ACCUMULATOR_TOLERANCE` at least: its gradient accumulator is bf16)."""
     rows = []
     for name in PARAMETER_SETS:
         if name not in ga and name not in gb:
@@ -180,7 +190,11 @@ def compare_gradients(ga: dict, gb: dict, tolerance: float) -> list[dict]:
                          "note": ZERO})
             continue
         rel = diff / norm_b if norm_b > 0 else math.inf
-        rows.append({"parameters": name, "norm_b": norm_b, "rel_diff": rel, "passed": rel <= tolerance})
+        limit = max(tolerance, BF16_ACCUMULATOR_TOLERANCE) if bf16_shadow and name == PARAMETER_SETS[1] else tolerance
+        row = {"parameters": name, "norm_b": norm_b, "rel_diff": rel, "passed": rel <= limit}
+        if limit != tolerance:
+            row["note"] = f"bf16 gradient accumulator: tolerance {limit:g}"
+        rows.append(row)
     return rows
 
 
@@ -282,7 +296,9 @@ def check(config: str, overrides: list[str], methods: list[str], accumulation_st
                 argv = ["--config", config_path, *overrides, *model_flags, *_flags(method_overrides), *_flags(fixed)]
                 grads[run], rollouts[run] = _run_once(argv)
             same, detail = _same_rollouts(rollouts["a"], rollouts["b"])
-            rows = compare_gradients(grads["a"], grads["b"], tolerance) if _is_main() else []
+            storage = _flag_value(overrides, "shadow_storage", base_yaml.get("shadow_storage"))
+            bf16_shadow = method_overrides.get("shadow_storage", storage) == "bf16_delta"
+            rows = compare_gradients(grads["a"], grads["b"], tolerance, bf16_shadow) if _is_main() else []
             results["methods"][method] = {"rollouts_identical": same, "rollouts": detail, "rows": rows,
                                           "passed": same and all(r["passed"] for r in rows)}
             _say(f"[trl-bridge check] {method}: " + ("; ".join(f"{r['parameters']} {r['rel_diff']:.1e}" for r in rows)
