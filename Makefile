@@ -28,7 +28,7 @@ quickstart: setup
 
 # The test suite (one torch thread: two threads make tiny models randomly ~25x slower on these machines).
 test: setup
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider -n 2
 
 # On a machine with one CUDA GPU, at most 8 minutes, nothing downloaded: the `-m gpu` tests, `trl-bridge bench` at
 # 512-token completions (GRPO, BRIDGE, lean shadow) and BRIDGE under FSDP2 with bf16 mixed precision; JSON in docs/bench/.
