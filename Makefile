@@ -26,7 +26,8 @@ $(STAMP): pyproject.toml
 quickstart: setup
 	OMP_NUM_THREADS=1 $(BIN)/trl-bridge train --config configs/quickstart.yaml
 
-# The test suite (one torch thread: two threads make tiny models randomly ~25x slower on these machines).
+# The test suite on both cores (pytest-xdist, two workers of one torch thread each: two threads in one process make
+# tiny models randomly ~25x slower on these machines).
 test: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider -n 2
 
