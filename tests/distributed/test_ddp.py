@@ -39,10 +39,12 @@ def test_processes_the_trainer_would_run_alone_are_refused_naming_use_cpu(tmp_pa
     """torchrun without a GPU and without `use_cpu`: transformers initialises the process group but would train every
     process alone, each writing the same output_dir. BridgeConfig refuses it; with use_cpu + gloo it is one DDP job."""
     script = tmp_path / "config.py"
-    script.write_text("import sys\nfrom trl_bridge import BridgeConfig\n"
+    # Each rank writes its own file: two processes printing to one pipe can interleave their lines.
+    script.write_text("import os, sys\nfrom trl_bridge import BridgeConfig\n"
                       "extra = dict(use_cpu=True, ddp_backend='gloo') if sys.argv[1] == 'cpu' else {}\n"
                       f"args = BridgeConfig(output_dir={str(tmp_path / 'out')!r}, report_to='none', **extra)\n"
-                      "print('world size', args.world_size)\n")
+                      f"open(os.path.join({str(tmp_path)!r}, 'rank' + os.environ['RANK']), 'w')"
+                      ".write(str(args.world_size))\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
     for mode in ("default", "cpu"):
         with socket.socket() as s:
@@ -55,4 +57,4 @@ def test_processes_the_trainer_would_run_alone_are_refused_naming_use_cpu(tmp_pa
             assert proc.returncode != 0 and "BridgeConfig.use_cpu=False is invalid: 2 processes" in proc.stderr
         else:
             assert proc.returncode == 0, proc.stderr[-2000:]
-            assert proc.stdout.count("world size 2") == 2
+            assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["2", "2"]
