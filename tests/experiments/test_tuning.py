@@ -63,7 +63,20 @@ def test_tune_trains_every_trial_on_validation_and_tuned_runs_the_winners_on_the
         compare_mod.main([*common, "--tune", plan, "--output_dir", str(out)])
     argv = [*common, "--tune", plan, "--dataset_test_split", "validation", "--task_num_validation", "3",
             "--output_dir", str(out)]
-    assert compare_mod.main(argv) == 0
+    with pytest.raises(SystemExit):  # --methods picks among the plan's methods only
+        compare_mod.main([*argv, "--methods", "grpo"])
+    # --methods: only naive_mixing's trials train now; cold_start's winner stays open
+    assert compare_mod.main([*argv, "--methods", "naive_mixing"]) == 0
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["naive_mixing#0", "naive_mixing#1"]
+    partial = json.loads((out / "tuning.json").read_text())["methods"]
+    assert partial["naive_mixing"]["winner"] is not None and partial["cold_start"]["winner"] is None
+    grid = ["--output_dir", str(tmp_path / "grid"), "--tuned", str(out / "tuning.json")]
+    compare_mod.parse_args([*common, *grid, "--methods", "naive_mixing"])  # its winner is known
+    with pytest.raises(SystemExit):  # cold_start's is not
+        compare_mod.parse_args([*common, *grid, "--methods", "cold_start"])
+    before = (out / "runs" / "naive_mixing#1" / "seed0" / "done.json").stat().st_mtime_ns
+    assert compare_mod.main(argv) == 0  # the whole plan: naive_mixing's trials are reused, cold_start's train
+    assert (out / "runs" / "naive_mixing#1" / "seed0" / "done.json").stat().st_mtime_ns == before
     spec = json.loads((out / "runs" / "naive_mixing#1" / "seed0" / "spec.json").read_text())["argv"]
     assert _flag(spec, "--bridge_lambda") == "0.8" and "--adapter_learning_rate" in spec
     sft_stage = json.loads((out / "runs" / "cold_start#1" / "seed0" / "sft" / "spec.json").read_text())["argv"]
@@ -97,3 +110,6 @@ def test_tuned_refuses_a_tuning_of_another_config_or_an_incomplete_one(tmp_path)
     tuned.write_text(json.dumps({"settings": {"config_yaml": {}}, "methods": {"grpo": {"winner": None}}}))
     with pytest.raises(ValueError, match="no winner yet"):
         load_tuned(str(tuned), {})
+    with pytest.raises(ValueError, match="no winner yet"):
+        load_tuned(str(tuned), {}, ["grpo", "sft"])
+    assert load_tuned(str(tuned), {}, ["sft"]) == {}  # grpo is not asked for; sft is outside the tuning

@@ -1151,7 +1151,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tune", default=None, metavar="TUNING_YAML",
                         help="tune every method alike on the validation split: the plan's trials of each method (the "
                         "same number for all) as rows `method#i`, scored by its rule; writes tuning.json / tuning.md "
-                        "(trl_bridge.experiments.tuning). Needs --dataset_test_split validation; replaces --methods")
+                        "(trl_bridge.experiments.tuning). Needs --dataset_test_split validation. With --methods, trains only those "
+                        "methods' trials now and reports the whole plan as it stands (the others' winners stay open)")
     parser.add_argument("--tuned", default=None, metavar="TUNING_JSON",
                         help="run each method with the overrides its tuning (a tuning.json of --tune on this config) "
                         "chose, on the config's test split")
@@ -1189,8 +1190,8 @@ def make_parser() -> argparse.ArgumentParser:
 def parse_args(argv):
     parser = make_parser()
     args, extra = parser.parse_known_args(argv)
-    if args.tune is not None and args.methods is not None:
-        parser.error("--tune sets the methods (its plan's trials): leave out --methods")
+    # --tune with --methods trains only those methods' trials now; the report still covers the whole plan
+    args.train_only = sorted(set(_csv(args.methods))) if args.tune is not None and args.methods is not None else []
     if not os.path.isfile(args.config):
         parser.error(f"--config: file not found: {args.config}")
     args.methods = _csv(args.methods if args.methods is not None else "bridge" if args.vary else DEFAULT_METHODS)
@@ -1231,12 +1232,16 @@ def parse_args(argv):
         except ValueError as err:
             parser.error(str(err))
         args.trial_overrides = tuning.trial_rows(args.tune_plan)
+        outside = [m for m in args.train_only if m not in args.tune_plan["trials"]]
+        if outside:
+            parser.error(f"--methods: {outside} not in the tuning plan {args.tune} (its methods: "
+                         f"{','.join(args.tune_plan['trials'])})")
         args.methods = list(args.trial_overrides)
         if args.reference is None:
             args.reference = next((m for m in args.methods if m.startswith("bridge#")), args.methods[0])
     if args.tuned is not None:
         try:
-            args.tuned_overrides = tuning.load_tuned(args.tuned, base_yaml)
+            args.tuned_overrides = tuning.load_tuned(args.tuned, base_yaml, [m.split("@")[0] for m in args.methods])
         except ValueError as err:
             parser.error(str(err))
     if args.vary or args.tune:  # tuning must never look at the test split
@@ -1304,6 +1309,8 @@ def compare(argv) -> int:
     earlier = load_earlier_results(args, extra, base_yaml)
     noise = load_noise_baseline(args, extra, base_yaml)
     todo = [r for r in runs if any(_done(s) is None for s in r["stages"]) and (r["method"], r["seed"]) not in earlier]
+    if args.train_only:  # --tune --methods: the other methods' trials are reported as they stand, not trained
+        todo = [r for r in todo if r["method"].split("#")[0] in args.train_only]
     reused, jobs = len(runs) - len(todo), 1 if args.in_process else args.jobs
     if args.report_only:
         print(f"[trl-bridge compare] {len(runs) - len(todo)} of {len(runs)} runs completed under {args.output_dir}/runs; "

@@ -104,8 +104,9 @@ def write_tuning(output_dir: str, plan: dict, records: list[dict], settings: dic
     return result
 
 
-def load_tuned(path: str, config_yaml: dict) -> dict[str, dict]:
-    """{method: the winner's overrides} from a tuning.json made on this config (its test split aside)."""
+def load_tuned(path: str, config_yaml: dict, methods: list[str] | None = None) -> dict[str, dict]:
+    """{method: the winner's overrides} from a tuning.json made on this config (its test split aside). Each of `methods`
+    that the tuning covers must have a winner (a method outside the plan runs at the config's settings)."""
     try:
         with open(path) as f:
             tuned = json.load(f)
@@ -116,7 +117,8 @@ def load_tuned(path: str, config_yaml: dict) -> dict[str, dict]:
     if made_on != here:
         differ = sorted(k for k in made_on.keys() | here.keys() if made_on.get(k) != here.get(k))
         raise ValueError(f"--tuned: {path} was tuned on another config (fields {differ} differ); tune on this one")
-    missing = [m for m, e in tuned.get("methods", {}).items() if e.get("winner") is None]
+    missing = [m for m, e in tuned.get("methods", {}).items()
+               if e.get("winner") is None and (methods is None or m in methods)]
     if missing:
         raise ValueError(f"--tuned: {path}: no winner yet for {missing} (their trials are incomplete)")
-    return {m: e["overrides"] for m, e in tuned["methods"].items()}
+    return {m: e["overrides"] for m, e in tuned["methods"].items() if e.get("winner") is not None}
