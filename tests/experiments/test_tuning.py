@@ -52,7 +52,8 @@ def test_the_rule_picks_the_highest_mean_validation_accuracy_and_the_first_liste
     assert choose(plan, records[:-1])["methods"]["sft"]["winner"] is None
 
 
-def test_tune_trains_every_trial_on_validation_and_tuned_runs_the_winners_on_the_test_split(tiny_model_dir, tmp_path):
+def test_tune_trains_every_trial_on_validation_and_tuned_runs_the_winners_on_the_test_split(tiny_model_dir, tmp_path,
+                                                                                            capsys):
     config = tmp_path / "c.yaml"
     config.write_text(f"model_name_or_path: {tiny_model_dir}\nbridge_lambda: 0.5\nadapter_learning_rate: 1.0e-2\n")
     plan = _plan(tmp_path, {"naive_mixing": [{}, {"bridge_lambda": 0.8}],
@@ -67,6 +68,7 @@ def test_tune_trains_every_trial_on_validation_and_tuned_runs_the_winners_on_the
         compare_mod.main([*argv, "--methods", "grpo"])
     # --methods: only naive_mixing's trials train now; cold_start's winner stays open
     assert compare_mod.main([*argv, "--methods", "naive_mixing"]) == 0
+    assert "4 runs, 0 reused, 2 left for later (not in --methods), 2 to train" in capsys.readouterr().out
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["naive_mixing#0", "naive_mixing#1"]
     partial = json.loads((out / "tuning.json").read_text())["methods"]
     assert partial["naive_mixing"]["winner"] is not None and partial["cold_start"]["winner"] is None

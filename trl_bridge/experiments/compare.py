@@ -1309,11 +1309,13 @@ def compare(argv) -> int:
     earlier = load_earlier_results(args, extra, base_yaml)
     noise = load_noise_baseline(args, extra, base_yaml)
     todo = [r for r in runs if any(_done(s) is None for s in r["stages"]) and (r["method"], r["seed"]) not in earlier]
+    left = []
     if args.train_only:  # --tune --methods: the other methods' trials are reported as they stand, not trained
+        left = [r for r in todo if r["method"].split("#")[0] not in args.train_only]
         todo = [r for r in todo if r["method"].split("#")[0] in args.train_only]
-    reused, jobs = len(runs) - len(todo), 1 if args.in_process else args.jobs
+    reused, jobs = len(runs) - len(todo) - len(left), 1 if args.in_process else args.jobs
     if args.report_only:
-        print(f"[trl-bridge compare] {len(runs) - len(todo)} of {len(runs)} runs completed under {args.output_dir}/runs; "
+        print(f"[trl-bridge compare] {len(runs) - len(todo) - len(left)} of {len(runs)} runs completed under {args.output_dir}/runs; "
               "--report_only: training none", flush=True)
         todo = []
     else:
@@ -1321,13 +1323,14 @@ def compare(argv) -> int:
                  f"each run's log: <run>/train.log; progress every {args.progress_interval:g}s"
                  if args.progress_interval > 0 else "each run's log: <run>/train.log; a line as each run finishes")
         taken = sum(1 for r in runs if (r["method"], r["seed"]) in earlier and any(_done(s) is None for s in r["stages"]))
-        reused_text = f"{reused} reused" + (f" ({taken} from --earlier_results)" if taken else "")
+        reused_text = (f"{reused} reused" + (f" ({taken} from --earlier_results)" if taken else "")
+                       + (f", {len(left)} left for later (not in --methods)" if left else ""))
         print(f"[trl-bridge compare] {len(runs)} runs, {reused_text}, {len(todo)} to train ({jobs} at a time) under "
               f"{args.output_dir}/runs; {every}", flush=True)
     failed: dict[str, str] = {}
     lock = threading.Lock()
     # in-process runs print their own log lines here, so no progress thread then: a line as each run finishes
-    progress = CompareProgress(len(runs), reused, jobs, interval=0 if args.in_process or not todo else args.progress_interval)
+    progress = CompareProgress(len(runs) - len(left), reused, jobs, interval=0 if args.in_process or not todo else args.progress_interval)
 
     def job(run):
         name = f"{run['method']}/seed{run['seed']}"
