@@ -164,6 +164,7 @@ def _plan(tmp_path, **changes):
     (["--methods", "bridge,sft", "--seeds", "0,1"], {"max_steps": 40}, "max_steps (40 declared, 2 here)"),
     (["--methods", "bridge,sft", "--seeds", "0,1"], {"compared": ["bridge"]}, "compared must list methods"),
     (["--methods", "bridge,sft", "--seeds", "0,1"], {"margin": 0.03}, "unknown field(s) margin"),
+    (["--methods", "bridge,sft", "--seeds", "0,1"], {"tuned": "tuning.json"}, "tuned (tuning.json declared, None here)"),
     (["--methods", "bridge,sft", "--seeds", "0,1"], {"test": "wilcoxon"}, "test must be one of paired_t"),
     (["--methods", "bridge,sft", "--seeds", "0,1"], {"equivalence_margin": "3%"}, "equivalence_margin must be"),
 ])

@@ -1030,7 +1030,7 @@ def write_results(args, runs: list[dict], failed: dict, earlier: dict | None = N
 # ----------------------------------------------------------------------------------------------------------------------
 PLAN_TESTS, PLAN_CORRECTIONS = ("paired_t",), ("holm",)
 _PLAN_REQUIRED = ("methods", "seeds", "reference", "compared", "test", "correction", "equivalence_margin")
-_PLAN_OPTIONAL = ("alpha", "config", "max_steps", "reward_noise", "noise_baseline")
+_PLAN_OPTIONAL = ("alpha", "config", "max_steps", "reward_noise", "noise_baseline", "tuned")
 
 
 def load_plan(path: str) -> dict:
@@ -1096,6 +1096,8 @@ def check_plan(plan: dict, args) -> None:
             differ.append(f"{key} ({plan[key]} declared, {here} here)")
     if "config" in plan and os.path.normpath(str(plan["config"])) != os.path.normpath(args.config):
         differ.append(f"config ({plan['config']} declared, {args.config} here)")
+    if "tuned" in plan and (args.tuned is None or os.path.normpath(str(plan["tuned"])) != os.path.normpath(args.tuned)):
+        differ.append(f"tuned ({plan['tuned']} declared, {args.tuned} here)")  # the tuning whose winners are run
     for key in ("max_steps", "reward_noise"):
         if key in plan and float(plan[key]) != float(getattr(args, key)):
             differ.append(f"{key} ({plan[key]} declared, {getattr(args, key)} here)")
