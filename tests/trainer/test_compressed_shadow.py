@@ -6,6 +6,7 @@ and round-trips through checkpoints. Under DDP and FSDP2: tests/distributed/test
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 from trl_bridge import BridgeConfig
 from trl_bridge.tiny import make_tiny_tokenizer
@@ -86,8 +87,8 @@ def test_stochastic_rounding_is_unbiased_and_picks_a_neighbour():
 
 
 def test_theta_hat_stays_put_when_theta_moves(tok, tmp_path):
-    """shadow_learning_rate = 0: θ̂ must stay θ⁰ while θ trains, i.e. d follows −Δθ after every step of θ (the rebase
-    after the Trainer's step), up to d's own bf16 rounding: one rounding per step, each within one bf16 spacing of |d|
+    """shadow_learning_rate = 0: θ̂ must stay θ⁰ while θ trains, i.e. d follows −Δθ after every step of θ (d ← θ̂ − θ
+    right after θᵢ's step), up to d's own bf16 rounding: one rounding per step, each within one bf16 spacing of |d|
     (≤ 2^-7 |d|), unbiased."""
     steps = 3
     trainer = make_trainer(tok, tmp_path, max_steps=steps, learning_rate=1e-2, shadow_learning_rate=0.0, **DELTA)
@@ -100,7 +101,33 @@ def test_theta_hat_stays_put_when_theta_moves(tok, tmp_path):
         largest_d = (theta0[n] - theta[n]).abs().max()
         assert (s - theta0[n]).abs().max() <= steps * 2**-7 * largest_d + 1e-12, n
         err, gap = err + ((s - theta0[n]) ** 2).sum(), gap + ((theta[n] - theta0[n]) ** 2).sum()
-    assert (err / gap) ** 0.5 < 2**-8  # an unrebased d would leave θ̂ = θ + 0, i.e. a relative error of 1
+    assert (err / gap) ** 0.5 < 2**-8  # a d not updated after θ's step would leave θ̂ = θ + 0, i.e. a relative error of 1
+
+
+def test_the_update_holds_one_weight_of_fp32_theta_hat_at_a_time_and_steps_theta_as_the_trainer_would(tok, tmp_path,
+                                                                                                      monkeypatch):
+    """θ̂ and θ step weight by weight: θ̂'s fp32 slots are allocated one at a time, θ's gradient is released once its
+    weight has stepped, and θ after step 1 (which θ̂ does not influence) is bit for bit what the Trainer's own
+    optimizer step gives it with the fp32 lean shadow."""
+    import trl_bridge.trainer.delta_shadow as delta_shadow
+
+    trainer = make_trainer(tok, tmp_path / "delta", max_steps=2, **DELTA)
+    held, allocate = [], delta_shadow.allocate
+
+    def counting_allocate(t):
+        held.append(sum(local(s).untyped_storage().nbytes() > 0 for s in trainer.delta_shadow.slots))
+        allocate(t)
+
+    monkeypatch.setattr(delta_shadow, "allocate", counting_allocate)
+    first = {}
+    trainer.add_callback(type("First", (TrainerCallback,), {"on_step_end": lambda self, args, state, control, **kw: (
+        first.update({n: p.detach().clone() for n, p in trainer.base_params}) if state.global_step == 1 else None)})())
+    trainer.train()
+    assert len(held) == 2 * len(trainer.base_params) and max(held) == 0  # none held when the next is allocated
+    lean = make_trainer(tok, tmp_path / "lean", max_steps=1, shadow_storage="lean")
+    lean.train()
+    for n, p in lean.base_params:
+        assert torch.equal(first[n], p), n
 
 
 # Measured by scripts/shadow_drift.py (docs/cost.md): 1.1e-2 after 10 steps at this learning rate; the bound leaves room.
@@ -176,14 +203,15 @@ def test_half_precision_base_weights_are_refused():
 
 
 def drift_of_a_fixed_shadow(monkeypatch=None, steps=1000, step_size=1e-6):
-    """θ moves by `step_size` per step, θ̂ does not train: the mean of θ̂ − θ⁰ after `steps` rebases."""
+    """θ moves by `step_size` per step, θ̂ does not train: the mean of θ̂ − θ⁰ after `steps` steps of θ."""
     theta = torch.nn.Parameter(torch.full((2000,), 0.02))
     shadow = DeltaShadow([("w", theta)], seed=0)
-    with torch.no_grad():
-        for step in range(steps):
-            shadow.step(optimizer=None, norm=0.0, max_norm=float("inf"))  # no gradient: θ̂'s fp32 slot = θ + d
-            theta.add_(step_size)  # θ's own optimizer step
-            shadow.rebase(step)
+    theta_optimizer = torch.optim.SGD([theta], lr=step_size)
+    for step in range(steps):
+        theta.grad = torch.full_like(theta, -1.0)  # θ's own step: +step_size
+        shadow.step(optimizer=None, norm=0.0, max_norm=float("inf"), base_optimizer=theta_optimizer, step=step)
+        assert theta.grad is None  # released: the Trainer's own step would leave θ alone
+    assert float(theta.detach().mean()) == pytest.approx(0.02 + steps * step_size, rel=1e-4)
     return float((theta.detach() + shadow.deltas[0].float() - 0.02).mean())
 
 
@@ -198,7 +226,7 @@ def test_stochastic_rounding_keeps_a_far_shadow_in_place_where_round_to_nearest_
 
 
 def test_a_numeric_fault_skips_the_step_for_theta_hat_too(tok, tmp_path):
-    """A NaN loss at step 2: θ, θ̂ = θ + d and w keep their values through it (d is not rebased, its gradient dropped)."""
+    """A NaN loss at step 2: θ, θ̂ = θ + d and w keep their values through it (d is not updated, its gradient dropped)."""
     from transformers import TrainerCallback
 
     class Snapshots(TrainerCallback):
@@ -216,4 +244,4 @@ def test_a_numeric_fault_skips_the_step_for_theta_hat_too(tok, tmp_path):
     for k in first:
         assert torch.equal(first[k], skipped[k]), k
     assert sum(not torch.equal(skipped[k], last[k]) for k in first if k.startswith("shadow.")) > 0.7 * len(trainer.base_params)
-    assert trainer.delta_shadow.grads == [None] * len(trainer.base_params) and not trainer.delta_shadow.materialised
+    assert trainer.delta_shadow.grads == [None] * len(trainer.base_params)

@@ -16,7 +16,7 @@ One meta-step, all gradients at iterate k, in the order of this file:
 Passes A and B are ordinary forward+backward pairs through the wrapped model (DDP all-reduces and FSDP2
 reduce-scatters each parameter once per backward); pass B swaps θ̂ into the base parameters' storage
 (`gradient_routing`). `BridgeCallback` applies the θ̂ and w updates between the Trainer's backward and its θ step
-(and, with θ̂ stored as a delta from θ, re-bases it after θ's step). Everything else is a call into a module named for
+(with θ̂ stored as a delta from θ, it steps θ too, weight by weight beside θ̂). Everything else is a call into a module named for
 what it does: `model_setup` (the policy, θ's selection, fp32 master weights), `checks` (refusals before step 1),
 `frozen_replay`, `optimizers`, `numeric_faults`, `reference` (the KL reference), `checkpoint_state` and
 `checkpointing` (checkpoints), `delta_shadow` (θ̂ stored as a bf16 delta from θ), `model_card`, and the engines
@@ -107,9 +107,6 @@ class BridgeCallback(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.trainer._apply_shadow_and_adapter_updates()
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        self.trainer._rebase_delta_shadow()
 
 
 class BridgeTrainer(GRPOTrainer):
@@ -568,7 +565,10 @@ class BridgeTrainer(GRPOTrainer):
         if delta is None:
             self.shadow_optimizer.step()  # θ̂ ← θ̂ − α ∇θ̂ L_RL(θ̂,w)
         else:
-            delta.step(self.shadow_optimizer, shadow_norm, max_norm)  # the same, on θ̂ = θ + d (rebased after θ's step)
+            # the same on θ̂ = θ + d, weight by weight together with θ's own step (d is relative to θ; one weight's
+            # fp32 θ̂ at a time), which then leaves the Trainer's step nothing to do on θ
+            delta.step(self.shadow_optimizer, shadow_norm, max_norm, getattr(self.optimizer, "optimizer", self.optimizer),
+                       self.state.global_step)
         self.shadow_scheduler.step()
         self.shadow_optimizer.zero_grad(set_to_none=True)
         # θ ← θ − α [(1−λ) ∇θ L_SFT(θ,w) + λ ∇θ L_RL(θ,w)]: the Trainer's optimizer step, right after this callback
@@ -582,11 +582,6 @@ class BridgeTrainer(GRPOTrainer):
         for scheduler in (self.shadow_scheduler, self.adapter_scheduler):
             if scheduler is not None:
                 scheduler.step()
-
-    def _rebase_delta_shadow(self):
-        """bf16_delta: θ has stepped; d ← θ̂ − θ so that θ̂ = θ + d stays where its own update put it."""
-        if self.delta_shadow is not None:
-            self.delta_shadow.rebase(self.state.global_step)
 
     def _clip_grad_norm(self, model):
         """The Trainer's clipping (and its logged `grad_norm`) covers θ alone; θ̂ and w are clipped separately."""

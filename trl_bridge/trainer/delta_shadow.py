@@ -11,11 +11,11 @@ Bytes per trainable parameter that θ̂ keeps between steps: d (2) + the factore
                 is added to θ̂'s bf16 gradient accumulator: in one process, weight by weight during the backward (a
                 post-accumulate-grad hook, so no full fp32 gradient of θ̂ is ever held); under DDP and FSDP2, which
                 all-reduce / reduce-scatter `.grad` at the end of the backward, right after it.
-    the update  `BridgeCallback.on_pre_optimizer_step`, before θ moves: per parameter, θ̂ = θ + d is materialised in
-                fp32, stepped by the optimizer with its clipped gradient, and d's storage freed; θ̂ stays in fp32 while
-                the Trainer steps θ.
-    the rebase  `BridgeCallback.on_optimizer_step`, after θ moved: d ← round(θ̂ − θ_new) and θ̂'s fp32 copy freed. d is
-                relative to the current θ, so θ̂ is an absolute copy: θ's step does not move it.
+    the update  `BridgeCallback.on_pre_optimizer_step`, weight by weight: θ̂ᵢ = θᵢ + dᵢ is materialised in fp32 and
+                stepped by θ̂'s optimizer with its clipped gradient, θᵢ is stepped by θ's own optimizer (its gradient
+                then released, so the Trainer's step that follows leaves θ as it is), and dᵢ ← round(θ̂ᵢ − θᵢ_new). One
+                weight's fp32 θ̂ at a time; d stays relative to the current θ, so θ̂ is an absolute copy: θ's step does
+                not move it.
 
 The rounding to bf16 is stochastic (unbiased: round-to-nearest would freeze d whenever θ̂'s step minus θ's is below
 half of d's spacing, and θ̂ would then follow θ). Its random bits are a hash of (seed, step, parameter, element index
@@ -154,7 +154,6 @@ class DeltaShadow:
             self.slots.append(slot)
         self.grads: list[torch.Tensor | None] = [None] * len(self.base)
         self.seed = seed
-        self.materialised = False
 
     # ---- pass B --------------------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -194,7 +193,7 @@ class DeltaShadow:
             acc = self.grads[i]
             self.grads[i] = new.to(DELTA_DTYPE) if acc is None else (acc.float() + new).to(DELTA_DTYPE)
 
-    # ---- the update (before θ's step) and the rebase (after it) -------------------------------------------------
+    # ---- the update: θ̂ and θ together, weight by weight ---------------------------------------------------------
     def grad_norm(self) -> float:
         return sum_of_squares(g for g in self.grads if g is not None) ** 0.5
 
@@ -206,35 +205,34 @@ class DeltaShadow:
         self.grads = [None] * len(self.grads)
 
     @torch.no_grad()
-    def step(self, optimizer, norm: float, max_norm: float):
-        """θ̂ ← θ̂ − α ∇θ̂ L_RL(θ̂,w), parameter by parameter: θ̂'s fp32 slot = θ + d, its gradient clipped like
-        `clip_grad_norm` does (total norm `norm` to `max_norm`), one optimizer step on that slot alone; d is freed
-        until the rebase."""
+    def step(self, optimizer, norm: float, max_norm: float, base_optimizer, step: int):
+        """θ̂ ← θ̂ − α ∇θ̂ L_RL(θ̂,w) and θ's own step, weight by weight, so that at most one weight's θ̂ is ever in
+        fp32: for weight i, θ̂ᵢ = θᵢ + dᵢ is materialised in its fp32 slot and stepped by θ̂'s `optimizer` with its
+        gradient clipped like `clip_grad_norm` does (total norm `norm` to `max_norm`); θᵢ is stepped by θ's
+        `base_optimizer` alone (its gradient, already clipped by the Trainer, is then released: the Trainer's own
+        `optimizer.step()` right after finds no gradient on θ and leaves it); dᵢ ← round(θ̂ᵢ − θᵢ), stochastically,
+        with bits keyed by (seed, `step`, i, element)."""
         coef = min(1.0, max_norm / (norm + 1e-6)) if 0 < max_norm < float("inf") else 1.0
+        base_grads = [p.grad for p in self.base]
+        for p in self.base:  # each optimizer step below sees one weight's gradient only
+            p.grad = None
         for i, (p, d, slot) in enumerate(zip(self.base, self.deltas, self.slots)):
             allocate(slot)
             torch.add(local(p), local(d).float(), out=local(slot))
-            free(d)
             grad, self.grads[i] = self.grads[i], None
             if grad is not None:  # a weight without gradient keeps θ̂ (the optimizer would skip it)
                 slot.grad = grad.float() * coef if coef < 1.0 else grad.float()
-                optimizer.step()  # only this slot has a gradient: the others are skipped
+                optimizer.step()
                 slot.grad = None
-        self.materialised = True
-
-    @torch.no_grad()
-    def rebase(self, step: int):
-        """d ← round(θ̂ − θ) once θ has taken its step (θ̂ unchanged by it), stochastically rounded to bf16."""
-        if not self.materialised:
-            return
-        for i, (p, d, slot) in enumerate(zip(self.base, self.deltas, self.slots)):
-            allocate(d)
+            if base_grads[i] is not None:
+                p.grad, base_grads[i] = base_grads[i], None
+                base_optimizer.step()
+                p.grad = None
             key = ((self.seed * 1_000_003 + step) * 1_000_033 + i) % (1 << 62)
             start = global_start(d)
             for n, (dc, sc, pc) in enumerate(chunks(local(d), local(slot), local(p))):
                 dc.copy_(stochastic_round(sc - pc, rounding_noise(dc, key, start + n * CHUNK)))
             free(slot)
-        self.materialised = False
 
     # ---- checkpoints and reads -----------------------------------------------------------------------------------
     def full_shadow(self, i: int) -> torch.Tensor:
