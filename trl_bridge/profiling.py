@@ -18,24 +18,48 @@ from trl import GRPOTrainer
 
 class PhaseTimer:
     """Accumulated wall seconds per phase name (`seconds`). With `synchronize` (set by bench on CUDA), each reading
-    first waits for the GPU, so a phase's time is its own and not the kernels it queued."""
+    first waits for the GPU, so a phase's time is its own and not the kernels it queued. With `memory` (set by bench: a
+    pair of callables, read the peak memory since the last reset / reset it), `peak_bytes` holds each phase's own peak,
+    read and reset at every phase boundary: a nested phase's peak is its own, not its parent's, and time outside every
+    phase counts as "other"."""
 
     def __init__(self):
         self.seconds: dict[str, float] = collections.defaultdict(float)
         self.synchronize = False
+        self.memory = None
+        self.peak_bytes: dict[str, int] = collections.defaultdict(int)
+        self._open: list[str] = []
 
     def clock(self) -> float:
         if self.synchronize and torch.cuda.is_available():
             torch.cuda.synchronize()
         return time.perf_counter()
 
+    def _boundary(self):
+        if self.memory is not None:
+            read, reset = self.memory
+            phase = self._open[-1] if self._open else "other"
+            self.peak_bytes[phase] = max(self.peak_bytes[phase], read())
+            reset()
+
+    def enter(self, phase: str):
+        """Open `phase` (for phases that begin and end in different callbacks; otherwise use `with timer(phase)`)."""
+        self._boundary()
+        self._open.append(phase)
+        return self.clock()
+
+    def exit(self, phase: str, start: float):
+        self.seconds[phase] += self.clock() - start
+        self._boundary()
+        self._open.remove(phase)
+
     @contextmanager
     def __call__(self, phase: str):
-        start = self.clock()
+        start = self.enter(phase)
         try:
             yield
         finally:
-            self.seconds[phase] += self.clock() - start
+            self.exit(phase, start)
 
     def clear(self):
         self.seconds.clear()

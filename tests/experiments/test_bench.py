@@ -38,6 +38,13 @@ def test_bench_runs_grpo_and_bridge_for_one_step(tmp_path):
     assert result["raw"]["grpo"]["steps"][0]["tokens"] == result["raw"]["bridge"]["steps"][0]["tokens"]
     # θ̂ with AdamW doubles the trainable part of the training state; the lean shadow adds half of that
     assert bridge["memory"]["state_bytes"] > lean["memory"]["state_bytes"] > grpo["memory"]["state_bytes"]
+    # each phase's own peak; the run's peak is the largest of them (GRPO has no SFT or shadow pass)
+    for v, phases in ((grpo, {"generation", "training_step", "optimizer", "other"}),
+                      (bridge, {"generation", "training_step", "sft", "shadow", "optimizer", "other"})):
+        peaks = v["memory"]["peak_bytes_by_phase"]  # shadow_logps only when TRL keeps sampling-time log-probs
+        assert phases <= set(peaks) <= phases | {"shadow_logps"} and v["memory"]["peak_rss_bytes"] == max(peaks.values())
+        assert all(b > 0 for b in peaks.values())
+    assert "Peak memory by phase" in proc.stdout and "| shadow (pass B) |" in proc.stdout
     assert bridge["step_vs_grpo"] == pytest.approx(bridge["seconds_per_step"] / grpo["seconds_per_step"])
     assert "bridge" in result["targets"] and "overhead_vs_floor" in result["targets"]["bridge"]
 

@@ -15,7 +15,7 @@ optimizer step at a time, in a rotating order, so that machine noise hits every 
 
 Per variant: seconds per optimizer step split into generation / rl (pass A's RL forward+backward) / sft / shadow (pass
 B and the shadow's sampling-time log-probs) / optimizer (the three optimizer steps) / other, peak memory (RSS on CPU,
-CUDA peak on GPU; both from the start of training), the bytes of training state (weights, gradients, optimizer states)
+CUDA peak on GPU; both from the start of training) and each phase's own peak, the bytes of training state (weights, gradients, optimizer states)
 and rollout tokens per second; ratios to GRPO; and BRIDGE's algorithmic floor, GRPO's step + one more RL pass + the
 SFT pass, all from the same run. Generation is forced to `max_completion_length` tokens so that every variant
 generates the same number of tokens. While it runs, plain progress lines on stdout give the variant (i/N), its step
@@ -46,6 +46,10 @@ VARIANTS = {
 DEFAULT_VARIANTS = ("grpo", "naive_mixing", "bridge", "bridge_lean")
 TINY, TINY_SIZE = "tiny-qwen2", (256, 4)  # `model_name_or_path: tiny-qwen2`: a random Qwen2, hidden 256, 4 layers
 PHASES = ("generation", "rl", "sft", "shadow", "optimizer", "other")
+# the PhaseTimer phases whose own peak memory bench reports, and their column names
+PEAK_PHASES = (("generation", "generation"), ("training_step", "rl (pass A)"), ("sft", "sft"),
+               ("shadow_logps", "shadow logps"), ("shadow", "shadow (pass B)"), ("optimizer", "optimizer"),
+               ("other", "other"))
 TARGETS = {"overhead_vs_floor": 1.10, "step_vs_grpo_generation_heavy": 1.5, "memory_vs_grpo": 1.5, "memory_lean_vs_grpo": 1.25,
            "memory_bf16_delta_vs_grpo": 1.15}
 
@@ -168,6 +172,9 @@ def _worker(variant: str, fd: int, argv: list[str]) -> int:
     cuda = torch.cuda.is_available()
     phases = trainer.phases  # BridgeTrainer's and ProfiledGRPOTrainer's PhaseTimer (trl_bridge.profiling)
     phases.synchronize = True
+    # each phase's own peak: read and reset at every phase boundary (the step's peak is the largest of them)
+    phases.memory = ((torch.cuda.max_memory_allocated, torch.cuda.reset_peak_memory_stats) if cuda
+                     else (_peak_rss_bytes, _peak_rss_reset))
     clock = phases.clock
 
     class Turns(TrainerCallback):
@@ -188,10 +195,11 @@ def _worker(variant: str, fd: int, argv: list[str]) -> int:
             self.t0 = clock()
 
         def on_pre_optimizer_step(self, args, state, control, **kw):
-            self.t_opt = clock()
+            self.t_opt = phases.enter("optimizer")
 
         def on_optimizer_step(self, args, state, control, **kw):
             self.opt = clock() - self.t_opt
+            phases.exit("optimizer", self.t_opt)
 
         def on_step_end(self, args, state, control, **kw):
             total = clock() - self.t0
@@ -211,9 +219,13 @@ def _worker(variant: str, fd: int, argv: list[str]) -> int:
 
     trainer.callback_handler.callbacks.insert(0, Turns())  # before BridgeCallback: its updates count as "optimizer"
     trainer.train()
-    memory = {"peak_rss_bytes": _peak_rss_bytes(), "state_bytes": _state_bytes(trainer)}
+    phases._boundary()  # the end of training counts as "other"
+    by_phase = dict(phases.peak_bytes)
+    memory = {"peak_bytes_by_phase": by_phase, "state_bytes": _state_bytes(trainer)}
     if cuda:
-        memory["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
+        memory["cuda_peak_bytes"], memory["peak_rss_bytes"] = max(by_phase.values()), _peak_rss_bytes()
+    else:
+        memory["peak_rss_bytes"] = max(by_phase.values())
     out.write(json.dumps({"done": True, "memory": memory}) + "\n")
     return 0
 
@@ -313,6 +325,16 @@ def format_table(summary: dict) -> str:
             + (f" | {v['overhead_vs_floor']:.2f} |" if "overhead_vs_floor" in v else " | |")
         )
     lines = ["\n".join(rows), ""]
+    by_phase = {name: v["memory"]["peak_bytes_by_phase"] for name, v in summary["variants"].items()
+                if v["memory"].get("peak_bytes_by_phase")}
+    if by_phase:  # where in the step each variant's peak falls
+        lines += ["Peak memory by phase (GiB; each phase's own peak, nested phases apart):", "",
+                  "| variant | " + " | ".join(label for _, label in PEAK_PHASES) + " |",
+                  "|---" * (len(PEAK_PHASES) + 1) + "|"]
+        for name, peaks in by_phase.items():
+            lines.append(f"| {name} | " + " | ".join(f"{peaks[k] / 2**30:.2f}" if k in peaks else "–"
+                                                     for k, _ in PEAK_PHASES) + " |")
+        lines.append("")
     for name, v in summary["variants"].items():
         if "step_vs_bridge" in v:
             shadow = f"{v['shadow_vs_bridge']:.2f}×" if v["shadow_vs_bridge"] is not None else "–"
