@@ -7,8 +7,8 @@ one GPU, with nothing downloaded (SmolLM2-135M-Instruct from the offline `llm-sm
 It runs, in order:
   1. the `-m gpu` tests (bf16 on CUDA);
   2. `trl-bridge bench` on configs/bench/smollm2_gpu.yaml: every weight trainable, bf16 compute with fp32 master
-     weights, 512-token completions; GRPO, BRIDGE and BRIDGE with `shadow_storage: lean`, then BRIDGE with the
-     compressed shadow storage (COMPRESSED_SHADOW_STORAGE below: bf16_delta);
+     weights, 512-token completions; GRPO, BRIDGE and BRIDGE with the compressed shadow storage
+     (COMPRESSED_SHADOW_STORAGE below: bf16_delta), taking turns in one run so that their ratios are comparable;
   3. BRIDGE under FSDP2 through accelerate (configs/accelerate/fsdp2_1gpu.yaml: bf16 MixedPrecisionPolicy) for a few
      steps, then its merged export.
 Results go to docs/bench/: gpu_smollm2_512.json (bench's JSON), gpu_fsdp2_smollm2.json (the FSDP2 run's per-step
@@ -36,8 +36,8 @@ FSDP2_CONFIG = "configs/accelerate/fsdp2_1gpu.yaml"
 BUDGET_S = 8 * 60  # the whole check; each command gets what is left, at most its own limit
 
 # ------------------------------------------------------------------------------------------------------------------
-# The compressed shadow storage (BridgeConfig.shadow_storage): BRIDGE with that `shadow_storage` is benched too
-# (docs/bench/gpu_smollm2_512_<value>.json). None: not benched.
+# The compressed shadow storage (BridgeConfig.shadow_storage): bench's variant `bridge_<value>` runs beside GRPO and
+# BRIDGE in the same bench. None: not benched.
 COMPRESSED_SHADOW_STORAGE: str | None = "bf16_delta"
 # ------------------------------------------------------------------------------------------------------------------
 
@@ -49,13 +49,10 @@ def commands(python: str = sys.executable) -> list[dict]:
         {"name": "gpu tests", "argv": [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests"],
          "limit": 90},
         {"name": "bench", "limit": 240, "result": "gpu_smollm2_512.json",
-         "argv": [*bench, "--variants", "grpo,bridge,bridge_lean", "--output", str(WORK / "bench" / "gpu_smollm2_512.json")]},
+         "argv": [*bench, "--variants", ",".join(["grpo", "bridge"] + ([f"bridge_{COMPRESSED_SHADOW_STORAGE}"]
+                                                                      if COMPRESSED_SHADOW_STORAGE else [])),
+                  "--output", str(WORK / "bench" / "gpu_smollm2_512.json")]},
     ]
-    if COMPRESSED_SHADOW_STORAGE:
-        name = f"gpu_smollm2_512_{COMPRESSED_SHADOW_STORAGE}.json"
-        out.append({"name": f"bench shadow_storage={COMPRESSED_SHADOW_STORAGE}", "limit": 120, "result": name,
-                    "argv": [*bench, "--variants", "bridge", "--shadow_storage", COMPRESSED_SHADOW_STORAGE,
-                             "--output", str(WORK / "bench" / name)]})
     out.append({
         "name": "fsdp2 bf16", "limit": 150, "result": "gpu_fsdp2_smollm2.json",
         "argv": [python, "-m", "accelerate.commands.launch", "--config_file", FSDP2_CONFIG, "-m", "trl_bridge.cli",
@@ -96,7 +93,8 @@ def check_command(cmd: dict) -> str:
         variants = args.variants.split(",")
         unknown = [v for v in variants if v not in bench.VARIANTS]
         if unknown:
-            raise ValueError(f"{cmd['name']}: unknown --variants {unknown}")
+            raise ValueError(f"{cmd['name']}: unknown --variants {unknown} (COMPRESSED_SHADOW_STORAGE must be a "
+                             f"shadow_storage value with a bench variant bridge_<value>: {list(bench.VARIANTS)})")
         for v in variants:  # what each worker will parse (bench.bench's common argv + the variant's options)
             _train_args(["--config", args.config, *overrides, "--max_steps", str(args.warmup + args.steps),
                          "--save_strategy", "no", "--report_to", "none", *(bench.VARIANTS[v] or [])])

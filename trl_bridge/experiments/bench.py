@@ -12,6 +12,7 @@ optimizer step at a time, in a rotating order, so that machine noise hits every 
   bridge_bf16_delta  BridgeTrainer with `shadow_storage: bf16_delta` (not in the default list)
   bridge_shadow50, bridge_shadow25  BridgeTrainer with `shadow_fraction` 0.5 / 0.25 (pass B on that share of the
                 prompt groups; not in the default list: use a config with several prompt groups per generation batch)
+  bridge_bf16_delta_shadow50  both: the compressed shadow and pass B on half of the prompt groups
 
 Per variant: seconds per optimizer step split into generation / rl (pass A's RL forward+backward) / sft / shadow (pass
 B and the shadow's sampling-time log-probs) / optimizer (the three optimizer steps) / other, peak memory (RSS on CPU,
@@ -42,6 +43,7 @@ VARIANTS = {
     "bridge_bf16_delta": ["--shadow_storage", "bf16_delta"],
     "bridge_shadow50": ["--shadow_fraction", "0.5"],
     "bridge_shadow25": ["--shadow_fraction", "0.25"],
+    "bridge_bf16_delta_shadow50": ["--shadow_storage", "bf16_delta", "--shadow_fraction", "0.5"],
 }
 DEFAULT_VARIANTS = ("grpo", "naive_mixing", "bridge", "bridge_lean")
 TINY, TINY_SIZE = "tiny-qwen2", (256, 4)  # `model_name_or_path: tiny-qwen2`: a random Qwen2, hidden 256, 4 layers
