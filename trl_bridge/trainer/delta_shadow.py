@@ -101,14 +101,20 @@ def _from_order_key(key: torch.Tensor) -> torch.Tensor:
     return bits.to(torch.int32).view(torch.float32)
 
 
-CHUNK = 1 << 16  # elements per chunk of the elementwise work: its temporaries stay < 1 MiB whatever the weight's size
+# Elements per chunk of the elementwise work, whatever the weight's size. On a CPU: temporaries of at most 64 KiB
+# (int64), below glibc's mmap threshold, so they are served from the heap and reused (larger ones were mapped and unmapped
+# per chunk, or kept resident after the threshold rose). On a GPU: larger chunks, fewer kernel launches (8 MiB
+# temporaries from torch's caching allocator). The results do not depend on the chunking.
+CHUNK = 1 << 13
+CHUNK_GPU = 1 << 20
 
 
 def chunks(*tensors):
-    """Matching flat chunks of same-sized tensors (views: writing to them writes the tensors)."""
+    """(offset, matching flat chunks of same-sized tensors) — views: writing to them writes the tensors."""
     flat = [t.view(-1) for t in tensors]
-    for start in range(0, flat[0].numel(), CHUNK):
-        yield [f[start : start + CHUNK] for f in flat]
+    size = CHUNK if flat[0].device.type == "cpu" else CHUNK_GPU
+    for start in range(0, flat[0].numel(), size):
+        yield start, [f[start : start + size] for f in flat]
 
 
 class _Restore:
@@ -118,8 +124,8 @@ class _Restore:
 
     def __init__(self, theta: torch.Tensor, delta: torch.Tensor):
         self.steps = torch.empty(theta.shape, dtype=torch.int8, device=theta.device)
-        where, values, start = [], [], 0
-        for th, d, st in chunks(theta, delta, self.steps):
+        where, values = [], []
+        for start, (th, d, st) in chunks(theta, delta, self.steps):
             shadow = th + d.float()
             steps = _order_key(th) - _order_key(shadow - d.float())
             far = (steps.abs() > 127).nonzero().squeeze(1)
@@ -127,12 +133,11 @@ class _Restore:
             values.append(th[far].clone())
             st.copy_(steps.clamp(-127, 127))
             th.copy_(shadow)
-            start += th.numel()
         self.where = torch.cat(where) if where else torch.zeros(0, dtype=torch.long, device=theta.device)
         self.values = torch.cat(values) if values else theta.new_zeros(0)
 
     def apply(self, theta_storage: torch.Tensor, delta: torch.Tensor):
-        for th, d, st in chunks(theta_storage, delta, self.steps):
+        for _, (th, d, st) in chunks(theta_storage, delta, self.steps):
             th.copy_(_from_order_key(_order_key(th - d.float()) + st.long()))
         theta_storage.view(-1)[self.where] = self.values
 
@@ -230,8 +235,8 @@ class DeltaShadow:
                 p.grad = None
             key = ((self.seed * 1_000_003 + step) * 1_000_033 + i) % (1 << 62)
             start = global_start(d)
-            for n, (dc, sc, pc) in enumerate(chunks(local(d), local(slot), local(p))):
-                dc.copy_(stochastic_round(sc - pc, rounding_noise(dc, key, start + n * CHUNK)))
+            for offset, (dc, sc, pc) in chunks(local(d), local(slot), local(p)):
+                dc.copy_(stochastic_round(sc - pc, rounding_noise(dc, key, start + offset)))
             free(slot)
 
     # ---- checkpoints and reads -----------------------------------------------------------------------------------
