@@ -87,6 +87,7 @@ def main():
     missing, extra = sorted(set(expected) - set(record)), sorted(set(record) - set(expected))
     differ = [k for k in expected if k in record and not torch.equal(expected[k], record[k])]
     print(f"{len(expected)} recorded tensors: {len(differ)} differ, {len(missing)} missing, {len(extra)} new")
+    print("settings that differ:", sorted({k.split("/")[0] for k in differ}))
     for k in (differ + missing + extra)[:20]:
         print("  ", k)
     sys.exit(1 if differ or missing or extra else 0)

@@ -238,7 +238,7 @@ def test_a_numeric_fault_skips_the_step_for_theta_hat_too(tok, tmp_path):
 
     trainer = make_trainer(tok, tmp_path, max_steps=3, callbacks=[Snapshots()], **DELTA)
     sft_loss = trainer._sft_loss
-    trainer._sft_loss = lambda model: sft_loss(model) * (float("nan") if trainer.state.global_step == 1 else 1.0)
+    trainer._sft_loss = lambda model, micro_batch: sft_loss(model, micro_batch) * (float("nan") if trainer.state.global_step == 1 else 1.0)
     trainer.train()
     first, skipped, last = Snapshots.after
     for k in first:

@@ -28,7 +28,7 @@ def test_sft_loss_is_nll_at_temperature_one_through_the_fused_head(tok, tmp_path
     trainer.current_gradient_accumulation_steps = 1  # set by the training loop
     head_calls = []
     handle = model.get_base_model().lm_head.register_forward_hook(lambda *a: head_calls.append(1))
-    loss = trainer._sft_loss(model)
+    loss = trainer._sft_loss(model, 0)
     handle.remove()
     assert head_calls == []
     ids, mask = batch["input_ids"], batch["attention_mask"]

@@ -318,8 +318,8 @@ def faulty_trainer(tok, tmp_path, rl_nan_steps=(), shadow_inf_steps=(), sft_nan_
         loss = rl_loss(model, inputs)
         return loss * math.nan if at(rl_nan_steps) else loss
 
-    def faulty_sft_loss(model):
-        loss = sft_loss(model)
+    def faulty_sft_loss(model, micro_batch):
+        loss = sft_loss(model, micro_batch)
         return loss * math.nan if at(sft_nan_steps) else loss
 
     def faulty_shadow_backward(*a, **k):

@@ -409,30 +409,45 @@ class BridgeTrainer(GRPOTrainer):
         if self._grpo_only or not self.model.training:  # evaluation: the RL loss of π(θ+w), as GRPOTrainer reports it
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         lam = self.bridge_lambda
-        # Two forward+backward pairs (one backward per forward, which FSDP2 needs): the SFT half is back-propagated
-        # here; the Trainer back-propagates the returned λ L_RL (the detached SFT term only makes the logged loss whole).
-        first_micro_batch = self._step % self.current_gradient_accumulation_steps == 0
-        with self.phases("sft"):
-            sft_loss = self._sft_loss(model)
-            self.accelerator.backward((1.0 - lam) * sft_loss)
-        if first_micro_batch:  # w's SFT gradient, for the cooperative/SFT ratio logged after pass B
-            self._record.adapter_sft_grads = [None if p.grad is None else p.grad.detach().clone()
-                                              for _, p in self.adapter_params]
+        # Two forward+backward pairs (one backward per forward, which FSDP2 needs): the Trainer back-propagates the
+        # returned λ L_RL; the SFT half follows in `training_step` (`_sft_backward`), once the RL half's activations
+        # are freed, so that θ's gradient and the RL backward's activations are never held whole at once.
         with self._frozen_replay.recording(self.args.bridge_meta_term and self.model.training):
             rl_loss, base_logps = self._rl_loss_and_logps(model, inputs)
         self._record.rl_inputs, self._record.base_logps = inputs, base_logps
         ga = self.current_gradient_accumulation_steps
         self._log_mean("bridge/rl_loss", rl_loss.detach() * ga)
-        self._log_mean("bridge/sft_loss", sft_loss.detach() * ga)
         self._log_mean("bridge/lambda", torch.tensor(lam, device=rl_loss.device))
-        return lam * rl_loss + ((1.0 - lam) * sft_loss).detach()
+        return lam * rl_loss
 
-    def _sft_loss(self, model):
+    def _sft_backward(self, model, micro_batch: int) -> torch.Tensor:
+        """Pass A's SFT half: (1−λ) ∇ L_SFT(θ,w) added to θ.grad and w.grad; returns the detached (1−λ) L_SFT that
+        makes the logged loss whole (on the scale of the Trainer's returned loss)."""
+        lam = self.bridge_lambda
+        first_micro_batch = micro_batch % self.current_gradient_accumulation_steps == 0
+        if first_micro_batch:  # w's SFT gradient alone, for the cooperative/SFT ratio logged after pass B
+            rl_grads = [p.grad for _, p in self.adapter_params]
+            for _, p in self.adapter_params:
+                p.grad = None
+        with self.phases("sft"):
+            sft_loss = self._sft_loss(model, micro_batch)
+            self.accelerator.backward((1.0 - lam) * sft_loss)
+        if first_micro_batch:
+            self._record.adapter_sft_grads = [None if p.grad is None else p.grad.detach().clone()
+                                              for _, p in self.adapter_params]
+            for (_, p), g in zip(self.adapter_params, rl_grads):
+                if g is not None:
+                    p.grad = g if p.grad is None else p.grad.add_(g)
+        ga = self.current_gradient_accumulation_steps
+        self._log_mean("bridge/sft_loss", sft_loss.detach() * ga)
+        return ((1.0 - lam) * sft_loss).detach() / (1 if self.loss_is_scaled_for_ga else ga)
+
+    def _sft_loss(self, model, micro_batch: int):
         """L_SFT: the token-mean NLL of the optimizer step's expert traces (prompt tokens carry label −100), as this
         micro-batch's share: its summed NLL over the completion tokens of every micro-batch of the step on every
         process (as one large batch would weigh them; `trl-bridge check` compares the two). Through TRL's fused LM
         head at temperature 1: the (batch, length, vocabulary) logits are never materialised."""
-        if self._step % self.current_gradient_accumulation_steps == 0 or not self._record.sft_window:
+        if micro_batch % self.current_gradient_accumulation_steps == 0 or not self._record.sft_window:
             self._draw_sft_window()
         batch = {k: v.to(self.accelerator.device) for k, v in self._record.sft_window.pop(0).items()}
         with self.accelerator.autocast(), model_setup.fused_head_for_sft(self._fused_lm):
@@ -476,11 +491,14 @@ class BridgeTrainer(GRPOTrainer):
     # 3. Pass B: ∇θ̂ L_RL(θ̂,w) into θ̂.grad (§3.3) and −λ ∇w L_RL(θ̂,w) into w.grad (§3.4, last term)
     # ------------------------------------------------------------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None):
-        with self.phases("training_step"):
-            loss = super().training_step(model, inputs, num_items_in_batch)  # rollouts when due + pass A
+        micro_batch = self._step  # GRPOTrainer counts this micro-batch at the end of its training_step
         record = self._record
-        if self.model.training and record.rl_inputs is not None:
+        with self.phases("training_step"):
+            loss = super().training_step(model, inputs, num_items_in_batch)  # rollouts when due + pass A's RL half
             start = self.phases.clock()
+            if self.model.training and record.rl_inputs is not None:
+                loss = loss + self._sft_backward(model, micro_batch)  # pass A's SFT half
+        if self.model.training and record.rl_inputs is not None:
             if self.args.bridge_meta_term:  # False: the "w/o J_meta" ablation, no shadow
                 with self.phases("shadow"):
                     self._shadow_backward(model, record.rl_inputs, record.base_logps, lam=self.bridge_lambda)
