@@ -26,6 +26,7 @@ what it does: `model_setup` (the policy, θ's selection, fp32 master weights), `
 from __future__ import annotations
 
 import copy
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -85,6 +86,8 @@ class StepRecord:
     off_policy_rows    `_generate` → `_generate_and_score_completions` (LUFFY): which local rollouts are expert traces.
     sft_window         drawn at an optimizer step's first micro-batch, one SFT batch popped per micro-batch
                        (`_sft_loss`); sft_window_tokens: their completion tokens per process, L_SFT's normaliser.
+    theta_stepped      `_step_theta_before_pass_b` → the Trainer's clipping and the updates: θ's gradient norm and
+                       ‖θ̂−θ‖/‖θ‖, when θ has already stepped (bf16_delta, one micro-batch per step).
     """
 
     rewards_per_func: torch.Tensor | None = None
@@ -97,6 +100,7 @@ class StepRecord:
     off_policy_rows: list | None = None
     sft_window: list = field(default_factory=list)
     sft_window_tokens: float = 1.0
+    theta_stepped: tuple | None = None
 
 
 class BridgeCallback(TrainerCallback):
@@ -498,6 +502,8 @@ class BridgeTrainer(GRPOTrainer):
             start = self.phases.clock()
             if self.model.training and record.rl_inputs is not None:
                 loss = loss + self._sft_backward(model, micro_batch)  # pass A's SFT half
+                if self._theta_steps_before_pass_b:
+                    self._step_theta_before_pass_b()
         if self.model.training and record.rl_inputs is not None:
             if self.args.bridge_meta_term:  # False: the "w/o J_meta" ablation, no shadow
                 with self.phases("shadow"):
@@ -555,6 +561,27 @@ class BridgeTrainer(GRPOTrainer):
         ratio = torch.exp(shadow_logps - behaviour_logps).clamp(max=self.args.shadow_is_cap)
         return (advantages.unsqueeze(1) if advantages.dim() == 1 else advantages) * ratio
 
+    @property
+    def _theta_steps_before_pass_b(self) -> bool:
+        return (self.delta_shadow is not None and self.args.bridge_meta_term
+                and self.current_gradient_accumulation_steps == 1)
+
+    def _step_theta_before_pass_b(self):
+        """shadow_storage="bf16_delta", one micro-batch per step: θ's update (§3.2, below) is taken as soon as pass A
+        has made θ's whole gradient, weight by weight, with d re-based so that θ̂ does not move; pass B then runs
+        without θ's gradient held (4 bytes per trainable parameter). Pass B reads θ̂ and w, never θ, so no value
+        changes but d's rounding. A non-finite loss or gradient of pass A leaves θ unstepped: the fault check skips
+        the step for all three sets; a fault that only pass B shows skips θ̂ and w (θ has moved)."""
+        reshard(self.model)
+        params = [p for _, p in self.base_params]
+        norm = clip_grad_norm(params, self.args.max_grad_norm) if self.args.max_grad_norm > 0 else total_grad_norm(params)
+        divergence = (self.delta_shadow.divergence_sq() / max(sum_of_squares(params), 1e-30)) ** 0.5
+        self._record.theta_stepped = (norm, divergence)
+        if not math.isfinite(norm) or self.numeric_faults.non_finite_losses:
+            self._record.theta_stepped = None
+            return
+        self.delta_shadow.step_base(getattr(self.optimizer, "optimizer", self.optimizer), self.state.global_step)
+
     # ------------------------------------------------------------------------------------------------------------
     # 4. The three updates: θ̂ (§3.3) and w (§3.4) here, before the Trainer's own θ step (§3.2)
     # ------------------------------------------------------------------------------------------------------------
@@ -567,6 +594,10 @@ class BridgeTrainer(GRPOTrainer):
         self._metrics["train"]["bridge/grad_norm_shadow"].append(shadow_norm)
         self._metrics["train"]["bridge/grad_norm_adapter"].append(adapter_norm)
         if self.numeric_faults.step_is_faulty(self.state.global_step + 1, shadow_norm, adapter_norm):
+            if self._record.theta_stepped is not None:
+                warnings.warn("θ had already taken this step's update (shadow_storage='bf16_delta' steps θ before "
+                              "pass B); only θ̂ and w skip it.", stacklevel=2)
+            self._record.theta_stepped = None
             self._drop_step()
             return
         self.adapter_optimizer.step()  # w ← w − β [(1−λ) ∇w L_SFT(θ,w) + λ (∇w L_RL(θ,w) − ∇w L_RL(θ̂,w))]
@@ -576,10 +607,13 @@ class BridgeTrainer(GRPOTrainer):
             return
         # ‖θ̂−θ‖/‖θ‖ at iterate k: ~0 means the shadow has not separated from θ, so the cooperative term vanishes and
         # BRIDGE has degenerated to naive mixing (e.g. half-precision updates rounding away).
-        diff = sum_of_squares(s - p for (_, p), s in zip(self.base_params, self.shadow_params)) if delta is None \
-            else delta.divergence_sq()
-        norm = sum_of_squares(p for _, p in self.base_params)
-        self._metrics["train"]["bridge/shadow_divergence"].append((diff / max(norm, 1e-30)) ** 0.5)
+        if self._record.theta_stepped is not None:  # measured before θ's step (`_step_theta_before_pass_b`)
+            self._metrics["train"]["bridge/shadow_divergence"].append(self._record.theta_stepped[1])
+        else:
+            diff = sum_of_squares(s - p for (_, p), s in zip(self.base_params, self.shadow_params)) if delta is None \
+                else delta.divergence_sq()
+            norm = sum_of_squares(p for _, p in self.base_params)
+            self._metrics["train"]["bridge/shadow_divergence"].append((diff / max(norm, 1e-30)) ** 0.5)
         if delta is None:
             self.shadow_optimizer.step()  # θ̂ ← θ̂ − α ∇θ̂ L_RL(θ̂,w)
         else:
@@ -589,7 +623,9 @@ class BridgeTrainer(GRPOTrainer):
                        self.state.global_step)
         self.shadow_scheduler.step()
         self.shadow_optimizer.zero_grad(set_to_none=True)
+        self._record.theta_stepped = None
         # θ ← θ − α [(1−λ) ∇θ L_SFT(θ,w) + λ ∇θ L_RL(θ,w)]: the Trainer's optimizer step, right after this callback
+        # (with bf16_delta: in `delta.step` above, or right after pass A at one micro-batch per step)
 
     def _drop_step(self):
         """A numeric fault (`numeric_faults`): no set moves; the three schedules still advance with `global_step`."""
@@ -605,7 +641,10 @@ class BridgeTrainer(GRPOTrainer):
         """The Trainer's clipping (and its logged `grad_norm`) covers θ alone; θ̂ and w are clipped separately."""
         if self._grpo_only:
             return super()._clip_grad_norm(model)
-        norm = clip_grad_norm([p for _, p in self.base_params], self.args.max_grad_norm)
+        if self._record.theta_stepped is not None:  # θ clipped and stepped after pass A (`_step_theta_before_pass_b`)
+            norm = self._record.theta_stepped[0]
+        else:
+            norm = clip_grad_norm([p for _, p in self.base_params], self.args.max_grad_norm)
         self._metrics["train"]["bridge/grad_norm_base"].append(norm)
         return norm
 
@@ -613,7 +652,8 @@ class BridgeTrainer(GRPOTrainer):
         if self._grpo_only:
             return super()._get_grad_norm(model, grad_norm)
         if grad_norm is None:
-            grad_norm = total_grad_norm([p for _, p in self.base_params])
+            grad_norm = total_grad_norm([p for _, p in self.base_params]) if self._record.theta_stepped is None \
+                else self._record.theta_stepped[0]
             self._metrics["train"]["bridge/grad_norm_base"].append(grad_norm)
         self.numeric_faults.base_grad_norm = float(grad_norm)
         return super()._get_grad_norm(model, grad_norm)

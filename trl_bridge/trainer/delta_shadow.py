@@ -11,6 +11,8 @@ Bytes per trainable parameter that θ̂ keeps between steps: d (2) + the factore
                 is added to θ̂'s bf16 gradient accumulator: in one process, weight by weight during the backward (a
                 post-accumulate-grad hook, so no full fp32 gradient of θ̂ is ever held); under DDP and FSDP2, which
                 all-reduce / reduce-scatter `.grad` at the end of the backward, right after it.
+    θ first     with one micro-batch per step, θ steps right after pass A (`step_base`: d ← θ_old + d − θ_new, θ̂
+                unmoved), so that pass B runs without θ's gradient held; the update below then finds no gradient of θ.
     the update  `BridgeCallback.on_pre_optimizer_step`, weight by weight: θ̂ᵢ = θᵢ + dᵢ is materialised in fp32 and
                 stepped by θ̂'s optimizer with its clipped gradient, θᵢ is stepped by θ's own optimizer (its gradient
                 then released, so the Trainer's step that follows leaves θ as it is), and dᵢ ← round(θ̂ᵢ − θᵢ_new). One
@@ -209,6 +211,29 @@ class DeltaShadow:
     def drop_grads(self):
         self.grads = [None] * len(self.grads)
 
+    def _key(self, step: int, i: int) -> int:
+        return ((self.seed * 1_000_003 + step) * 1_000_033 + i) % (1 << 62)
+
+    @torch.no_grad()
+    def step_base(self, base_optimizer, step: int):
+        """θ's own step alone, before pass B, weight by weight: θᵢ is stepped by θ's `base_optimizer` (its gradient,
+        already clipped, then released) and dᵢ ← round(θᵢ_old + dᵢ − θᵢ), so that θ̂ stays where it is. One weight's
+        fp32 θᵢ_old at a time."""
+        grads = [p.grad for p in self.base]
+        for p in self.base:  # each optimizer step below sees one weight's gradient only
+            p.grad = None
+        for i, (p, d) in enumerate(zip(self.base, self.deltas)):
+            if grads[i] is None:
+                continue
+            old = local(p).clone()
+            p.grad, grads[i] = grads[i], None
+            base_optimizer.step()
+            p.grad = None
+            key, start = self._key(step, len(self.base) + i), global_start(d)  # bits apart from `step`'s rounding
+            for offset, (dc, oc, pc) in chunks(local(d), old, local(p)):
+                dc.copy_(stochastic_round((oc - pc) + dc.float(), rounding_noise(dc, key, start + offset)))
+            del old
+
     @torch.no_grad()
     def step(self, optimizer, norm: float, max_norm: float, base_optimizer, step: int):
         """θ̂ ← θ̂ − α ∇θ̂ L_RL(θ̂,w) and θ's own step, weight by weight, so that at most one weight's θ̂ is ever in
@@ -233,8 +258,7 @@ class DeltaShadow:
                 p.grad, base_grads[i] = base_grads[i], None
                 base_optimizer.step()
                 p.grad = None
-            key = ((self.seed * 1_000_003 + step) * 1_000_033 + i) % (1 << 62)
-            start = global_start(d)
+            key, start = self._key(step, i), global_start(d)
             for offset, (dc, sc, pc) in chunks(local(d), local(slot), local(p)):
                 dc.copy_(stochastic_round(sc - pc, rounding_noise(dc, key, start + offset)))
             free(slot)

@@ -1,7 +1,9 @@
 """Numeric faults: a NaN/inf in any checked loss (pass A or B, any process, any micro-batch) or in the gradient of θ,
 θ̂ or w skips the step for all three sets together (BridgeTrainer drops their gradients, so no set moves without the
 others and no optimizer state sees the fault; the three learning-rate schedules still advance, staying in step with
-`global_step`). Counted in `bridge/skipped_steps`; more than `max_consecutive_skipped_steps` in a row stop training."""
+`global_step`). Counted in `bridge/skipped_steps`; more than `max_consecutive_skipped_steps` in a row stop training.
+One exception: with `shadow_storage="bf16_delta"` and one micro-batch per step, θ steps right after pass A (so that
+pass B holds no gradient of θ); a fault that only pass B shows then skips θ̂ and w, with a warning that θ has moved."""
 
 from __future__ import annotations
 
