@@ -29,7 +29,7 @@ SIZE_KEYS = {
     "model_name_or_path", "output_dir", "per_device_train_batch_size", "gradient_accumulation_steps", "num_generations",
     "max_completion_length", "sft_per_device_train_batch_size", "sft_max_length", "trainable_base_parameters",
     "lora_layers_to_transform", "vllm_max_model_length", "vllm_gpu_memory_utilization", "bf16",
-    "gradient_checkpointing", "max_steps", "num_train_epochs",
+    "activation_checkpointing", "max_steps", "num_train_epochs",
 }
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 needs_smollm2 = pytest.mark.skipif(
