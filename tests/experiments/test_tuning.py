@@ -76,6 +76,8 @@ def test_tune_trains_every_trial_on_validation_and_tuned_runs_the_winners_on_the
     compare_mod.parse_args([*common, *grid, "--methods", "naive_mixing"])  # its winner is known
     with pytest.raises(SystemExit):  # cold_start's is not
         compare_mod.parse_args([*common, *grid, "--methods", "cold_start"])
+    args, _, _ = compare_mod.parse_args([*common, *grid, "--methods", "cold_start,naive_mixing", "--report_only"])
+    assert set(args.tuned_overrides) == {"naive_mixing"}  # reported as it stands: cold_start's runs are missing
     before = (out / "runs" / "naive_mixing#1" / "seed0" / "done.json").stat().st_mtime_ns
     assert compare_mod.main(argv) == 0  # the whole plan: naive_mixing's trials are reused, cold_start's train
     assert (out / "runs" / "naive_mixing#1" / "seed0" / "done.json").stat().st_mtime_ns == before

@@ -1157,7 +1157,8 @@ def make_parser() -> argparse.ArgumentParser:
                         "methods' trials now and reports the whole plan as it stands (the others' winners stay open)")
     parser.add_argument("--tuned", default=None, metavar="TUNING_JSON",
                         help="run each method with the overrides its tuning (a tuning.json of --tune on this config) "
-                        "chose, on the config's test split")
+                        "chose, on the config's test split; each method asked for must have its winner (with "
+                        "--report_only, one without is reported with its runs missing)")
     parser.add_argument("--heldout_eval_steps", type=int, default=None,
                         help="held-out accuracy every this many steps (default: the config's, else 5)")
     parser.add_argument("--reference", default=None,
@@ -1243,7 +1244,9 @@ def parse_args(argv):
             args.reference = next((m for m in args.methods if m.startswith("bridge#")), args.methods[0])
     if args.tuned is not None:
         try:
-            args.tuned_overrides = tuning.load_tuned(args.tuned, base_yaml, [m.split("@")[0] for m in args.methods])
+            # --report_only trains nothing: a method whose tuning is incomplete is reported with its runs missing
+            args.tuned_overrides = tuning.load_tuned(args.tuned, base_yaml,
+                                                     [] if args.report_only else [m.split("@")[0] for m in args.methods])
         except ValueError as err:
             parser.error(str(err))
     if args.vary or args.tune:  # tuning must never look at the test split
