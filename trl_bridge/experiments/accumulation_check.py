@@ -88,9 +88,24 @@ def _gradient_capture(trainer, seed: int):
         step, keeps the full gradients of θ, θ̂ and w (rank 0; a collective under FSDP2, so every rank gathers)."""
 
         grads: dict | None = None
+        theta_stepped_early: dict | None = None  # θ's clipped gradient when θ stepped right after pass A (bf16_delta)
 
         def on_train_begin(self, args, state, control, **kwargs):
             set_seed(seed)
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            delta = getattr(trainer, "delta_shadow", None)  # created by then, sharded under FSDP2
+            if delta is None or self.theta_stepped_early is not None or getattr(delta, "_captured", False):
+                return
+            step_base = delta.step_base
+
+            def capturing(base_optimizer, step):  # θ's gradient, clipped, just before θ takes its step
+                if self.theta_stepped_early is None:
+                    self.theta_stepped_early = {id(p): None if p.grad is None else p.grad.detach().clone()
+                                                for p in delta.base}
+                step_base(base_optimizer, step)
+
+            delta.step_base, delta._captured = capturing, True
 
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
             if self.grads is not None:
@@ -108,6 +123,7 @@ def _gradient_capture(trainer, seed: int):
             # θ̂ stored as a bf16 delta (`shadow_storage: bf16_delta`) keeps its gradient in a bf16 accumulator
             delta = getattr(trainer, "delta_shadow", None)
             held = {id(s): g for s, g in zip(trainer.shadow_params or [], delta.grads)} if delta is not None else {}
+            held.update(self.theta_stepped_early or {})  # θ already stepped and released its gradient
             main = trainer.accelerator.is_main_process
             self.grads = {}
             for name, params in sets.items():
