@@ -17,7 +17,9 @@ BridgeTrainer does (`trl_bridge.trainer.model_setup`). Then, tensor by tensor, i
                        + gradient average when centered).
                        `shadow_storage: lean` gives θ̂ the factored, momentum-free Adafactor whatever `optim` is;
                        `bf16_delta` that optimizer too, and θ̂ (its delta d from θ) and θ̂'s accumulated gradient in
-                       bf16 (2 bytes each; θ̂'s fp32 copy exists only between θ̂'s update and θ's, not counted here)
+                       bf16 (2 bytes each; θ̂'s fp32 copy exists one weight at a time, not counted here). With one
+                       micro-batch per step θ steps right after pass A, so θ's gradient and θ̂'s are never held at
+                       once: the total counts the larger of the two
     frozen weights     the load dtype (`dtype`); fp32 when a half-precision model trains without `bf16` (the trainer
                        then upcasts the whole policy)
     KL reference       (`beta` > 0) a frozen copy of the whole model in the load dtype
@@ -198,6 +200,9 @@ def plan_bytes(config, args, load_dtype, num_processes: int = 1) -> dict:
         parts = {k: parts.get(k, 0) for k in PARTS}
         parts["total"] = sum(parts.values())
         parts["without gradients"] = parts["total"] - sum(parts[k] for k in GRADS)
+        if name == "bridge_bf16_delta" and args.gradient_accumulation_steps == 1 and parts["θ̂ grad"]:
+            # θ steps right after pass A and releases its gradient before θ̂'s accumulates: never both at once
+            parts["total"] -= min(parts["θ grad"], parts["θ̂ grad"])
         table[name] = parts
     return {
         "bytes": table,
