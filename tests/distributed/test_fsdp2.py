@@ -169,23 +169,28 @@ def test_lean_shadow_under_fsdp2_trains_like_ddp_and_resumes(tmp_path):
 
 
 @pytest.mark.slow
-def test_bf16_delta_shadow_under_fsdp2_is_sharded_trains_like_ddp_and_resumes(tmp_path):
+@pytest.mark.parametrize("accumulation", [2, pytest.param(1, marks=pytest.mark.slow)], ids=["ga2", "ga1-theta-first"])
+def test_bf16_delta_shadow_under_fsdp2_is_sharded_trains_like_ddp_and_resumes(tmp_path, accumulation):
     """shadow_storage="bf16_delta": d is a bf16 DTensor sharded like θ, θ̂'s slots and factored statistics too; its
     stochastic rounding draws the same bits for an element whether θ is sharded or not. θ and w equal DDP's as for the
     full shadow; d rounds fp32 values that differ in their last bits (the reduction order), so an element of d may
     land one bf16 spacing apart: d agrees within a fraction of its spacing (2^-8 relative) as a whole. A checkpoint
-    resumes under FSDP2 bit for bit."""
-    delta = {"shadow_storage": "bf16_delta"}
+    resumes under FSDP2 bit for bit. With one micro-batch per step θ steps right after pass A (on its reduced,
+    sharded gradient) — the same on both engines."""
+    delta = {"shadow_storage": "bf16_delta", "gradient_accumulation_steps": accumulation}
     run_ddp(tmp_path / "ddp", overrides=delta)
     run_fsdp2(tmp_path / "fsdp2", overrides=delta)
     ddp, uninterrupted = (torch.load(tmp_path / w / "final_state.pt") for w in ("ddp", "fsdp2"))
     deltas = [k for k in ddp if k.startswith("shadow_delta.")]
     assert deltas and not any(k.startswith("shadow.") for k in ddp) and set(ddp) == set(uninterrupted)
     assert all(uninterrupted[k].dtype == torch.bfloat16 for k in deltas)
+    # θ first: pass B's θ̂ = θ + d already carries this step's rounding of d, whose elements may land one bf16 spacing
+    # apart between the engines (below), and w's pass-B gradient follows it: w agrees to 1e-4 instead of 1e-5
+    tolerance = {"base.": 1e-5, "adapter.": 1e-5 if accumulation > 1 else 1e-4}
     for group in ("base.", "adapter."):
         keys = [k for k in ddp if k.startswith(group)]
         num = sum(((ddp[k] - uninterrupted[k]).double() ** 2).sum() for k in keys) ** 0.5
-        assert num / sum((ddp[k].double() ** 2).sum() for k in keys) ** 0.5 < 1e-5, group
+        assert num / sum((ddp[k].double() ** 2).sum() for k in keys) ** 0.5 < tolerance[group], group
     num = sum(((ddp[k].float() - uninterrupted[k].float()).double() ** 2).sum() for k in deltas) ** 0.5
     den = sum((ddp[k].double() ** 2).sum() for k in deltas) ** 0.5
     assert den > 0 and num / den < 2**-8
