@@ -188,6 +188,9 @@ def test_the_plan_sets_reference_margin_and_withholds_tests_until_complete(tmp_p
     records = _records({"sft": {0: 0.5, 1: 0.6}, "bridge": {0: 0.7}})  # bridge/seed1 not completed
     tests = table_statistics(aggregate(records, 0.5, "sft"), records, args)
     assert tests["withheld"] == "1 of the plan's 4 runs are not completed (bridge/seed1)" and not tests["comparisons"]
+    args.command, args.target_accuracy, args.reward_noise, args.max_steps = "trl-bridge compare", 0.5, 0.0, 2
+    md = compare_mod.results_markdown(aggregate(records, 0.5, "sft"), args, {}, records, tests)
+    assert "Holm–Bonferroni-adjusted over the plan's 1 comparisons (withheld until its runs are complete)" in md
     records = _records({"sft": {0: 0.5, 1: 0.6}, "bridge": {0: 0.7, 1: 0.7}})
     tests = table_statistics(aggregate(records, 0.5, "sft"), records, args)
     assert tests["withheld"] is None and set(tests["comparisons"]) == {"bridge"}

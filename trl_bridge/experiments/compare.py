@@ -846,13 +846,16 @@ def results_markdown(summary: dict, args, failed: dict, records: list[dict] | No
     tests = tests if tests is not None else table_statistics(summary, records or [], args)
     margin = tests["equivalence_margin"]
     noise = f", rewards flipped with p = {args.reward_noise}" if args.reward_noise else ""
+    plan = getattr(args, "plan_spec", None)
+    family = (f"the plan's {len(plan['compared'])} comparisons (withheld until its runs are complete)"
+              if plan and tests.get("withheld") else f"the table's {len(tests['comparisons'])} comparisons")
     lines = [
         f"Command: `{args.command}`",
         "",
         f"Config `{args.config}`, {args.max_steps} optimizer steps per run, seeds {','.join(map(str, args.seeds))}{noise}. "
         f"Held-out accuracy: greedy, after training (mean ± std over seeds); Δ vs {args.reference}: paired by seed, mean "
         f"[95% t interval]; p (Holm): the paired t-test's two-sided p-value over seeds, Holm–Bonferroni-adjusted over "
-        f"the table's {len(tests['comparisons'])} comparisons; TOST ±{margin:g}: the larger p-value of the two one-sided "
+        f"{family}; TOST ±{margin:g}: the larger p-value of the two one-sided "
         f"tests of equivalence within ±{margin:g} (equivalent when < {tests['alpha']:g}); "
         f"reward: the rollouts' {'clean ' if args.reward_noise else ''}mean reward over the last half "
         f"of training, mean ± its step-to-step std (stability); max drop: the held-out curve's largest fall below "
