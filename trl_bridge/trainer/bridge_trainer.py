@@ -13,10 +13,11 @@ One meta-step, all gradients at iterate k, in the order of this file:
                             w ← w − β [(1−λ) ∇w L_SFT(θ,w) + λ (∇w L_RL(θ,w) − ∇w L_RL(θ̂,w))]          (§3.4)
   5. the cooperative gain   J_RL(θ,w) − J_RL(θ̂,w), estimated on the shared rollouts and logged
 
-Passes A and B are ordinary forward+backward pairs through the wrapped model (DDP all-reduces and FSDP2
-reduce-scatters each parameter once per backward); pass B swaps θ̂ into the base parameters' storage
-(`gradient_routing`). `BridgeCallback` applies the θ̂ and w updates between the Trainer's backward and its θ step
-(with θ̂ stored as a delta from θ, it steps θ too, weight by weight beside θ̂). Everything else is a call into a module named for
+Passes A (its RL half, then its SFT half) and B are ordinary forward+backward pairs through the wrapped model (DDP
+all-reduces and FSDP2 reduce-scatters each parameter once per backward); pass B swaps θ̂ into the base parameters'
+storage (`gradient_routing`). `BridgeCallback` applies the θ̂ and w updates between the Trainer's backward and its θ
+step. With θ̂ stored as a delta from θ, θ steps weight by weight beside θ̂ — or, at one micro-batch per step, right
+after pass A, so that pass B holds no gradient of θ (pass B never reads θ). Everything else is a call into a module named for
 what it does: `model_setup` (the policy, θ's selection, fp32 master weights), `checks` (refusals before step 1),
 `frozen_replay`, `optimizers`, `numeric_faults`, `reference` (the KL reference), `checkpoint_state` and
 `checkpointing` (checkpoints), `delta_shadow` (θ̂ stored as a bf16 delta from θ), `model_card`, and the engines
