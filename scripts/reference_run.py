@@ -6,7 +6,8 @@
 A refactoring of the trainer must not change a single bit of what it trains: this is the check for that. The settings
 cover the options the test suite covers: gradient accumulation, `num_iterations` (old log-probs kept), a λ schedule,
 `shadow_fraction`, the lean shadow, frozen-activation replay, truncated IS, the KL reference with `sync_ref_model`, the
-"w/o J_meta" ablation, λ = 1 (GRPO) and the alternating baseline. CPU, one thread, fp32.
+"w/o J_meta" ablation, λ = 1 (GRPO), the alternating baseline, the bf16-delta shadow (θ stepped before pass B, and
+with gradient accumulation), CHORD and LUFFY. CPU, one thread, fp32.
 """
 
 import os
@@ -41,6 +42,11 @@ SETTINGS = {
     "no_meta_term": dict(bridge_meta_term=False),
     "grpo_only": dict(bridge_lambda=1.0),
     "alternating": dict(bridge_lambda_alternate=True),
+    "bf16_delta_theta_first": dict(shadow_storage="bf16_delta"),
+    "bf16_delta_ga": dict(shadow_storage="bf16_delta", gradient_accumulation_steps=2),
+    "chord": dict(chord_mu_peak=0.9, chord_mu_warmup_steps=1, chord_mu_decay_steps=2, chord_phi=True,
+                  bridge_lambda_warmup_steps=0, adapter_learning_rate=0.0, bridge_meta_term=False),
+    "luffy": dict(luffy=True, bridge_lambda=1.0, bridge_lambda_warmup_steps=0),
 }
 
 

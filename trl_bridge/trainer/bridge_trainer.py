@@ -17,19 +17,19 @@ Passes A (its RL half, then its SFT half) and B are ordinary forward+backward pa
 all-reduces and FSDP2 reduce-scatters each parameter once per backward); pass B swaps θ̂ into the base parameters'
 storage (`gradient_routing`). `BridgeCallback` applies the θ̂ and w updates between the Trainer's backward and its θ
 step. With θ̂ stored as a delta from θ, θ steps weight by weight beside θ̂ — or, at one micro-batch per step, right
-after pass A, so that pass B holds no gradient of θ (pass B never reads θ). Everything else is a call into a module named for
-what it does: `model_setup` (the policy, θ's selection, fp32 master weights), `checks` (refusals before step 1),
-`frozen_replay`, `optimizers`, `numeric_faults`, `reference` (the KL reference), `checkpoint_state` and
-`checkpointing` (checkpoints), `delta_shadow` (θ̂ stored as a bf16 delta from θ), `model_card`, and the engines
-(`fsdp2`, `vllm_sync`, `export`).
+after pass A, so that pass B holds no gradient of θ (pass B never reads θ). Everything else is a call into a module
+named for what it does: `model_setup` (the policy, θ's and w's selection, fp32 master weights), `checks` (arguments,
+datasets and refusals before step 1), `frozen_replay`, `shadow_fraction` and `shadow_off_policy` (pass B's options),
+`optimizers`, `numeric_faults`, `reference` (the KL reference), `persistence` (export, model card and checkpoint
+hooks, with `checkpoint_state` and `checkpointing`), `delta_shadow` (θ̂ stored as a bf16 delta from θ), `baselines`
+(CHORD, LUFFY), and the engines (`fsdp2`, `vllm_sync`, `export`).
 """
 
 from __future__ import annotations
 
-import copy
 import math
-import os
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 from ..compat import check_versions
@@ -40,31 +40,26 @@ import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from transformers import TrainerCallback
-from transformers.trainer import TRAINING_ARGS_NAME
-from trl import GRPOConfig, GRPOTrainer
-from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
+from trl import GRPOTrainer
 
-from ..engines.export import check_exportable, save_merged_model
-from ..engines.fsdp2 import clip_grad_norm, gather_output_head_with_backbone, full_tensor, reshard, sum_of_squares, total_grad_norm
-from ..profiling import PhaseTimer
+from ..engines.export import check_exportable
+from ..engines.fsdp2 import clip_grad_norm, gather_output_head_with_backbone, reshard, sum_of_squares, total_grad_norm
 from ..engines.vllm_sync import check_vllm_can_hold_the_policy, keep_vllm_cpu_weights_live, sync_merged_policy
+from ..profiling import PhaseTimer
 from . import checks, model_setup
 from .baselines import ExpertTraces, chord_phi_nll_sum, luffy_reweight
 from .bridge_config import BridgeConfig
-from .checkpoint_state import ENTROPY_STATE, BridgeState, load_rollout_buffer, save_rollout_buffer
-from .checkpointing import (
-    StopOnSignal, check_output_dir, clear_output_dir, resolve_resume_from_checkpoint, save_checkpoint_atomically,
-)
-from .dataset_checks import validate_rl_dataset, validate_sft_dataset
+from .checkpoint_state import ENTROPY_STATE, BridgeState
+from .checkpointing import StopOnSignal, check_output_dir, clear_output_dir, resolve_resume_from_checkpoint
 from .delta_shadow import DeltaShadow
 from .frozen_replay import FrozenPrefixReplay, frozen_prefix_length
-from .gradient_routing import grads_added_with_scale, shadow_in_place, side_effects_set_aside
-from .model_card import write_bridge_model_card
+from .gradient_routing import grads_added_with_scale, grads_captured, shadow_in_place, side_effects_set_aside
 from .numeric_faults import NumericFaultGuard
 from .optimizers import make_optimizer, make_scheduler
-from .reference import RefModelSyncCallback, load_synced_ref_model, save_synced_ref_model
-from .resume_sampler import epoch_exact_sampler
+from .persistence import PersistenceHooks
+from .reference import attach_reference, frozen_reference
 from .sft_stream import SFTStream, tokenize_sft_dataset
+from .shadow_off_policy import behaviour_logps, reweight_shadow_advantages
 from .shadow_fraction import draw_shadow_rows, shadow_subset
 
 
@@ -114,7 +109,7 @@ class BridgeCallback(TrainerCallback):
         self.trainer._apply_shadow_and_adapter_updates()
 
 
-class BridgeTrainer(GRPOTrainer):
+class BridgeTrainer(PersistenceHooks, GRPOTrainer):
     """
     Trainer for BRIDGE (Chen et al., "Beyond Two-Stage Training: Cooperative SFT and RL for LLM Reasoning",
     arXiv:2509.06948): cooperative SFT + RL with a fused base θ, an RL-only shadow θ̂ and a LoRA adapter w trained on
@@ -131,10 +126,10 @@ class BridgeTrainer(GRPOTrainer):
         clipping act on θ alone; θ̂ and w get their own optimizers, schedules and clipping (`BridgeCallback`).
       * `__init__` and `train`: build w, θ̂, the SFT stream and a frozen KL reference, and check everything that can
         be checked before step 1 (`checks`); SIGINT/SIGTERM end training with a checkpoint (`TrainingInterrupted`).
-      * `_save`, `_save_optimizer_and_scheduler`, `_load_from_checkpoint`, `_load_optimizer_and_scheduler`,
-        `_save_checkpoint`, `_get_output_dir`, `_get_train_sampler`, `create_model_card`: the merged π(θ+w) export,
-        atomic engine-independent checkpoints (exact resume anywhere, in any epoch of the RL prompts) and BRIDGE's
-        model card.
+      * `PersistenceHooks` (`persistence`): `_save`, `_save_optimizer_and_scheduler`, `_load_from_checkpoint`,
+        `_load_optimizer_and_scheduler`, `_save_checkpoint`, `_get_output_dir`, `_get_train_sampler`,
+        `create_model_card`: the merged π(θ+w) export, atomic engine-independent checkpoints (exact resume anywhere, in
+        any epoch of the RL prompts) and BRIDGE's model card; `shadow_state_dict` returns θ̂.
     At λ = 1 for the whole run none of BRIDGE is built: the run is GRPOTrainer's own. With `use_vllm=True`, vLLM is
     sent π(θ+w) merged out of place (`vllm_sync`): TRL's in-place merge/unmerge would move θ by float rounding.
     """
@@ -169,29 +164,9 @@ class BridgeTrainer(GRPOTrainer):
     ):
         # GRPOTrainer's parameters in GRPOTrainer's order, so positional calls mean the same; `sft_dataset` is keyword-only.
         self._given_model_name = model if isinstance(model, str) else None  # the model card names it
-        if args is None:
-            name = model if isinstance(model, str) else model.config._name_or_path
-            args = BridgeConfig(f"{str(name).split('/')[-1]}-BRIDGE")
-        elif isinstance(args, GRPOConfig) and not isinstance(args, BridgeConfig):
-            args = BridgeConfig.from_grpo_config(args)  # keeps every GRPO value, BRIDGE's defaults; warns
-        if not isinstance(args, BridgeConfig):
-            raise TypeError(f"`args` must be a BridgeConfig (it extends GRPOConfig), got {type(args).__name__}.")
-        if optimizers != (None, None):
-            raise ValueError("`optimizers` is not supported: BRIDGE builds one optimizer per parameter set (θ, θ̂, w).")
-        if train_dataset is None and environment_factory is None:
-            raise ValueError("`train_dataset` is required unless an `environment_factory` is provided.")  # GRPOTrainer's
-        if isinstance(train_dataset, Dataset):
-            validate_rl_dataset(train_dataset, name="`train_dataset` (RL prompts)")
-            checks.check_one_generation_batch(train_dataset, args)
+        args = checks.check_arguments(model, args, train_dataset, sft_dataset, optimizers, environment_factory)
         # λ = 1 for the whole run is GRPO exactly (no SFT term; θ̂ stays θ; w's gradient is zero): run GRPO alone.
         self._grpo_only = args.lambda_is_always_one()
-        if sft_dataset is None and not self._grpo_only:
-            raise ValueError(
-                "`sft_dataset` is required: BRIDGE needs expert reasoning traces for L_SFT (only a run with "
-                "bridge_lambda = 1 throughout, i.e. GRPO, can go without)."
-            )
-        if sft_dataset is not None:
-            validate_sft_dataset(sft_dataset, name="`sft_dataset` (expert traces)")
 
         # The policy π(θ+w): a PeftModel passed in supplies w (its base weights are θ); else w is the `lora_*` adapter.
         if isinstance(model, str):
@@ -202,23 +177,8 @@ class BridgeTrainer(GRPOTrainer):
             model, peft_config, adapter_weights, ref_weights = model_setup.adopt_peft_model(model, peft_config, args)
         # KL reference (beta > 0): the initial policy π(θ⁰+w⁰) = π(θ⁰) (LoRA B starts at zero; a PeftModel's trained
         # adapter is merged in), frozen; GRPOTrainer is told beta = 0 so that it loads no reference of its own.
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False) if args.beta != 0.0 else None
-        if ref_model is not None and ref_weights is not None:
-            ref_model.load_state_dict(ref_weights)
-        from_args = peft_config is None
-        if self._grpo_only:
-            if peft_config is not None:
-                warnings.warn(
-                    "`peft_config` is ignored: with bridge_lambda = 1 for the whole run BRIDGE is GRPO on the base "
-                    "weights and builds no adapter (its gradient would be zero).", UserWarning, stacklevel=2,
-                )
-            peft_config = None
-        elif peft_config is None:
-            peft_config = model_setup.adapter_config(args)
-        if peft_config is not None:
-            model_setup.check_adapter_config(peft_config)
-            model_setup.check_lora_targets(model, peft_config,
-                                           field="lora_target_modules" if from_args else "peft_config.target_modules")
+        ref_model = frozen_reference(model, ref_weights) if args.beta != 0.0 else None
+        peft_config = model_setup.resolve_peft_config(model, peft_config, args, self._grpo_only)
         if args.use_vllm and args.vllm_mode == "colocate":
             keep_vllm_cpu_weights_live()  # vLLM on CPU: weight syncs must reach live weights (a no-op on GPUs)
         overrides = dict(beta=0.0, sync_ref_model=False) if args.beta != 0.0 else {}
@@ -233,12 +193,7 @@ class BridgeTrainer(GRPOTrainer):
         self.beta = args.beta
         self.probe_reward_funcs_before_training = rollout_func is None and environment_factory is None
         if ref_model is not None:
-            if args.disable_dropout:
-                disable_dropout_in_model(ref_model)
-            add_fused_lm_head(ref_model, temperature=self.temperature, cast_lm_head_to_fp32=args.cast_lm_head_to_fp32)
-            self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
-            if args.sync_ref_model:  # (beta = 0 with sync_ref_model was refused by GRPOTrainer, as for GRPO users)
-                self.add_callback(RefModelSyncCallback(self))
+            attach_reference(self, ref_model)
         checks.refuse_unsupported_engines(self)
         if self.use_vllm and not self._grpo_only:  # vLLM samples π(θ+w), merged out of place (θ untouched by a sync)
             check_vllm_can_hold_the_policy(self.model)
@@ -251,16 +206,8 @@ class BridgeTrainer(GRPOTrainer):
         if not self._grpo_only:
             check_exportable(self.model)  # an adapter option the final export could not merge fails now, not after training
 
-        # θ: PEFT froze the base; unfreeze the selected weights (fp32 master weights).  w: the LoRA parameters.
-        self.base_params = model_setup.select_base_params(self.model, args.trainable_base_parameters)
-        if self._grpo_only:  # no PEFT: freeze what is not θ, as PEFT does
-            theta = {id(p) for _, p in self.base_params}
-            for p in self.model.parameters():
-                p.requires_grad_(id(p) in theta)
-        for _, p in self.base_params:
-            p.requires_grad_(True)
-        self.adapter_params = [(n, p) for n, p in self.model.named_parameters() if "lora_" in n and p.requires_grad]
-        model_setup.keep_fp32_master_weights(self.model, self.base_params + self.adapter_params, autocast=args.bf16)
+        # θ: the selected base weights, trainable; w: the LoRA parameters (both fp32 master weights)
+        self.base_params, self.adapter_params = model_setup.trainable_sets(self.model, args, self._grpo_only)
         self._fsdp2 = bool(self.is_fsdp_enabled and self.accelerator.is_fsdp2)
         if self._fsdp2 and not self._grpo_only:
             # One reduce-scatter per backward: FSDP2's no_sync accumulates unsharded gradients inside FSDP, where the
@@ -369,7 +316,7 @@ class BridgeTrainer(GRPOTrainer):
             with self.phases("shadow_logps"), self._shadow_in_place(keep_grads=True):
                 output["shadow_old_per_token_logps"] = self._no_grad_logps(output)
         if self.model.training and self.args.shadow_off_policy == "truncated_is":
-            behaviour = self._behaviour_logps(output)
+            behaviour = behaviour_logps(output, self.use_vllm, self.vllm_importance_sampling_correction)
             if behaviour is not None:
                 output["behaviour_per_token_logps"] = behaviour
         return output
@@ -382,15 +329,6 @@ class BridgeTrainer(GRPOTrainer):
     def _draw_shadow_rows(self, group_ids):
         """Which local rollouts pass B uses (`shadow_fraction`): whole prompt groups, seeded and resumable."""
         return draw_shadow_rows(group_ids, *self._shadow_groups(), self.args.seed, self._step)
-
-    def _behaviour_logps(self, output):
-        """The log-probs that truncated IS divides by: the policy the rollouts are corrected to. With vLLM and TRL's
-        importance-sampling correction, TRL already re-weights every token by π(θ+w)/π_vLLM in both passes, so the
-        shadow's ratio is against π(θ+w) at sampling time; with vLLM uncorrected, against vLLM's own sampling log-probs;
-        otherwise against π(θ+w) at sampling time (None: pass A's log-probs, θ and w have not moved since)."""
-        if self.use_vllm and not self.vllm_importance_sampling_correction:
-            return output.get("sampling_per_token_logps")
-        return output.get("old_per_token_logps")
 
     @torch.no_grad()
     def _no_grad_logps(self, batch):
@@ -428,22 +366,13 @@ class BridgeTrainer(GRPOTrainer):
     def _sft_backward(self, model, micro_batch: int) -> torch.Tensor:
         """Pass A's SFT half: (1−λ) ∇ L_SFT(θ,w) added to θ.grad and w.grad; returns the detached (1−λ) L_SFT that
         makes the logged loss whole (on the scale of the Trainer's returned loss)."""
-        lam = self.bridge_lambda
-        first_micro_batch = micro_batch % self.current_gradient_accumulation_steps == 0
-        if first_micro_batch:  # w's SFT gradient alone, for the cooperative/SFT ratio logged after pass B
-            rl_grads = [p.grad for _, p in self.adapter_params]
-            for _, p in self.adapter_params:
-                p.grad = None
-        with self.phases("sft"):
+        lam, ga = self.bridge_lambda, self.current_gradient_accumulation_steps
+        # on an optimizer step's first micro-batch, w's SFT gradient alone is kept for the cooperative/SFT ratio
+        sft_grads = self._record.adapter_sft_grads = [] if micro_batch % ga == 0 else None
+        with grads_captured(self.adapter_params, sft_grads) if sft_grads is not None else nullcontext(), \
+                self.phases("sft"):
             sft_loss = self._sft_loss(model, micro_batch)
             self.accelerator.backward((1.0 - lam) * sft_loss)
-        if first_micro_batch:
-            self._record.adapter_sft_grads = [None if p.grad is None else p.grad.detach().clone()
-                                              for _, p in self.adapter_params]
-            for (_, p), g in zip(self.adapter_params, rl_grads):
-                if g is not None:
-                    p.grad = g if p.grad is None else p.grad.add_(g)
-        ga = self.current_gradient_accumulation_steps
         self._log_mean("bridge/sft_loss", sft_loss.detach() * ga)
         return ((1.0 - lam) * sft_loss).detach() / (1 if self.loss_is_scaled_for_ga else ga)
 
@@ -528,19 +457,8 @@ class BridgeTrainer(GRPOTrainer):
         # (num_iterations > 1, ...), else against its current ones, detached (ratio 1), exactly as for θ.
         if inputs.get("old_per_token_logps") is not None:
             shadow_inputs["old_per_token_logps"] = inputs["shadow_old_per_token_logps"]
-        if self.args.shadow_off_policy == "truncated_is":
-            # rollouts come from π(θ+w): re-weight each token by min(π(θ̂+w)/π(θ+w), C), detached (BRIDGE.md §5), with
-            # both policies' log-probs at sampling time. When θ and θ̂ have not moved since sampling (no old log-probs
-            # kept), those are pass A's log-probs and pass B's own, applied as soon as pass B has computed them.
-            behaviour = inputs.get("behaviour_per_token_logps", base_logps)
-            if "shadow_old_per_token_logps" in inputs:
-                shadow_inputs["advantages"] = self._truncated_is_advantages(
-                    inputs["advantages"], inputs["shadow_old_per_token_logps"], behaviour)
-            else:
-                def reweight(shadow_logps):
-                    shadow_inputs["advantages"] = self._truncated_is_advantages(
-                        shadow_inputs["advantages"], shadow_logps, behaviour)
-                self._record.on_logps = reweight
+        if self.args.shadow_off_policy == "truncated_is":  # rollouts come from π(θ+w): min(π(θ̂+w)/π(θ+w), C) per token
+            self._record.on_logps = reweight_shadow_advantages(shadow_inputs, inputs, base_logps, self.args.shadow_is_cap)
         with self._shadow_in_place(), grads_added_with_scale(self.adapter_params, -lam), \
                 side_effects_set_aside(self, ENTROPY_STATE), self._frozen_replay.replaying(rows):
             shadow_loss, shadow_logps = self._rl_loss_and_logps(model, shadow_inputs)
@@ -557,10 +475,6 @@ class BridgeTrainer(GRPOTrainer):
         if self.delta_shadow is not None:  # θ̂ = θ + d; one process: θ̂'s gradient folded into bf16 during the backward
             return self.delta_shadow.in_place(self.model, keep_grads, hooks=self.accelerator.num_processes == 1)
         return shadow_in_place(self.model, self.base_params, self.shadow_params, keep_grads=keep_grads)
-
-    def _truncated_is_advantages(self, advantages, shadow_logps, behaviour_logps):
-        ratio = torch.exp(shadow_logps - behaviour_logps).clamp(max=self.args.shadow_is_cap)
-        return (advantages.unsqueeze(1) if advantages.dim() == 1 else advantages) * ratio
 
     @property
     def _theta_steps_before_pass_b(self) -> bool:
@@ -749,62 +663,6 @@ class BridgeTrainer(GRPOTrainer):
         if "loss" in logs:  # a training-step log: the number of steps skipped for a numeric fault so far
             logs["bridge/skipped_steps"] = self.numeric_faults.skipped
         super().log(logs, start_time)
-
-    def shadow_state_dict(self) -> dict[str, torch.Tensor]:
-        """θ̂, keyed like the plain base model's state dict (only the trainable weights have a shadow). Full tensors
-        (under FSDP2 every rank must call it: the shards are gathered). At λ = 1 throughout θ̂ is θ (no copy is kept)."""
-        if self._grpo_only:
-            return {name: full_tensor(p).clone() for name, p in self.base_params}
-        if self.delta_shadow is not None:  # θ̂ = θ + d
-            return {name: self.delta_shadow.full_shadow(i) for i, (name, _) in enumerate(self.base_params)}
-        return {name: full_tensor(s).clone() for (name, _), s in zip(self.base_params, self.shadow_params)}
-
-    def _save(self, output_dir=None, state_dict=None):
-        """`save_model` writes the merged policy π(θ+w) as a plain model folder (loadable with AutoModelForCausalLM)."""
-        if self._grpo_only:  # a plain model (no adapter): the Trainer's own save
-            return super()._save(output_dir, state_dict)
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if not self.args.should_save:
-            return
-        # Under FSDP2 the Trainer passes the gathered full state dict of the PEFT model; else the live model is read.
-        save_merged_model(self.accelerator.unwrap_model(self.model), self.processing_class, output_dir, state_dict=state_dict)
-        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
-
-    def create_model_card(self, model_name=None, dataset_name=None, tags=None, **kwargs):
-        if self.is_world_process_zero():
-            write_bridge_model_card(self, model_name=model_name, dataset_name=dataset_name)
-
-    def _save_optimizer_and_scheduler(self, output_dir):
-        save_synced_ref_model(self, output_dir)
-        if self._grpo_only:  # θ alone, in the Trainer's optimizer: its own files (and GRPOTrainer's rollout buffer)
-            save_rollout_buffer(self, output_dir)
-            return super()._save_optimizer_and_scheduler(output_dir)
-        self.checkpoint_state.save(output_dir)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        if self._grpo_only:
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        self.checkpoint_state.load_tensors(resume_from_checkpoint)
-
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        if checkpoint is None:
-            return
-        load_synced_ref_model(self, checkpoint)
-        if self._grpo_only:
-            load_rollout_buffer(self, checkpoint)
-            return super()._load_optimizer_and_scheduler(checkpoint)
-        self.checkpoint_state.load(checkpoint)
-
-    def _get_train_sampler(self, dataset=None):
-        """A resumed run shuffles every pass over the RL prompts as the uninterrupted run does (`resume_sampler`:
-        GRPOTrainer's sampler would start again from the first epoch's order)."""
-        return epoch_exact_sampler(super()._get_train_sampler(dataset), lambda: self.state.epoch)
-
-    def _save_checkpoint(self, model, trial):
-        save_checkpoint_atomically(self, super()._save_checkpoint, model, trial)
-
-    def _get_output_dir(self, trial):
-        return self._staging_root if getattr(self, "_staging_root", None) else super()._get_output_dir(trial)
 
 
 def cooperative_gain_estimate(rewards, mask, group_ids, proposal_logps, base_logps, shadow_logps) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""What BridgeTrainer checks before step 1: the RL batch shape, the engines it refuses, the chat template, and one
-probe of every reward function. Each failure names the field or function at fault and says what to use instead."""
+"""What BridgeTrainer checks before step 1: its arguments and datasets, the RL batch shape, the engines it refuses,
+the chat template, and one probe of every reward function. Each failure names the field or function at fault and says what to use instead."""
 
 from __future__ import annotations
 
@@ -9,9 +9,40 @@ import math
 import torch
 from datasets import Dataset
 from trl.data_utils import is_conversational
+from trl import GRPOConfig
 from trl.trainer.utils import is_async_callable
 
+from .bridge_config import BridgeConfig
+from .dataset_checks import validate_rl_dataset, validate_sft_dataset
+
 PROBE_COMPLETION = "The answer is \\boxed{0}."
+
+
+def check_arguments(model, args, train_dataset, sft_dataset, optimizers, environment_factory):
+    """BridgeTrainer's own arguments, before anything is built. Returns the BridgeConfig to train with: None becomes
+    the defaults, a plain GRPOConfig keeps every value it sets (with BRIDGE's defaults for the rest, and a warning)."""
+    if args is None:
+        name = model if isinstance(model, str) else model.config._name_or_path
+        args = BridgeConfig(f"{str(name).split('/')[-1]}-BRIDGE")
+    elif isinstance(args, GRPOConfig) and not isinstance(args, BridgeConfig):
+        args = BridgeConfig.from_grpo_config(args)
+    if not isinstance(args, BridgeConfig):
+        raise TypeError(f"`args` must be a BridgeConfig (it extends GRPOConfig), got {type(args).__name__}.")
+    if optimizers != (None, None):
+        raise ValueError("`optimizers` is not supported: BRIDGE builds one optimizer per parameter set (θ, θ̂, w).")
+    if train_dataset is None and environment_factory is None:
+        raise ValueError("`train_dataset` is required unless an `environment_factory` is provided.")  # GRPOTrainer's
+    if isinstance(train_dataset, Dataset):
+        validate_rl_dataset(train_dataset, name="`train_dataset` (RL prompts)")
+        check_one_generation_batch(train_dataset, args)
+    if sft_dataset is None and not args.lambda_is_always_one():
+        raise ValueError(
+            "`sft_dataset` is required: BRIDGE needs expert reasoning traces for L_SFT (only a run with "
+            "bridge_lambda = 1 throughout, i.e. GRPO, can go without)."
+        )
+    if sft_dataset is not None:
+        validate_sft_dataset(sft_dataset, name="`sft_dataset` (expert traces)")
+    return args
 
 
 def check_one_generation_batch(train_dataset: Dataset, args):

@@ -2,8 +2,8 @@
 
 Pass B runs an ordinary forward+backward through the wrapped model with θ̂ in the base parameters' storage, so DDP
 all-reduces and FSDP2 reduce-scatters each parameter once per backward and gradient checkpointing recomputes with the
-right weights. These context managers put θ̂ in place, route w's new gradient into w.grad scaled by −λ, and keep the
-shadow's side effects (TRL's metrics and adaptive-entropy state) out of the policy's."""
+right weights. These context managers put θ̂ in place, route w's new gradient into w.grad scaled by −λ (and set w's
+SFT gradient apart for a diagnostic), and keep the shadow's side effects (TRL's metrics and adaptive-entropy state) out of the policy's."""
 
 from __future__ import annotations
 
@@ -40,6 +40,20 @@ def shadow_in_place(model, base_params, shadow_params, keep_grads: bool = False)
         yield
     finally:
         swap()
+
+
+@contextmanager
+def grads_captured(params, into: list):
+    """Append to `into` a detached copy of the gradient the enclosed backward produces for each (name, p) in `params`
+    (None where it makes none), and leave p.grad holding the sum as if nothing had been set apart."""
+    saved = [p.grad for _, p in params]
+    for _, p in params:
+        p.grad = None
+    yield
+    into.extend(None if p.grad is None else p.grad.detach().clone() for _, p in params)
+    for (_, p), before in zip(params, saved):
+        if before is not None:
+            p.grad = before if p.grad is None else p.grad.add_(before)
 
 
 @contextmanager

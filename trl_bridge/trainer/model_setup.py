@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 from contextlib import contextmanager
 
 import torch
@@ -86,6 +87,24 @@ def adopt_peft_model(peft_model, peft_config, args):
     return peft_model.unload(), config, weights, ref_weights
 
 
+def resolve_peft_config(model, peft_config, args, grpo_only: bool):
+    """w's adapter: the `peft_config` given, else the `lora_*` keys' (none at λ = 1 throughout: its gradient would be
+    zero), checked against what the trainer and the merged export support."""
+    from_args = peft_config is None
+    if grpo_only:
+        if peft_config is not None:
+            warnings.warn(
+                "`peft_config` is ignored: with bridge_lambda = 1 for the whole run BRIDGE is GRPO on the base "
+                "weights and builds no adapter (its gradient would be zero).", UserWarning, stacklevel=3,
+            )
+        return None
+    if peft_config is None:
+        peft_config = adapter_config(args)
+    check_adapter_config(peft_config)
+    check_lora_targets(model, peft_config, field="lora_target_modules" if from_args else "peft_config.target_modules")
+    return peft_config
+
+
 def check_adapter_config(peft_config):
     for field in ("modules_to_save", "trainable_token_indices"):
         if getattr(peft_config, field, None):
@@ -146,6 +165,22 @@ def select_base_params(peft_model, patterns):
             f"`trainable_base_parameters`={patterns} matches no base parameter; names look like {candidates[0][0]!r}."
         )
     return selected
+
+
+def trainable_sets(model, args, grpo_only: bool):
+    """(θ, w) as (plain name, param) lists. PEFT froze the base: the weights `trainable_base_parameters` selects are
+    made trainable again (at λ = 1 throughout there is no PEFT: what is not θ is frozen, as PEFT does); w is every
+    trainable LoRA parameter. Both are kept as fp32 master weights."""
+    base_params = select_base_params(model, args.trainable_base_parameters)
+    if grpo_only:
+        theta = {id(p) for _, p in base_params}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in theta)
+    for _, p in base_params:
+        p.requires_grad_(True)
+    adapter_params = [(n, p) for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
+    keep_fp32_master_weights(model, base_params + adapter_params, autocast=args.bf16)
+    return base_params, adapter_params
 
 
 def rebind_by_name(model, base_params, adapter_params):

@@ -7,16 +7,38 @@ state: checkpoints keep it."""
 
 from __future__ import annotations
 
+import copy
 import os
 
 import torch
 from accelerate.utils import is_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
+from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
 
 from ..engines.export import merged_state_dict
 
 REF_MODEL_FILE = "bridge_ref_model.safetensors"  # written only when `sync_ref_model` moves the reference
+
+
+def frozen_reference(model, weights=None):
+    """A frozen copy of the initial policy (with `weights`: a PeftModel's trained adapter merged in)."""
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    if weights is not None:
+        ref_model.load_state_dict(weights)
+    return ref_model
+
+
+def attach_reference(trainer, ref_model):
+    """Make `ref_model` the trainer's KL reference as GRPOTrainer would prepare its own (dropout off, TRL's fused LM
+    head, accelerate's evaluation-mode preparation), synced when `sync_ref_model` is set (beta = 0 with
+    `sync_ref_model` was refused by GRPOTrainer, as for GRPO users)."""
+    if trainer.args.disable_dropout:
+        disable_dropout_in_model(ref_model)
+    add_fused_lm_head(ref_model, temperature=trainer.temperature, cast_lm_head_to_fp32=trainer.args.cast_lm_head_to_fp32)
+    trainer.ref_model = trainer.accelerator.prepare_model(ref_model, evaluation_mode=True)
+    if trainer.args.sync_ref_model:
+        trainer.add_callback(RefModelSyncCallback(trainer))
 
 
 class RefModelSyncCallback(TrainerCallback):
