@@ -421,3 +421,48 @@ def test_a_run_stopped_by_a_signal_resumes_from_its_checkpoint(tiny_model_dir, t
     assert compare_mod.main([*base[:base.index("--seeds")], "--seeds", "1", *base[base.index("--seeds") + 2:],
                              "--output_dir", str(out)]) == 0
     assert json.loads((seed1 / "done.json").read_text())["resumed"] is None
+
+
+def test_sigterm_to_the_grid_stops_its_runs_with_a_checkpoint_and_leaves_none_running(tiny_model_dir, tmp_path):
+    """A SIGTERM sent to `trl-bridge compare` alone (as `kill` or a scheduler sends it) reaches the run in flight: it
+    writes a checkpoint and stops, no other run starts, no training process outlives the grid, and the exit code says
+    which signal stopped it. The same command then continues from the checkpoint."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "grid"
+    argv = [sys.executable, "-m", "trl_bridge.cli", "compare", "--config", str(_config(tmp_path, tiny_model_dir)),
+            "--methods", "bridge", "--seeds", "0,1", "--jobs", "1", "--output_dir", str(out), *TINY_RUN,
+            "--max_steps", "400", "--heldout_eval_steps", "400", "--progress_interval", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    grid = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    log = out / "runs" / "bridge" / "seed0" / "train.log"
+    deadline = time.monotonic() + 300
+    while not (log.exists() and "step 2/400" in log.read_text(errors="replace")):
+        assert grid.poll() is None and time.monotonic() < deadline, grid.stdout.read() if grid.poll() is not None else ""
+        time.sleep(0.2)
+    grid.send_signal(signal.SIGTERM)
+    output, _ = grid.communicate(timeout=300)
+    assert grid.returncode == 128 + signal.SIGTERM, output
+    assert "SIGTERM received" in output and "stopped by SIGTERM" in output
+    assert "seed 0: stopped after" in output and "FAILED" not in output
+
+    def training_processes():
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                cmdline = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
+            except OSError:
+                continue
+            if "_run" in cmdline and str(out) in cmdline:
+                found.append(pid)
+        return found
+
+    assert training_processes() == []
+    seed0 = out / "runs" / "bridge" / "seed0"
+    stopped_after = json.loads((seed0 / "stopped_attempts.json").read_text())[0]["stopped_after_step"]
+    assert (seed0 / f"checkpoint-{stopped_after}").is_dir() and not (seed0 / "done.json").exists()
+    assert not (out / "runs" / "bridge" / "seed1" / "train.log").exists()  # no other run started

@@ -43,6 +43,7 @@ import json
 import math
 import os
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -55,6 +56,7 @@ import yaml
 from . import statistics as stats
 from . import tuning
 from .progress import DEFAULT_INTERVAL, CompareProgress, LogFollower, log_size, resume_marker, stage_marker
+from .workers import Workers
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Methods: each is the config plus these `trl-bridge train` overrides ("unset" keys are removed from the config).
@@ -363,9 +365,11 @@ def _label(run: dict) -> str:
     return f"{run['method']} seed {run['seed']}"
 
 
-def _execute(run: dict, in_process: bool, progress: CompareProgress | None = None) -> str | None:
+def _execute(run: dict, in_process: bool, progress: CompareProgress | None = None,
+             workers: Workers | None = None) -> str | None:
     """Run the stages of one (method, seed) that are not done yet; returns an error message or None. With `progress`,
-    the run is registered there (its train.log followed from the size it had when this run started)."""
+    the run is registered there (its train.log followed from the size it had when this run started); a subprocess run
+    goes through `workers` (a signal to the grid stops it with a checkpoint)."""
     todo = _progress_stages(run)
     if not todo:
         return None
@@ -393,10 +397,10 @@ def _execute(run: dict, in_process: bool, progress: CompareProgress | None = Non
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                                       env.get("PYTHONPATH")]))
     with open(log_path, "a") as log:
-        proc = subprocess.run([sys.executable, "-m", "trl_bridge.experiments.compare", "_run", spec_path], stdout=log,
-                              stderr=subprocess.STDOUT, env=env)
-    if proc.returncode != 0:
-        return f"exit code {proc.returncode}; see {log_path}"
+        returncode = (workers or Workers()).run([sys.executable, "-m", "trl_bridge.experiments.compare", "_run",
+                                                 spec_path], log, env)
+    if returncode:
+        return f"exit code {returncode}; see {log_path}"
     return None
 
 
@@ -1340,13 +1344,20 @@ def compare(argv) -> int:
     # in-process runs print their own log lines here, so no progress thread then: a line as each run finishes
     progress = CompareProgress(len(runs) - len(left), reused, jobs, interval=0 if args.in_process or not todo else args.progress_interval)
 
+    workers = Workers()
+
     def job(run):
+        if workers.stopped_by is not None:  # stopped by a signal: no other run starts
+            return
         name = f"{run['method']}/seed{run['seed']}"
-        error = _execute(run, args.in_process, progress)
+        error = _execute(run, args.in_process, progress, workers)
         with lock:
-            if error:
-                failed[name] = error
-            progress.emit(progress.finished(name, error))
+            if error and workers.stopped_by is not None:  # stopped by the signal: not a failure, it resumes
+                progress.emit(progress.stopped(name))
+            else:
+                if error:
+                    failed[name] = error
+                progress.emit(progress.finished(name, error))
             write_results(args, runs, failed, earlier, base_yaml, noise)  # partial results survive an interruption
 
     with progress:  # the progress thread ends with this block, whatever happens in it
@@ -1354,10 +1365,14 @@ def compare(argv) -> int:
             for run in todo:
                 job(run)
         else:
-            with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            with workers.forwarding_signals(), ThreadPoolExecutor(max_workers=args.jobs) as pool:
                 list(pool.map(job, todo))
     write_results(args, runs, failed, earlier, base_yaml, noise)
     print(open(os.path.join(args.output_dir, "results.md")).read())
+    if workers.stopped_by is not None:
+        print(f"[trl-bridge compare] stopped by {signal.Signals(workers.stopped_by).name}: the runs in flight wrote a "
+              "checkpoint; the same command continues them.", flush=True)
+        return 128 + workers.stopped_by
     return 1 if failed else 0
 
 

@@ -230,6 +230,13 @@ class CompareProgress:
                 what += f" ({follower.describe(running=False)})"
             return f"{self.prefix} {run['label']}: {what} | {self.overall()}"
 
+    def stopped(self, key: str) -> str:
+        """Record a run stopped by a signal (it wrote a checkpoint and resumes next time); returns its line."""
+        with self._lock:
+            run = self.running.pop(key, None) or {"label": key, "started": self.clock()}
+            what = f"stopped after {format_duration(self.clock() - run['started'])}, checkpoint written"
+            return f"{self.prefix} {run['label']}: {what} | {self.overall()}"
+
     def poll(self) -> None:
         with self._lock:
             now = self.clock()
