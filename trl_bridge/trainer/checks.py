@@ -1,5 +1,6 @@
 """What BridgeTrainer checks before step 1: its arguments and datasets, the RL batch shape, the engines it refuses,
-the chat template, and one probe of every reward function. Each failure names the field or function at fault and says what to use instead."""
+the chat template, and one probe of every reward function. Each failure names the field or function at fault and
+says what to use instead."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import math
 
 import torch
 from datasets import Dataset
-from trl.data_utils import is_conversational
 from trl import GRPOConfig
+from trl.data_utils import is_conversational
 from trl.trainer.utils import is_async_callable
 
 from .bridge_config import BridgeConfig

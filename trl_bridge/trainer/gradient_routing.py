@@ -3,7 +3,8 @@
 Pass B runs an ordinary forward+backward through the wrapped model with θ̂ in the base parameters' storage, so DDP
 all-reduces and FSDP2 reduce-scatters each parameter once per backward and gradient checkpointing recomputes with the
 right weights. These context managers put θ̂ in place, route w's new gradient into w.grad scaled by −λ (and set w's
-SFT gradient apart for a diagnostic), and keep the shadow's side effects (TRL's metrics and adaptive-entropy state) out of the policy's."""
+SFT gradient apart for a diagnostic), and keep the shadow's side effects (TRL's metrics and adaptive-entropy state)
+out of the policy's."""
 
 from __future__ import annotations
 
