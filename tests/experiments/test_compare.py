@@ -466,3 +466,43 @@ def test_sigterm_to_the_grid_stops_its_runs_with_a_checkpoint_and_leaves_none_ru
     stopped_after = json.loads((seed0 / "stopped_attempts.json").read_text())[0]["stopped_after_step"]
     assert (seed0 / f"checkpoint-{stopped_after}").is_dir() and not (seed0 / "done.json").exists()
     assert not (out / "runs" / "bridge" / "seed1" / "train.log").exists()  # no other run started
+
+
+def test_reuse_runs_adopts_another_grids_runs_with_the_same_settings_only(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """--reuse_runs: a run completed in another grid with exactly these settings (its folders aside, numbers by
+    value) is copied in, records only, and not trained again; a cold start is adopted with both its stages; a run
+    whose settings differ trains."""
+    base = ["--config", str(_config(tmp_path, tiny_model_dir)), "--seeds", "0", "--max_steps", "2", "--in_process",
+            *TINY_RUN]
+    first = tmp_path / "first"
+    assert compare_mod.main([*base, "--methods", "sft,cold_start", "--output_dir", str(first),
+                             "--learning_rate", "1e-3"]) == 0
+    before = {r["method"]: r for r in json.loads((first / "results.json").read_text())["runs"]}
+    trained = []
+    real = compare_mod.run_stage
+    monkeypatch.setattr(compare_mod, "run_stage",
+                        lambda stage, in_process=False: trained.append(stage["dir"]) or real(stage, in_process))
+    second = tmp_path / "second"
+    assert compare_mod.main([*base, "--methods", "sft,cold_start,grpo", "--output_dir", str(second),
+                             "--learning_rate", "0.001", "--reuse_runs", str(first / "runs")]) == 0
+    assert trained == [str(second / "runs" / "grpo" / "seed0")]
+    assert "sft/seed0: the same settings completed in" in capsys.readouterr().out
+    after = {r["method"]: r for r in json.loads((second / "results.json").read_text())["runs"]}
+    for method in ("sft", "cold_start"):
+        for key in ("heldout_accuracy_after", "heldout_curve", "reward_curve", "heldout_per_problem", "code"):
+            assert after[method][key] == before[method][key], (method, key)
+        assert after[method]["reused_from"] == before[method]["dir"]
+    done = json.loads((second / "runs" / "sft" / "seed0" / "done.json").read_text())
+    assert done["reused_from"]["dir"] == str(first / "runs" / "sft" / "seed0")
+    assert str(second) in " ".join(done["spec"]["argv"])  # this grid's spec: a later invocation reuses it plainly
+    assert not list((second / "runs" / "sft" / "seed0").glob("*.safetensors"))  # records, not weights
+    assert f"copied from `{first / 'runs'}`" in (second / "results.md").read_text()
+    trained.clear()
+    third = tmp_path / "third"  # another learning rate: not the same run
+    assert compare_mod.main([*base, "--methods", "sft", "--output_dir", str(third), "--learning_rate", "2e-3",
+                             "--reuse_runs", str(first / "runs")]) == 0
+    assert trained == [str(third / "runs" / "sft" / "seed0")]
+    with pytest.raises(SystemExit):
+        compare_mod.main([*base, "--methods", "sft", "--output_dir", str(tmp_path / "fourth"), "--reuse_runs",
+                          str(tmp_path / "missing")])
+    assert "--reuse_runs" in capsys.readouterr().err and not (tmp_path / "fourth").exists()

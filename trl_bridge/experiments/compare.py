@@ -9,7 +9,8 @@ run (`trl-bridge train --help` lists them), and a method's own overrides come af
 in its own process (`--jobs` at a time; peak memory is that process's) under `<output_dir>/runs/<method>/seed<k>/`,
 which keeps the run's exact settings (`config.yaml`, `spec.json`), its log, metrics.jsonl and merged model. A run
 whose `done.json` matches its spec is reused, so a grid that was stopped continues where it was; one whose settings
-changed is refused (use another `--output_dir`); nothing already written is deleted. `--earlier_results` takes the
+changed is refused (use another `--output_dir`); nothing already written is deleted. `--reuse_runs DIR` copies in the
+records of another grid's completed runs whose settings are exactly this grid's (`reuse.py`). `--earlier_results` takes the
 completed runs of an earlier grid of the same settings from its results.json (e.g. a published grid extended to more
 seeds): they are tabulated, not trained again, and results.md names where they came from; a run of that grid that
 is also completed here is tabulated from here and checked against it (reproduced exactly, or which of its accuracies
@@ -54,7 +55,7 @@ from concurrent.futures import ThreadPoolExecutor
 import yaml
 
 from . import statistics as stats
-from . import tuning
+from . import reuse, tuning
 from .progress import DEFAULT_INTERVAL, CompareProgress, LogFollower, log_size, resume_marker, stage_marker
 from .workers import Workers
 
@@ -460,8 +461,16 @@ def collect_run(run: dict) -> dict:
         code=dones[-1].get("code"),  # versions and git commit that produced it
         resumed=[r for d in dones for r in (d.get("resumed") or [])] or None,  # stopped, then resumed from a checkpoint
         heldout_per_problem=_per_problem(run["stages"], dones),
+        reused_from=_reused_from(run, dones),
     )
     return record
+
+
+def _reused_from(run: dict, dones: list[dict]) -> str | None:
+    """The folder of the run that --reuse_runs copied this one from (its first stage's, one level up for a cold
+    start's two stages), or None when it was trained here."""
+    source = (dones[0].get("reused_from") or {}).get("dir")
+    return None if source is None else source if len(run["stages"]) == 1 else os.path.dirname(source)
 
 
 def _per_problem(stages: list[dict], dones: list[dict]) -> dict | None:
@@ -757,7 +766,15 @@ def _provenance_lines(records: list[dict]) -> list[str]:
         commits[name] = commits.get(name, 0) + 1
     resumed = [f"{r['method']}/seed{r['seed']} (from {', '.join(str(x['from']) for x in r['resumed'])})"
                for r in records if r["done"] and r.get("resumed")]
+    adopted: dict[str, list[str]] = {}
+    for r in records:
+        if r["done"] and r.get("reused_from"):
+            adopted.setdefault(os.path.dirname(os.path.dirname(r["reused_from"])), []).append(
+                f"{r['method']}/seed{r['seed']}")
     lines = []
+    for root, names in adopted.items():
+        lines.append(f"Trained with the same settings in another grid and copied from `{root}` (--reuse_runs; its "
+                     f"commits are counted below): {', '.join(names)}.")
     if resumed:
         lines.append(f"Stopped and resumed from their checkpoint (exact resume; wall time counts every recorded attempt): "
                      f"{', '.join(resumed)}.")
@@ -1153,6 +1170,11 @@ def make_parser() -> argparse.ArgumentParser:
                         "and not trained again when this grid has no run of its own for them (e.g. extend a "
                         "published grid to more seeds); results.md names the file and the runs taken from it; "
                         "repeatable")
+    parser.add_argument("--reuse_runs", action="append", default=[], metavar="DIR",
+                        help="a folder of another grid's runs (e.g. its <output_dir>/runs, or committed copies of "
+                        "them): a run not completed here whose settings are exactly one of those (config and flags, "
+                        "its folders aside; numbers by value) is copied here (its records, not its weights) and "
+                        "not trained again; done.json keeps where it came from and results.md names it; repeatable")
     parser.add_argument("--in_process", action="store_true",
                         help="train in this process, one run after another (tests, debugging); peak memory is then "
                         "the process's resident memory sampled during each run")
@@ -1296,6 +1318,9 @@ def parse_args(argv):
         parser.error(f"--reward_noise must lie in [0, 1], got {args.reward_noise}")
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    for folder in args.reuse_runs:
+        if not os.path.isdir(folder):
+            parser.error(f"--reuse_runs {folder}: no such folder")
     if not args.progress_interval >= 0:
         parser.error(f"--progress_interval must be >= 0 seconds, got {args.progress_interval}")
     if not 0.0 < args.cold_start_fraction < 1.0:
@@ -1318,6 +1343,9 @@ def compare(argv) -> int:
         for stage in run["stages"]:
             _done(stage)
     _check_settings(runs)
+    for run, source in reuse.adopt(runs, args.reuse_runs, _spec, _done):
+        print(f"[trl-bridge compare] {run['method']}/seed{run['seed']}: the same settings completed in {source}; "
+              "its records are copied here (--reuse_runs), not trained again", flush=True)
     earlier = load_earlier_results(args, extra, base_yaml)
     noise = load_noise_baseline(args, extra, base_yaml)
     todo = [r for r in runs if any(_done(s) is None for s in r["stages"]) and (r["method"], r["seed"]) not in earlier]
