@@ -496,7 +496,8 @@ def test_reuse_runs_adopts_another_grids_runs_with_the_same_settings_only(tiny_m
     assert done["reused_from"]["dir"] == str(first / "runs" / "sft" / "seed0")
     assert str(second) in " ".join(done["spec"]["argv"])  # this grid's spec: a later invocation reuses it plainly
     assert not list((second / "runs" / "sft" / "seed0").glob("*.safetensors"))  # records, not weights
-    assert f"copied from `{first / 'runs'}`" in (second / "results.md").read_text()
+    assert (f"copied from `{first / 'runs'}` (--reuse_runs; its commits are counted below): sft seed 0; "
+            "cold_start seed 0.") in (second / "results.md").read_text()
     trained.clear()
     third = tmp_path / "third"  # another learning rate: not the same run
     assert compare_mod.main([*base, "--methods", "sft", "--output_dir", str(third), "--learning_rate", "2e-3",

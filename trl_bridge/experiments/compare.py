@@ -766,15 +766,16 @@ def _provenance_lines(records: list[dict]) -> list[str]:
         commits[name] = commits.get(name, 0) + 1
     resumed = [f"{r['method']}/seed{r['seed']} (from {', '.join(str(x['from']) for x in r['resumed'])})"
                for r in records if r["done"] and r.get("resumed")]
-    adopted: dict[str, list[str]] = {}
+    adopted: dict[str, dict[str, list[str]]] = {}  # source folder -> method -> seeds
     for r in records:
         if r["done"] and r.get("reused_from"):
-            adopted.setdefault(os.path.dirname(os.path.dirname(r["reused_from"])), []).append(
-                f"{r['method']}/seed{r['seed']}")
+            root = os.path.dirname(os.path.dirname(r["reused_from"]))
+            adopted.setdefault(root, {}).setdefault(r["method"], []).append(str(r["seed"]))
     lines = []
-    for root, names in adopted.items():
+    for root, by_method in adopted.items():
+        names = "; ".join(f"{m} seed{'s' if len(k) > 1 else ''} {', '.join(k)}" for m, k in by_method.items())
         lines.append(f"Trained with the same settings in another grid and copied from `{root}` (--reuse_runs; its "
-                     f"commits are counted below): {', '.join(names)}.")
+                     f"commits are counted below): {names}.")
     if resumed:
         lines.append(f"Stopped and resumed from their checkpoint (exact resume; wall time counts every recorded attempt): "
                      f"{', '.join(resumed)}.")
