@@ -146,6 +146,16 @@ def test_table_says_significant_only_after_holm_and_as_good_as_only_with_tost():
     assert tests["comparisons"]["far"]["bootstrap"]["n_problems"] == 50
     md = compare_mod.results_markdown(aggregate(records, 0.5), args, {}, records, tests)
     assert "two-level bootstrap (4000 replicates, seed 0" in md and "seeds and problems resampled: [" in md
+    assert "no per-problem records" not in md
+
+    # one method's runs predate the per-problem records: its row alone lacks the bootstrap, and the page says which
+    records = [r if r["method"] != "noisy" else {**r, "heldout_per_problem": None} for r in records]
+    tests = table_statistics(aggregate(records, 0.5), records, args)
+    assert tests["interval"] == "mixed" and tests["comparisons"]["noisy"]["bootstrap"] is None
+    assert tests["comparisons"]["far"]["bootstrap"] is not None
+    md = compare_mod.results_markdown(aggregate(records, 0.5), args, {}, records, tests)
+    assert "noisy: some of their runs have no per-problem records to resample" in md
+    assert "the runs have no per-problem records" not in md and "far: some of" not in md
 
 
 def _plan(tmp_path, **changes):

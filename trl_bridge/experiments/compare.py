@@ -704,8 +704,9 @@ def table_statistics(summary: dict, records: list[dict], args, noise: dict | Non
         c["significant"] = c["p_holm"] is not None and c["p_holm"] < alpha
         c["equivalent"] = c["tost"]["equivalent"]
     comparisons = out["comparisons"].values()
-    out["interval"] = ("seeds and problems" if comparisons and all(c["bootstrap"] for c in comparisons)
-                       else "seeds only")
+    with_problems = [c["bootstrap"] is not None for c in comparisons]
+    out["interval"] = ("seeds and problems" if with_problems and all(with_problems)
+                       else "mixed" if any(with_problems) else "seeds only")
     if noise is not None:
         interaction = stats.difference_in_differences(noise["clean"], _by_seed(records), args.reference, compared,
                                                       alpha)
@@ -943,8 +944,17 @@ def results_markdown(summary: dict, args, failed: dict, records: list[dict] | No
         size = (f"about sqrt(p(1−p)/{se['n_problems']}) per accuracy (±{se['se']:.3f} at {args.reference}'s "
                 f"{se['reference_accuracy']:.3f}; {se['n_problems']} problems from {se['n_problems_from']})"
                 if se["se"] is not None else "a binomial standard error per accuracy")
-        lines += ["", f"The intervals and tests cover the variation over seeds only (the runs have no per-problem "
-                      f"records to resample): the finite test set adds {size}, not in the intervals."]
+        if tests["interval"] == "mixed":  # some runs predate the per-problem records: say which rows lack them
+            seeds_only = [m for m, c in tests["comparisons"].items() if c["bootstrap"] is None]
+            lines += ["", f"The bracketed intervals after 'seeds and problems resampled' come from a two-level "
+                          f"bootstrap ({stats.BOOTSTRAP_SAMPLES} replicates, seed {stats.BOOTSTRAP_SEED}: seeds drawn "
+                          f"with replacement, then problems within each drawn seed, the same problems for both "
+                          f"methods). {', '.join(seeds_only)}: some of their runs have no per-problem records to "
+                          f"resample, so they have no such interval. Every t interval and test covers the variation "
+                          f"over seeds only: the finite test set adds {size}, not in the intervals."]
+        else:
+            lines += ["", f"The intervals and tests cover the variation over seeds only (the runs have no per-problem "
+                          f"records to resample): the finite test set adds {size}, not in the intervals."]
     if "noise_interaction" in tests:
         lines += _noise_lines(tests["noise_interaction"], args.reference)
     provenance = _provenance_lines(records or [])
