@@ -864,6 +864,27 @@ def _noise_lines(noise: dict, reference: str) -> list[str]:
     return lines
 
 
+def _interval_sentence(tests: dict, reference: str) -> str:
+    """What the table's intervals cover: seeds only (t intervals, tests), and seeds then problems (the two-level
+    bootstrap) for the comparisons whose runs all have per-problem records, naming those that have none."""
+    bootstrap = (f"The bracketed intervals after 'seeds and problems resampled' come from a two-level bootstrap "
+                 f"({stats.BOOTSTRAP_SAMPLES} replicates, seed {stats.BOOTSTRAP_SEED}: seeds drawn with replacement, "
+                 f"then problems within each drawn seed, the same problems for both methods)")
+    if tests["interval"] == "seeds and problems":
+        return f"{bootstrap}; the t intervals and tests cover the variation over seeds only."
+    se = tests["binomial_se"]
+    size = (f"about sqrt(p(1−p)/{se['n_problems']}) per accuracy (±{se['se']:.3f} at {reference}'s "
+            f"{se['reference_accuracy']:.3f}; {se['n_problems']} problems from {se['n_problems_from']})"
+            if se["se"] is not None else "a binomial standard error per accuracy")
+    if tests["interval"] == "mixed":  # some runs predate the per-problem records: say which rows lack them
+        seeds_only = [m for m, c in tests["comparisons"].items() if c["bootstrap"] is None]
+        return (f"{bootstrap}. {', '.join(seeds_only)}: some of their runs have no per-problem records to resample, so "
+                f"they have no such interval. Every t interval and test covers the variation over seeds only: the "
+                f"finite test set adds {size}, not in the intervals.")
+    return (f"The intervals and tests cover the variation over seeds only (the runs have no per-problem records to "
+            f"resample): the finite test set adds {size}, not in the intervals.")
+
+
 def results_markdown(summary: dict, args, failed: dict, records: list[dict] | None = None,
                      tests: dict | None = None) -> str:
     tests = tests if tests is not None else table_statistics(summary, records or [], args)
@@ -934,27 +955,8 @@ def results_markdown(summary: dict, args, failed: dict, records: list[dict] | No
                       "not completed); 'significant' only where the Holm-adjusted p-value is below α, 'as good as' "
                       "only where TOST shows equivalence within the margin ('*' and '(equiv.)' in the table):",
                   *sentences]
-    se = tests["binomial_se"]
-    if tests["comparisons"] and tests["interval"] == "seeds and problems":
-        lines += ["", f"The bracketed intervals after 'seeds and problems resampled' come from a two-level bootstrap "
-                      f"({stats.BOOTSTRAP_SAMPLES} replicates, seed {stats.BOOTSTRAP_SEED}: seeds drawn with replacement, "
-                      f"then problems within each drawn seed, the same problems for both methods); the t intervals and "
-                      f"tests cover the variation over seeds only."]
-    elif tests["comparisons"]:
-        size = (f"about sqrt(p(1−p)/{se['n_problems']}) per accuracy (±{se['se']:.3f} at {args.reference}'s "
-                f"{se['reference_accuracy']:.3f}; {se['n_problems']} problems from {se['n_problems_from']})"
-                if se["se"] is not None else "a binomial standard error per accuracy")
-        if tests["interval"] == "mixed":  # some runs predate the per-problem records: say which rows lack them
-            seeds_only = [m for m, c in tests["comparisons"].items() if c["bootstrap"] is None]
-            lines += ["", f"The bracketed intervals after 'seeds and problems resampled' come from a two-level "
-                          f"bootstrap ({stats.BOOTSTRAP_SAMPLES} replicates, seed {stats.BOOTSTRAP_SEED}: seeds drawn "
-                          f"with replacement, then problems within each drawn seed, the same problems for both "
-                          f"methods). {', '.join(seeds_only)}: some of their runs have no per-problem records to "
-                          f"resample, so they have no such interval. Every t interval and test covers the variation "
-                          f"over seeds only: the finite test set adds {size}, not in the intervals."]
-        else:
-            lines += ["", f"The intervals and tests cover the variation over seeds only (the runs have no per-problem "
-                          f"records to resample): the finite test set adds {size}, not in the intervals."]
+    if tests["comparisons"]:
+        lines += ["", _interval_sentence(tests, args.reference)]
     if "noise_interaction" in tests:
         lines += _noise_lines(tests["noise_interaction"], args.reference)
     provenance = _provenance_lines(records or [])
